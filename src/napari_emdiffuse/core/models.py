@@ -1,0 +1,184 @@
+"""Model files and the model registry.
+
+A model is one ``.npz`` file: the network weights (float16) plus a JSON metadata record (task, network
+configuration, sampling defaults, normalisation, provenance). It is read with ``numpy.load(allow_pickle=False)``,
+so opening a model file can never run code, unlike a pickled PyTorch checkpoint.
+
+Models are found by name among the bundled ones (shipped in the package) and the user's own (a per-user folder,
+``$EMDIFFUSE_MODELS_DIR`` if set), or by path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "napari-emdiffuse-model"
+META_KEY = "__meta__"
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models"
+TASKS = ("denoise", "superres", "isotropic")
+SAMPLING_DEFAULTS = {"steps": 6, "sampler": "euler_ancestral", "eta": 1.0, "sigma_max": 1.0, "sigma_end": 0.02}
+
+
+class ModelFileError(ValueError):
+    """A model file is missing, damaged or not a napari-emdiffuse model; the message says which."""
+
+
+def user_models_dir() -> Path:
+    if os.environ.get("EMDIFFUSE_MODELS_DIR"):
+        return Path(os.environ["EMDIFFUSE_MODELS_DIR"])
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "napari-emdiffuse" / "models"
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    task: str
+    path: Path
+    bundled: bool
+    description: str = ""
+
+
+@dataclass
+class Model:
+    """A loaded network with its metadata."""
+
+    net: object  # core.network.UNet; typed loosely so this module imports without torch
+    meta: dict
+    name: str
+    path: Path | None = None
+    sampling: dict = field(default_factory=dict)
+
+    @property
+    def task(self) -> str:
+        return self.meta["task"]
+
+    @property
+    def scale(self) -> int:
+        return int(self.meta.get("scale", 1))
+
+
+def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    if not path.is_file():
+        raise ModelFileError(f"Model file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except ValueError as err:  # numpy refuses object arrays, i.e. pickles
+        raise ModelFileError(f"{path.name} contains pickled objects and is refused (model files hold plain arrays "
+                             "only, so loading one can never run code).") from err
+    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as err:
+        raise ModelFileError(f"{path.name} is not a readable model file (damaged or truncated?).") from err
+    if META_KEY not in arrays:
+        raise ModelFileError(f"{path.name} is not a napari-emdiffuse model file (no metadata).")
+    try:
+        meta = json.loads(arrays.pop(META_KEY).tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFileError(f"{path.name} has unreadable metadata.") from err
+    if meta.get("format") != FORMAT or meta.get("task") not in TASKS:
+        raise ModelFileError(f"{path.name} is not a napari-emdiffuse model file.")
+    return meta, arrays
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    return _read(Path(path))[0]
+
+
+def save_model(net, meta: dict, path: str | os.PathLike) -> Path:
+    """Write weights (float16) and metadata atomically: a crash never leaves a half-written model file."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_suffix(".npz")
+    meta = {"format": FORMAT, "version": 1, **meta, "network": net.config.to_dict()}
+    if meta.get("task") not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}")
+    arrays = {k: v.detach().cpu().to(dtype=_storage_dtype(v)).numpy() for k, v in net.state_dict().items()}
+    arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _storage_dtype(tensor):
+    import torch
+
+    return torch.float16 if tensor.is_floating_point() else tensor.dtype
+
+
+def list_models(task: str | None = None) -> list[ModelEntry]:
+    """Bundled models first, then the user's, each group sorted by name; unreadable files are skipped."""
+    entries = []
+    for folder, bundled in ((BUNDLED_DIR, True), (user_models_dir(), False)):
+        for path in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
+            try:
+                meta = read_metadata(path)
+            except ModelFileError:
+                continue
+            if task is None or meta["task"] == task:
+                entries.append(ModelEntry(path.stem, meta["task"], path, bundled, meta.get("description", "")))
+    return entries
+
+
+def resolve(name_or_path: str | os.PathLike, task: str | None = None) -> Path:
+    """Path of a model given by name (bundled or user) or by file path."""
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".npz" or candidate.exists():
+        if not candidate.is_file():
+            raise ModelFileError(f"Model file not found: {candidate}")
+        return candidate
+    for entry in list_models(task):
+        if entry.name == str(name_or_path):
+            return entry.path
+    known = ", ".join(e.name for e in list_models(task)) or "none"
+    raise ModelFileError(f"No model named '{name_or_path}' (available: {known}).")
+
+
+def default_model(task: str) -> str:
+    bundled = [e for e in list_models(task) if e.bundled]
+    if not bundled:
+        raise ModelFileError(f"No bundled model for the task '{task}'.")
+    return bundled[0].name
+
+
+def load_model(name_or_path: str | os.PathLike, device="cpu", task: str | None = None) -> Model:
+    path = resolve(name_or_path, task)
+    stat = path.stat()
+    model = _load_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size, str(device))
+    if task is not None and model.task != task:
+        raise ModelFileError(f"The model '{model.name}' is a {model.task} model, not a {task} model.")
+    return model
+
+
+@lru_cache(maxsize=4)
+def _load_cached(path: str, mtime_ns: int, size: int, device: str) -> Model:
+    import torch
+
+    from .network import UNet, UNetConfig
+
+    meta, arrays = _read(Path(path))
+    try:
+        net = UNet(UNetConfig.from_dict(meta["network"]))
+        state = net.state_dict()
+        if set(arrays) != set(state):
+            raise ModelFileError(f"{Path(path).name} does not match its network description (weights differ).")
+        net.load_state_dict({k: torch.from_numpy(arrays[k]).to(state[k].dtype) for k in state})
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise ModelFileError(f"{Path(path).name} does not match its network description ({err}).") from err
+    net = net.eval().to(device).to(memory_format=torch.channels_last)
+    sampling = {**SAMPLING_DEFAULTS, **meta.get("sampling", {})}
+    return Model(net=net, meta=meta, name=meta.get("name", Path(path).stem), path=Path(path), sampling=sampling)

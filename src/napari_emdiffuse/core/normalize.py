@@ -1,0 +1,61 @@
+"""Robust intensity normalisation and its exact inverse, for 8-bit, 16-bit and float images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Percentiles mapped to 0 and 1: robust to hot pixels and saturated specks, and identical in training and use.
+LOW_PERCENTILE, HIGH_PERCENTILE = 0.5, 99.5
+
+
+class InputError(ValueError):
+    """The image cannot be processed; the message is one sentence for the user."""
+
+
+def check_image(image, ndims: tuple[int, ...] = (2, 3)) -> np.ndarray:
+    """Return the image as an array or raise :class:`InputError` with a clear sentence."""
+    arr = np.asarray(image)
+    if arr.size == 0:
+        raise InputError("The image is empty.")
+    if not (arr.dtype == bool or np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise InputError(f"Images of type {arr.dtype} are not supported; use integer or float grey values.")
+    if arr.ndim >= 3 and arr.shape[-1] in (3, 4) and min(arr.shape[-3:-1]) > 4:
+        raise InputError("This looks like an RGB(A) image; convert it to greyscale first.")
+    if arr.ndim not in ndims:
+        raise InputError(f"Expected a 2D image or a 3D stack (z, y, x), got {arr.ndim} dimensions {arr.shape}.")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise InputError("The image contains NaN or infinite values.")
+    return arr
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """Affine map of intensities ``[low, high] -> [0, 1]`` and back into the original dtype."""
+
+    low: float
+    high: float
+    dtype: np.dtype
+
+    @classmethod
+    def fit(cls, image: np.ndarray, max_samples: int = 2_000_000) -> Normalizer:
+        flat = np.asarray(image).reshape(-1)
+        if flat.size > max_samples:  # percentiles of a regular subsample: fast on big stacks, deterministic
+            flat = flat[:: flat.size // max_samples]
+        low, high = np.percentile(flat.astype(np.float64), [LOW_PERCENTILE, HIGH_PERCENTILE])
+        if high - low < 1e-12:  # constant image: keep the value, any positive range does
+            high = low + 1.0
+        return cls(float(low), float(high), np.dtype(image.dtype))
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return ((np.asarray(image, dtype=np.float64) - self.low) / (self.high - self.low)).astype(np.float32)
+
+    def inverse(self, normalised: np.ndarray) -> np.ndarray:
+        values = np.asarray(normalised, dtype=np.float64) * (self.high - self.low) + self.low
+        if np.issubdtype(self.dtype, np.integer):
+            info = np.iinfo(self.dtype)
+            return np.clip(np.rint(values), info.min, info.max).astype(self.dtype)
+        if self.dtype == np.bool_:
+            return values > 0.5
+        return values.astype(self.dtype)

@@ -1,0 +1,214 @@
+"""The restoration jobs, as generators: they yield :class:`Progress` and return a :class:`Restoration`.
+
+One code path serves every front end: napari runs a job in a thread worker (progress in the Activity dock,
+cancel between two yields), the CLI and the tests drive it synchronously with :func:`drive`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .normalize import InputError, Normalizer, check_image
+
+UNCERTAINTY_THRESHOLD = 0.12  # the paper's reliability threshold on the 99th percentile of the std map
+
+
+@dataclass
+class Settings:
+    """How to sample. ``None`` means: use the model's default."""
+
+    samples: int = 2
+    steps: int | None = None
+    seed: int = 0
+    tile: int = 256
+    overlap: int = 32
+    device: str = "auto"
+    threshold: float = UNCERTAINTY_THRESHOLD
+    sampler: str | None = None
+    difficulty: bool = False  # also return the difficulty map phi
+
+    def __post_init__(self):
+        if self.samples < 1:
+            raise InputError("The number of samples must be at least 1.")
+        if self.steps is not None and not 1 <= self.steps <= 1000:
+            raise InputError("The number of steps must be between 1 and 1000.")
+        if self.tile < 32:
+            raise InputError("Tiles must be at least 32 pixels.")
+        if not 0 <= self.overlap < self.tile // 2:
+            raise InputError("The tile overlap must be smaller than half the tile.")
+
+
+@dataclass
+class Progress:
+    done: int
+    total: int
+    message: str
+
+
+@dataclass
+class Restoration:
+    image: np.ndarray  # in the input's dtype and intensity range
+    uncertainty: np.ndarray | None  # float32 std across samples, normalised [0, 1] units; None with one sample
+    difficulty: np.ndarray | None  # float32 phi, normalised units, when asked for
+    info: dict = field(default_factory=dict)
+
+
+def uncertainty_score(uncertainty: np.ndarray) -> float:
+    """The image-level summary of the std map: its 99th percentile."""
+    return float(np.percentile(uncertainty, 99))
+
+
+def verdict(score: float, threshold: float) -> str:
+    if score <= threshold:
+        return f"reliable: uncertainty score {score:.3f} ≤ {threshold:.2f}"
+    return f"NOT reliable: uncertainty score {score:.3f} > {threshold:.2f}; check the flagged areas"
+
+
+def pick_device(name: str = "auto"):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("CUDA was requested but no CUDA GPU is available.")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("Apple MPS was requested but is not available.")
+    if name not in ("cpu", "cuda", "mps"):
+        raise InputError(f"Unknown device '{name}' (use auto, cpu, cuda or mps).")
+    return torch.device(name)
+
+
+def drive(job: Generator, on_progress: Callable[[Progress], None] | None = None):
+    """The synchronous shell: run a job to the end and return its result."""
+    while True:
+        try:
+            item = next(job)
+        except StopIteration as stop:
+            return stop.value
+        if on_progress is not None:
+            on_progress(item)
+
+
+
+def sample_plane(model, cond: np.ndarray, start: np.ndarray, settings: Settings, device,
+                 label: int | None = None) -> Generator[int, None, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Draw ``settings.samples`` samples for one plane, conditioned on ``cond`` (C, H, W) in normalised units.
+
+    Sampling starts at ``start`` (H, W) plus noise: the degraded image brought to the output grid.
+    Returns the per-pixel mean, the std (population, as the paper's threshold assumes) and phi, all (H, W).
+    """
+    import torch
+
+    from .diffusion import SAMPLERS, difficulty_in_image_units, karras_sigmas
+    from .tiling import TiledDenoiser, pad_to, padded_size
+
+    h, w = start.shape
+    ph, pw, tile = padded_size(h, w, settings.tile, model.net.config.multiple)
+    to_model = lambda a: pad_to(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) * 2 - 1, ph, pw)  # noqa: E731
+    cond_t = to_model(cond[None])
+    start_t = to_model(start[None, None])
+    k = settings.samples
+    sampling = model.sampling
+    sigmas = karras_sigmas(settings.steps or sampling["steps"], sampling["sigma_end"], sampling["sigma_max"])
+    sampler = SAMPLERS[settings.sampler or sampling["sampler"]]
+    batch = 16 if device.type != "cpu" else 2
+    denoiser = TiledDenoiser(model.net, cond_t, tile, min(settings.overlap, tile // 4), batch, device, label)
+    gen = torch.Generator().manual_seed(settings.seed)
+    noise = lambda: torch.randn((k, 1, ph, pw), generator=gen)  # noqa: E731  one field for the whole image
+    x = start_t.expand(k, 1, ph, pw) + sigmas[0] * noise()
+    result = yield from sampler(denoiser, x, sigmas, noise)
+    samples = (result[..., :h, :w].numpy() + 1) / 2
+    phi = None
+    if settings.difficulty and denoiser.first_log_phi is not None:
+        phi = difficulty_in_image_units(denoiser.first_log_phi[..., :h, :w], sigmas[0]).mean(0)[0].numpy()
+    return samples.mean(0)[0], samples.std(0)[0], phi
+
+
+def evaluations_per_plane(model, shape: tuple[int, int], settings: Settings, device) -> int:
+    """How many yields :func:`sample_plane` makes for a plane of this (output) shape."""
+    from .tiling import padded_size, tile_plan
+
+    ph, pw, tile = padded_size(*shape, settings.tile, model.net.config.multiple)
+    tiles = len(tile_plan(ph, pw, tile, min(settings.overlap, tile // 4))[0])
+    batch = 16 if device.type != "cpu" else 2
+    return (settings.steps or model.sampling["steps"]) * -(-settings.samples * tiles // batch)
+
+
+def restore(image, model, settings: Settings, task: str,
+            condition: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+            out_shape: Callable[[tuple[int, int]], tuple[int, int]] = lambda s: s,
+            ) -> Generator[Progress, None, Restoration]:
+    """Restore a 2D image or each plane of a 3D stack.
+
+    ``condition(plane)`` maps a normalised input plane to ``(cond, start)`` on the output grid. The stack is
+    normalised as a whole (consistent intensities along z); every plane uses the same seed, so the stochastic
+    detail is coherent from one plane to the next rather than flickering.
+    """
+    from .models import default_model, load_model
+
+    started = time.perf_counter()
+    image = check_image(image)
+    device = pick_device(settings.device)
+    model = load_model(model or default_model(task), device=device, task=task)
+    norm = Normalizer.fit(image)
+    planes = image[None] if image.ndim == 2 else image
+    per_plane = evaluations_per_plane(model, out_shape(planes.shape[-2:]), settings, device)
+    total, done = per_plane * len(planes), 0
+    means, stds, phis = [], [], []
+    yield Progress(0, total, f"{task}: starting on {device.type}")
+    try:
+        for z, plane in enumerate(planes):
+            cond, start = condition(norm(plane))
+            job = sample_plane(model, cond, start, settings, device)
+            while True:
+                try:
+                    next(job)
+                    done += 1
+                except StopIteration as stop:
+                    mean, std, phi = stop.value
+                    break
+                where = f" slice {z + 1}/{len(planes)}" if len(planes) > 1 else ""
+                yield Progress(done, total, f"{task}{where}")
+            means.append(mean)
+            stds.append(std)
+            phis.append(phi)
+    finally:
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+    squeeze = (lambda a: a[0]) if image.ndim == 2 else (lambda a: a)  # noqa: E731
+    restored = norm.inverse(squeeze(np.stack(means)))
+    uncertainty = squeeze(np.stack(stds)).astype(np.float32) if settings.samples > 1 else None
+    difficulty = squeeze(np.stack(phis)).astype(np.float32) if settings.difficulty and phis[0] is not None else None
+    score = uncertainty_score(uncertainty) if uncertainty is not None else float("nan")
+    info = {
+        "task": task,
+        "model": model.name,
+        "samples": settings.samples,
+        "steps": settings.steps or model.sampling["steps"],
+        "sampler": settings.sampler or model.sampling["sampler"],
+        "seed": settings.seed,
+        "device": device.type,
+        "threshold": settings.threshold,
+        "uncertainty_score": score,
+        "reliable": bool(score <= settings.threshold) if uncertainty is not None else None,
+        "flagged_fraction": float((uncertainty > settings.threshold).mean()) if uncertainty is not None else None,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    yield Progress(total, total, f"{task}: done")
+    return Restoration(restored, uncertainty, difficulty, info)
+
+
+def denoise(image, model: str | None = None, settings: Settings | None = None) -> Generator[Progress, None, Restoration]:
+    """EMDiffuse-n: restore a noisy (short-dwell) acquisition; the noisy image is both condition and start."""
+    return (yield from restore(image, model, settings or Settings(), "denoise", lambda plane: (plane[None], plane)))
+

@@ -1,0 +1,108 @@
+"""Whole-image denoising from overlapping tiles, fused at every sampling step.
+
+The sampler always works on the whole image with one shared noise field; only the network evaluation is tiled.
+Each tile's estimate is blended with smooth weights that sum to one everywhere, so neighbouring tiles agree before
+the next step starts and no tile border can survive into the result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .diffusion import precondition
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``[0, length)`` with at least ``overlap`` shared pixels."""
+    if tile >= length:
+        return [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    return sorted({round(i * (length - tile) / (n - 1)) for i in range(n)})
+
+
+def blend_window(tile: int, overlap: int) -> np.ndarray:
+    """1D weights: a raised-cosine ramp over the overlap, flat inside, never zero (so edges of the image count)."""
+    w = np.ones(tile, dtype=np.float32)
+    if overlap > 0:
+        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap) + 0.5) / overlap)
+        w[:overlap] = ramp
+        w[-overlap:] = ramp[::-1]
+    return np.maximum(w, 1e-3)
+
+
+def tile_plan(height: int, width: int, tile: int, overlap: int) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """Tile corners and the per-pixel weight map of one tile, such that weights summed over tiles are positive."""
+    ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    th, tw = min(tile, height), min(tile, width)
+    window = np.outer(blend_window(th, min(overlap, th // 2)), blend_window(tw, min(overlap, tw // 2)))
+    return [(y, x) for y in ys for x in xs], window
+
+
+def pad_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pad the last two axes at the bottom/right; reflect where the image is big enough, else replicate."""
+    ph, pw = height - image.shape[-2], width - image.shape[-1]
+    if ph == 0 and pw == 0:
+        return image
+    mode = "reflect" if ph < image.shape[-2] and pw < image.shape[-1] else "replicate"
+    return F.pad(image, (0, pw, 0, ph), mode=mode)
+
+
+def padded_size(height: int, width: int, tile: int, multiple: int) -> tuple[int, int, int]:
+    """Size the image is padded to, and the tile size, both multiples of the network's ``multiple``."""
+    return (math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple,
+            max(multiple, tile // multiple * multiple))
+
+
+class TiledDenoiser:
+    """``denoiser(x, sigma)`` for a whole image: tiles, runs the network in batches, blends.
+
+    ``cond`` is the padded condition, shape ``(1, C, H, W)``; ``x`` has shape ``(K, 1, H, W)``, one row per sample.
+    The difficulty map (phi) of the first, noisiest call is kept in ``self.first_log_phi``.
+    """
+
+    def __init__(self, net, cond: torch.Tensor, tile: int, overlap: int, batch: int, device: torch.device,
+                 label: int | None = None):
+        self.net, self.device, self.batch = net, device, max(1, batch)
+        self.cond = cond
+        h, w = cond.shape[-2:]
+        self.corners, window = tile_plan(h, w, tile, overlap)
+        self.th, self.tw = min(tile, h), min(tile, w)
+        self.window = torch.from_numpy(window)
+        total = torch.zeros(h, w)
+        for y, x in self.corners:
+            total[y:y + self.th, x:x + self.tw] += self.window
+        self.inv_total = 1 / total
+        self.label = label
+        self.first_log_phi: torch.Tensor | None = None
+
+    def batches_per_call(self, samples: int) -> int:
+        return math.ceil(samples * len(self.corners) / self.batch)
+
+    def __call__(self, x: torch.Tensor, sigma: float) -> Generator[int, None, torch.Tensor]:
+        jobs = [(k, y, xx) for k in range(x.shape[0]) for (y, xx) in self.corners]
+        out = torch.zeros_like(x)
+        log_phi = torch.zeros_like(x) if self.first_log_phi is None else None
+        for start in range(0, len(jobs), self.batch):
+            chunk = jobs[start:start + self.batch]
+            xt = torch.stack([x[k, :, y:y + self.th, xx:xx + self.tw] for k, y, xx in chunk])
+            ct = torch.stack([self.cond[0, :, y:y + self.th, xx:xx + self.tw] for _, y, xx in chunk])
+            xt = xt.to(self.device).contiguous(memory_format=torch.channels_last)
+            ct = ct.to(self.device).contiguous(memory_format=torch.channels_last)
+            sig = torch.full((len(chunk),), sigma, device=self.device)
+            label = None if self.label is None else torch.full((len(chunk),), self.label, device=self.device)
+            with torch.inference_mode():
+                d, _, lp = precondition(self.net, xt, ct, sig, label)
+            d = d.float().cpu()
+            for i, (k, y, xx) in enumerate(chunk):
+                out[k, :, y:y + self.th, xx:xx + self.tw] += d[i] * self.window
+                if log_phi is not None and lp is not None:
+                    log_phi[k, :, y:y + self.th, xx:xx + self.tw] += lp[i].float().cpu() * self.window
+            yield len(chunk)
+        if log_phi is not None:
+            self.first_log_phi = log_phi * self.inv_total
+        return out * self.inv_total

@@ -1,0 +1,79 @@
+"""Training and fine-tuning loop as a generator: yields progress, returns the averaged (EMA) network."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .diffusion import training_loss
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # target x0, condition, label (or None)
+
+
+@dataclass
+class TrainProgress:
+    step: int
+    total: int | None  # None when training runs to a time budget
+    loss: float
+    seconds: float
+    fraction: float  # of the iteration or time budget used
+
+
+def train(net: torch.nn.Module, batches: Iterator[Batch], *, iterations: int | None = None,
+          minutes: float | None = None, lr: float = 2e-4, ema_decay: float = 0.999, seed: int = 0,
+          device: str | torch.device = "cpu", report_every: int = 10,
+          on_checkpoint: Callable[[torch.nn.Module, int], None] | None = None,
+          checkpoint_minutes: float = 10.0) -> Generator[TrainProgress, None, torch.nn.Module]:
+    """Train ``net`` on ``(x0, cond, label)`` batches in model space until ``iterations`` or ``minutes`` run out.
+
+    AdamW with a short warm-up and cosine decay over the budget, gradient clipping, and an exponential moving
+    average of the weights (what is returned and checkpointed: it samples much better than the raw weights).
+    """
+    if iterations is None and minutes is None:
+        raise ValueError("give iterations or minutes")
+    device = torch.device(device)
+    net = net.to(device).to(memory_format=torch.channels_last).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    start = last_checkpoint = time.perf_counter()
+    running, step = None, 0
+
+    def used() -> float:
+        parts = []
+        if iterations:
+            parts.append(step / iterations)
+        if minutes:
+            parts.append((time.perf_counter() - start) / (60 * minutes))
+        return max(parts)
+
+    while used() < 1.0:
+        x0, cond, label = next(batches)
+        warmup = min(1.0, (step + 1) / 200)
+        for group in opt.param_groups:
+            group["lr"] = lr * warmup * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(used(), 1.0))))
+        x0, cond = (t.to(device).contiguous(memory_format=torch.channels_last) for t in (x0, cond))
+        loss = training_loss(net, x0, cond, None if label is None else label.to(device), gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        step += 1
+        decay = min(ema_decay, (1 + step) / (10 + step))  # average over fewer steps early on
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), net.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if on_checkpoint and time.perf_counter() - last_checkpoint > 60 * checkpoint_minutes:
+            on_checkpoint(ema, step)
+            last_checkpoint = time.perf_counter()
+        if step % report_every == 0 or step == 1:
+            yield TrainProgress(step, iterations, running, time.perf_counter() - start, min(used(), 1.0))
+    net.eval()
+    yield TrainProgress(step, iterations, running or float("nan"), time.perf_counter() - start, 1.0)
+    return ema
