@@ -44,8 +44,8 @@ class Normalizer:
         if flat.size > max_samples:  # percentiles of a regular subsample: fast on big stacks, deterministic
             flat = flat[:: flat.size // max_samples]
         low, high = np.percentile(flat.astype(np.float64), [LOW_PERCENTILE, HIGH_PERCENTILE])
-        if high - low < 1e-12:  # constant image: keep the value, any positive range does
-            high = low + 1.0
+        if high - low <= max(1e-12, abs(low) * 1e-9):  # (nearly) constant: keep the value, any range does
+            high = low + max(1.0, abs(low) * 1e-6)
         return cls(float(low), float(high), np.dtype(image.dtype))
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -58,4 +58,5 @@ class Normalizer:
             return np.clip(np.rint(values), info.min, info.max).astype(self.dtype)
         if self.dtype == np.bool_:
             return values > 0.5
-        return values.astype(self.dtype)
+        info = np.finfo(self.dtype)
+        return np.clip(values, info.min, info.max).astype(self.dtype)

@@ -62,3 +62,36 @@ def area_downsample(image: np.ndarray, factor: int) -> np.ndarray:
     h, w = (image.shape[-2] // factor) * factor, (image.shape[-1] // factor) * factor
     view = image[..., :h, :w].reshape(*image.shape[:-2], h // factor, factor, w // factor, factor)
     return view.mean(axis=(-3, -1)).astype(np.float32)
+
+
+def synthetic_em(shape: tuple[int, int] = (512, 512), seed: int = 0) -> np.ndarray:
+    """A clean EM-like image in [0, 1]: bright cytoplasm, dark membranes between cells, vesicles and mitochondria.
+
+    Generated on the fly for tests and the sample data (real EM must not ship with the package).
+    """
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    # cell membranes: borders of a warped Voronoi partition
+    n_cells = max(4, h * w // 9000)
+    centres = rng.uniform(0, 1, size=(n_cells, 2)) * (h, w)
+    warp_y = gaussian_filter(rng.normal(0, 1, shape), 12) * 120
+    warp_x = gaussian_filter(rng.normal(0, 1, shape), 12) * 120
+    d = np.stack([(yy + warp_y - cy) ** 2 + (xx + warp_x - cx) ** 2 for cy, cx in centres])
+    d.sort(axis=0)
+    gap = np.sqrt(d[1]) - np.sqrt(d[0])
+    image = 0.65 + 0.08 * gaussian_filter(rng.normal(0, 1, shape), 3)
+    image -= 0.45 * np.exp(-(gap / 2.2) ** 2)
+    # vesicles: small dark rings; mitochondria: dark ellipses with lighter cristae stripes
+    for _ in range(h * w // 2500):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(3, 7)
+        ring = np.abs(np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) - r)
+        image -= 0.3 * np.exp(-(ring / 1.0) ** 2)
+    for _ in range(max(1, h * w // 40000)):
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        a, b, t = rng.uniform(15, 35), rng.uniform(8, 14), rng.uniform(0, np.pi)
+        u = ((yy - cy) * np.cos(t) + (xx - cx) * np.sin(t)) / a
+        v = (-(yy - cy) * np.sin(t) + (xx - cx) * np.cos(t)) / b
+        inside = np.clip(1.5 * (1 - np.sqrt(u**2 + v**2)), 0, 1)
+        image -= inside * (0.3 + 0.12 * np.cos(u * a / 2.5))
+    return np.clip(gaussian_filter(image, 0.7), 0, 1).astype(np.float32)

@@ -25,7 +25,7 @@ class Settings:
     steps: int | None = None
     seed: int = 0
     tile: int = 256
-    overlap: int = 32
+    overlap: int = 32  # at most a quarter of the tile is used
     device: str = "auto"
     threshold: float = UNCERTAINTY_THRESHOLD
     sampler: str | None = None
@@ -38,8 +38,8 @@ class Settings:
             raise InputError("The number of steps must be between 1 and 1000.")
         if self.tile < 32:
             raise InputError("Tiles must be at least 32 pixels.")
-        if not 0 <= self.overlap < self.tile // 2:
-            raise InputError("The tile overlap must be smaller than half the tile.")
+        if not 0 <= self.overlap < self.tile:
+            raise InputError("The tile overlap must be smaller than the tile.")
 
 
 @dataclass

@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+
+from napari_emdiffuse.core.normalize import InputError
+from napari_emdiffuse.core.tasks import Progress, Settings, denoise, drive, uncertainty_score
+
+
+def run_denoise(image, model, **kwargs):
+    progress = []
+    result = drive(denoise(image, model, Settings(**kwargs)), progress.append)
+    return result, progress
+
+
+def test_denoise_returns_image_in_input_dtype_with_uncertainty_and_metadata(tiny_model, em_pair):
+    _, noisy = em_pair
+    result, progress = run_denoise(noisy, tiny_model, samples=2, seed=1, difficulty=True)
+    assert result.image.shape == noisy.shape and result.image.dtype == np.uint8
+    assert result.uncertainty.shape == noisy.shape and result.uncertainty.dtype == np.float32
+    assert result.difficulty.shape == noisy.shape
+    info = result.info
+    assert info["uncertainty_score"] == pytest.approx(uncertainty_score(result.uncertainty))
+    assert info["reliable"] == (info["uncertainty_score"] <= 0.12)
+    assert info["flagged_fraction"] == pytest.approx((result.uncertainty > 0.12).mean())
+    assert {"model", "samples", "steps", "seed", "threshold"} <= set(info)
+    assert all(isinstance(p, Progress) for p in progress)
+    dones = [p.done for p in progress]
+    assert dones == sorted(dones) and progress[-1].done == progress[-1].total
+
+
+def test_same_seed_same_result_and_other_seed_other_sample(tiny_model, em_pair):
+    _, noisy = em_pair
+    a, _ = run_denoise(noisy, tiny_model, seed=5)
+    b, _ = run_denoise(noisy, tiny_model, seed=5)
+    c, _ = run_denoise(noisy, tiny_model, seed=6)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.uncertainty, b.uncertainty)
+    assert not np.array_equal(a.image, c.image)
+
+
+def test_input_is_not_modified(tiny_model, em_pair):
+    _, noisy = em_pair
+    before = noisy.copy()
+    run_denoise(noisy, tiny_model)
+    assert np.array_equal(noisy, before)
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 40, 50), np.uint16), ((1, 70), np.float32), ((5, 5), np.int64),
+                                          ((33, 17), bool)])
+def test_stacks_small_and_odd_images_keep_shape_and_dtype(tiny_model, shape, dtype):
+    image = (np.random.default_rng(0).random(shape) * 1000).astype(dtype)
+    result, _ = run_denoise(image, tiny_model, samples=1, tile=64)
+    assert result.image.shape == image.shape and result.image.dtype == image.dtype
+    assert result.uncertainty is None and result.info["reliable"] is None
+
+
+def test_tiles_smaller_than_the_image_give_a_seamless_result(tiny_model, em_pair):
+    _, noisy = em_pair
+    whole, _ = run_denoise(noisy, tiny_model, tile=256)
+    tiled, _ = run_denoise(noisy, tiny_model, tile=64, overlap=16)
+    diff = np.abs(whole.image.astype(float) - tiled.image.astype(float))
+    assert diff.mean() < 2.0  # grey levels out of 255: tiles only change the far context
+
+
+@pytest.mark.parametrize("bad", [np.zeros((0, 4)), np.zeros((10, 10, 3)), np.full((9, 9), np.nan),
+                                 np.zeros((2, 2, 9, 9))])
+def test_bad_inputs_fail_before_any_work(tiny_model, bad):
+    with pytest.raises(InputError):
+        run_denoise(bad, tiny_model)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(InputError):
+        Settings(samples=0)
+    with pytest.raises(InputError):
+        Settings(tile=64, overlap=64)
+
+
+def test_cancelling_the_generator_stops_the_work(tiny_model, em_pair):
+    _, noisy = em_pair
+    job = denoise(noisy, tiny_model, Settings(samples=2, steps=20))
+    next(job), next(job)
+    job.close()  # what napari's worker.quit() does between two yields
+    with pytest.raises(StopIteration):
+        next(job)
+
+
+@pytest.mark.slow
+def test_bundled_model_removes_noise_and_knows_where_it_is_unsure(em_pair):
+    clean, noisy = em_pair
+    result, _ = run_denoise(noisy, None, samples=2, seed=0)
+    mse = lambda a: np.mean((a.astype(float) - clean.astype(float)) ** 2)  # noqa: E731
+    assert mse(result.image) < 0.5 * mse(noisy)  # at least 3 dB better than the input
+    err = np.abs(result.image.astype(float) - clean.astype(float))
+    assert 0 < result.info["uncertainty_score"] < 0.12
+    assert np.corrcoef(result.uncertainty.ravel(), err.ravel())[0, 1] > 0.1

@@ -1,0 +1,256 @@
+"""Controls shared by every task widget: layer and model pickers, sampling settings, Run/Cancel, progress.
+
+A task widget subclasses :class:`RestoreWidget`, names its task and output suffix, and turns the chosen layer into
+a job generator (``make_job``). Running, progress, cancellation and the output layers are handled here, once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core.tasks import UNCERTAINTY_THRESHOLD, Settings, verdict
+
+if TYPE_CHECKING:
+    import napari
+
+
+def uncertainty_colormap(name: str = "emdiffuse_uncertainty"):
+    """Transparent where certain, yellow towards the threshold, solid red above it (contrast limits 0..2*threshold)."""
+    from napari.utils.colormaps import Colormap
+
+    colors = [[0.0, 0.0, 0.4, 0.0], [0.1, 0.5, 1.0, 0.35], [1.0, 0.9, 0.0, 0.8], [1.0, 0.0, 0.0, 1.0],
+              [1.0, 0.0, 0.0, 1.0]]
+    return Colormap(colors=colors, controls=[0.0, 0.25, 0.4999, 0.5, 1.0], name=name)
+
+
+class LayerPicker(QComboBox):
+    """Image layers of the viewer, kept in sync with it; starts on the selected image layer."""
+
+    def __init__(self, viewer: napari.viewer.Viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = viewer
+        viewer.layers.events.inserted.connect(self.refresh)
+        viewer.layers.events.removed.connect(self.refresh)
+        viewer.layers.events.moved.connect(self.refresh)
+        viewer.layers.selection.events.active.connect(self._follow_selection)
+        self.refresh()
+        self._follow_selection()
+
+    def _images(self):
+        from napari.layers import Image
+
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image) and not layer.rgb]
+
+    def refresh(self, event=None):
+        current = self.currentText()
+        self.blockSignals(True)
+        self.clear()
+        for layer in self._images():
+            self.addItem(layer.name)
+            layer.events.name.connect(self.refresh)
+        index = self.findText(current)
+        self.setCurrentIndex(index if index >= 0 else (0 if self.count() else -1))
+        self.blockSignals(False)
+
+    def _follow_selection(self, event=None):
+        active = self.viewer.layers.selection.active
+        if active is not None and active in self._images():
+            self.setCurrentText(active.name)
+
+    def layer(self):
+        name = self.currentText()
+        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+
+
+class RestoreWidget(QWidget):
+    task = ""  # set by subclasses: "denoise", ...
+    suffix = ""  # output layer name suffix, e.g. "denoised"
+
+    def __init__(self, viewer: napari.viewer.Viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = viewer
+        self.worker = None
+        self._pbar = None
+        self._input_name = ""
+
+        form = QFormLayout()
+        self.layer_picker = LayerPicker(viewer)
+        self.layer_picker.setObjectName("layer_picker")
+        form.addRow("Image", self.layer_picker)
+        self.model_picker = QComboBox(objectName="model_picker")
+        form.addRow("Model", self.model_picker)
+        self.add_task_controls(form)
+        self.samples = self._spin(form, "Samples", 1, 16, 2, "samples",
+                                  "Number of samples K; their mean is the result and their spread the uncertainty.")
+        self.steps = self._spin(form, "Steps", 0, 200, 0, "steps",
+                                "Sampling steps per sample (network evaluations); 0 uses the model's default.")
+        self.steps.setSpecialValueText("model default")
+        self.seed = self._spin(form, "Seed", 0, 2**31 - 1, 0, "seed", "Same seed, same result.")
+        self.tile = self._spin(form, "Tile size", 64, 2048, 256, "tile",
+                               "Tiles are fused at every step, so they leave no seams; smaller tiles use less memory.")
+        self.tile.setSingleStep(64)
+        self.device = QComboBox(objectName="device")
+        self.device.addItems(["auto", "cpu", "cuda", "mps"])
+        form.addRow("Device", self.device)
+        self.threshold = QDoubleSpinBox(objectName="threshold", decimals=3, minimum=0.001, maximum=1.0,
+                                        singleStep=0.01, value=UNCERTAINTY_THRESHOLD)
+        self.threshold.setToolTip("Uncertainty (std, in [0, 1] intensity units) above which pixels are flagged.")
+        form.addRow("Threshold", self.threshold)
+        self.difficulty = QCheckBox("Add difficulty map (phi)", objectName="difficulty")
+        form.addRow("", self.difficulty)
+
+        self.run_button = QPushButton("Run", objectName="run_button")
+        self.cancel_button = QPushButton("Cancel", objectName="cancel_button", enabled=False)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        self.progress = QProgressBar(objectName="progress", minimum=0, maximum=1, value=0)
+        self.status = QLabel("", objectName="status", wordWrap=True)
+        self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+        self.refresh_models()
+
+    def _spin(self, form, label, lo, hi, value, name, tip) -> QSpinBox:
+        box = QSpinBox(objectName=name, minimum=lo, maximum=hi, value=value)
+        box.setToolTip(tip)
+        form.addRow(label, box)
+        return box
+
+    # hooks for task widgets
+    def add_task_controls(self, form: QFormLayout) -> None:
+        """Add controls specific to the task (e.g. the scale factor)."""
+
+    def make_job(self, data: np.ndarray, model: str, settings: Settings):
+        raise NotImplementedError
+
+    def output_scale(self, layer) -> tuple:
+        return tuple(layer.scale)
+
+    # shared behaviour
+    def refresh_models(self) -> None:
+        from ..core.models import list_models
+
+        current = self.model_picker.currentText()
+        self.model_picker.clear()
+        for entry in list_models(self.task):
+            self.model_picker.addItem(entry.name, str(entry.path))
+            self.model_picker.setItemData(self.model_picker.count() - 1, entry.description, Qt.ToolTipRole)
+        index = self.model_picker.findText(current)
+        if index >= 0:
+            self.model_picker.setCurrentIndex(index)
+
+    def settings(self) -> Settings:
+        return Settings(samples=self.samples.value(), steps=self.steps.value() or None, seed=self.seed.value(),
+                        tile=self.tile.value(), device=self.device.currentText(), threshold=self.threshold.value(),
+                        difficulty=self.difficulty.isChecked())
+
+    def run(self) -> None:
+        from napari.qt.threading import create_worker
+        from napari.utils.notifications import show_error
+
+        if self.worker is not None:
+            return  # one run at a time per widget
+        layer = self.layer_picker.layer()
+        if layer is None:
+            show_error("Choose an image layer to process first.")
+            return
+        if self.model_picker.currentIndex() < 0:
+            show_error(f"No {self.task} model is available.")
+            return
+        try:
+            settings = self.settings()
+            job = self.make_job(np.asarray(layer.data), self.model_picker.currentData(), settings)
+        except ValueError as err:
+            show_error(str(err))
+            return
+        self._input_name = layer.name
+        self._set_running(True)
+        self.status.setText(f"Running {self.task} on {layer.name}…")
+        def work():
+            return (yield from job)
+
+        self.worker = create_worker(work, _progress={"desc": f"{self.task}: {layer.name}"}, _ignore_errors=True)
+        self._pbar = getattr(self.worker, "pbar", None)
+        self.worker.yielded.connect(self._on_progress)
+        self.worker.returned.connect(lambda result, layer=layer: self._on_result(layer, result))
+        self.worker.errored.connect(self._on_error)
+        self.worker.aborted.connect(self._on_aborted)
+        self.worker.finished.connect(lambda: self._set_running(False))
+        self.worker.start()
+
+    def cancel(self) -> None:
+        if self.worker is not None:
+            self.status.setText("Cancelling…")
+            self.worker.quit()
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        if not running:
+            self.worker = None
+
+    def _on_progress(self, p) -> None:
+        self.progress.setMaximum(max(p.total, 1))
+        self.progress.setValue(p.done)
+        if self._pbar is not None and p.total:
+            if self._pbar.total != p.total:
+                self._pbar.total = p.total
+            self._pbar.update(p.done - self._pbar.n)
+            self._pbar.set_description(p.message)
+
+    def _on_error(self, err: Exception) -> None:
+        from napari.utils.notifications import show_error
+
+        self.status.setText(f"Failed: {err}")
+        show_error(f"{self.task} failed: {err}")
+
+    def _on_aborted(self) -> None:
+        self.progress.setValue(0)
+        self.status.setText("Cancelled; nothing was added.")
+
+    def _on_result(self, layer, result) -> None:
+        info = dict(result.info)
+        meta = {k: info[k] for k in ("uncertainty_score", "threshold", "reliable", "model", "samples", "steps",
+                                     "seed")}
+        meta.update(source=layer.name, task=self.task, sampler=info["sampler"], seconds=info["seconds"])
+        common = {"scale": self.output_scale(layer), "translate": tuple(layer.translate), "metadata": meta}
+        name = f"{layer.name}_{self.suffix}"
+        self.viewer.add_image(result.image, name=name, contrast_limits=layer.contrast_limits, **common)
+        if result.uncertainty is not None:
+            t = info["threshold"]
+            self.viewer.add_image(result.uncertainty, name=f"{layer.name}_uncertainty", colormap=uncertainty_colormap(),
+                                  contrast_limits=(0.0, 2 * t), blending="translucent", opacity=0.8,
+                                  **{**common, "metadata": {**meta, "flagged_fraction": info["flagged_fraction"]}})
+        if result.difficulty is not None:
+            self.viewer.add_image(result.difficulty, name=f"{layer.name}_difficulty", colormap="magma",
+                                  visible=False, **common)
+        if info["reliable"] is None:
+            self.status.setText(f"Done in {info['seconds']:.1f} s (one sample: no uncertainty).")
+        else:
+            flagged = 100 * info["flagged_fraction"]
+            self.status.setText(f"Done in {info['seconds']:.1f} s. {verdict(info['uncertainty_score'], info['threshold'])}"
+                                f" ({flagged:.2f}% of pixels above {info['threshold']:.2f}).")

@@ -1,0 +1,151 @@
+"""``emdiffuse``: the same jobs as the napari widgets, for scripts and batch processing.
+
+    emdiffuse denoise noisy.tif -o denoised.tif --uncertainty unc.tif --json
+    emdiffuse models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+
+class CLIError(Exception):
+    """Ends the command with one line on stderr and a non-zero exit code."""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", type=Path, help="input TIFF (2D image or 3D stack)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="output TIFF (input's dtype and shape)")
+    parser.add_argument("--uncertainty", type=Path, help="also write the per-pixel std map (float32, [0, 1] units)")
+    parser.add_argument("--difficulty", type=Path, help="also write the difficulty map phi (float32)")
+    parser.add_argument("--samples", type=int, default=2, help="samples K; their mean is the output (default 2)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--sampler", choices=["euler_ancestral", "ddim", "dpmpp_2m_sde"], default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=None, help="model name (see `emdiffuse models`) or .npz file")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--tile", type=int, default=256, help="tile size in pixels (smaller uses less memory)")
+    parser.add_argument("--threshold", type=float, default=0.12, help="uncertainty score above which to warn")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--json", action="store_true", help="print one JSON line with the result summary")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emdiffuse", description="EM image restoration with diffusion models.")
+    parser.add_argument("--version", action="version", version=f"napari-emdiffuse {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("denoise", help="denoise a short-dwell (noisy) acquisition"))
+    models = sub.add_parser("models", help="list the available models")
+    models.add_argument("--json", action="store_true")
+    return parser
+
+
+def _progress_bar(quiet: bool):
+    start = time.perf_counter()
+
+    def show(p) -> None:
+        if quiet or not p.total:
+            return
+        frac = p.done / p.total
+        bar = "#" * int(30 * frac)
+        sys.stderr.write(f"\r{p.message:<28} [{bar:<30}] {100 * frac:5.1f}% {time.perf_counter() - start:6.1f}s")
+        if p.done >= p.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def _restore(args, job_factory) -> dict:
+    from .core.io import read_tiff, write_tiff
+    from .core.tasks import Settings, drive
+
+    outputs = [p for p in (args.output, args.uncertainty, args.difficulty) if p is not None]
+    for path in outputs:
+        if path.exists() and not args.overwrite:
+            raise CLIError(f"{path} exists; use --overwrite to replace it.")
+        if path.resolve() == args.input.resolve():
+            raise CLIError("An output would overwrite the input; choose another name.")
+    if args.uncertainty is not None and args.samples < 2:
+        raise CLIError("An uncertainty map needs at least 2 samples (--samples 2).")
+    image = read_tiff(args.input)
+    settings = Settings(samples=args.samples, steps=args.steps, seed=args.seed, tile=args.tile,
+                        device=args.device, threshold=args.threshold, sampler=args.sampler,
+                        difficulty=args.difficulty is not None)
+    result = drive(job_factory(image.data, args.model, settings), _progress_bar(args.quiet or args.json))
+    written = []
+    try:  # all outputs or none
+        for path, data in ((args.output, result.image), (args.uncertainty, result.uncertainty),
+                           (args.difficulty, result.difficulty)):
+            if path is not None and data is not None:
+                written.append(write_tiff(path, data, image.scale, image.unit, overwrite=args.overwrite))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return result.info
+
+
+def _summary(info: dict, as_json: bool) -> None:
+    from .core.tasks import verdict
+
+    if as_json:
+        keys = ("uncertainty_score", "threshold", "reliable", "seconds", "model", "samples", "steps", "seed",
+                "flagged_fraction", "device")
+        print(json.dumps({k: info.get(k) for k in keys}))
+    elif info.get("reliable") is not None:
+        print(f"{verdict(info['uncertainty_score'], info['threshold'])} ({info['seconds']:.1f} s)")
+    else:
+        print(f"done in {info['seconds']:.1f} s (one sample: no uncertainty)")
+
+
+def _models(args) -> None:
+    from .core.models import list_models
+
+    entries = list_models()
+    if args.json:
+        print(json.dumps([{"name": e.name, "task": e.task, "bundled": e.bundled, "path": str(e.path)}
+                          for e in entries]))
+        return
+    for e in entries:
+        print(f"{e.name:<28} {e.task:<10} {'bundled' if e.bundled else 'user':<8} {e.path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .core.models import ModelFileError
+    from .core.normalize import InputError
+
+    try:
+        if args.command == "models":
+            _models(args)
+        elif args.command == "denoise":
+            from .core.tasks import denoise
+
+            _summary(_restore(args, denoise), args.json)
+        return 0
+    except (CLIError, InputError, ModelFileError) as err:
+        if args.debug:
+            raise
+        print(f"emdiffuse: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("emdiffuse: interrupted; no output was written.", file=sys.stderr)
+        return 130
+    except Exception as err:  # unexpected: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"emdiffuse: error: {type(err).__name__}: {err} (run with --debug for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

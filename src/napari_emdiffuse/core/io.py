@@ -1,0 +1,127 @@
+"""TIFF reading and writing with pixel sizes, clear errors and atomic writes (no Qt, no napari)."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .normalize import InputError
+
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+MEMMAP_ABOVE_BYTES = 256 * 2**20  # bigger stacks open memory-mapped (when the file layout allows it)
+_UNIT_TO_NM = {"nm": 1.0, "nanometer": 1.0, "um": 1e3, "µm": 1e3, "micron": 1e3, "micrometer": 1e3,
+               "\\u00b5m": 1e3, "mm": 1e6, "millimeter": 1e6, "cm": 1e7, "m": 1e9, "meter": 1e9, "a": 0.1,
+               "angstrom": 0.1, "å": 0.1}
+
+
+@dataclass
+class ImageFile:
+    data: np.ndarray
+    scale: tuple[float, ...]  # pixel size per axis (z, y, x or y, x); 1.0 where unknown
+    unit: str  # "nm" when the file told us, else "pixel"
+
+
+def is_tiff(path: str | os.PathLike) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in TIFF_MAGIC
+    except OSError:
+        return False
+
+
+def read_tiff(path: str | os.PathLike) -> ImageFile:
+    """Read a 2D image or 3D stack; raises :class:`InputError` with one sentence for anything unusable."""
+    import tifffile
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"File not found: {path}")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not a TIFF file.")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path.name} is empty.")
+    if not is_tiff(path):
+        raise InputError(f"{path.name} is not a TIFF file.")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            scale, unit = _pixel_size(tif)
+            data = None
+            if path.stat().st_size > MEMMAP_ABOVE_BYTES:
+                try:
+                    data = tifffile.memmap(path, mode="r")
+                except ValueError:  # compressed or tiled: not memory-mappable
+                    data = None
+            if data is None:
+                data = tif.asarray()
+    except InputError:
+        raise
+    except Exception as err:  # tifffile raises many types for damaged files
+        raise InputError(f"{path.name} could not be read as a TIFF ({type(err).__name__}: {err}).") from err
+    data = np.squeeze(data) if data.ndim > 2 else data
+    return ImageFile(data, tuple(scale[-data.ndim:]) if data.ndim <= 3 else (1.0,) * data.ndim, unit)
+
+
+def _pixel_size(tif) -> tuple[tuple[float, float, float], str]:
+    """(z, y, x) pixel size in nm from OME or ImageJ metadata or resolution tags; ones if unknown."""
+    if tif.is_ome and tif.ome_metadata:
+        found = {ax: re.search(rf'PhysicalSize{ax}="([0-9.eE+-]+)"', tif.ome_metadata) for ax in "ZYX"}
+        units = {ax: re.search(rf'PhysicalSize{ax}Unit="([^"]+)"', tif.ome_metadata) for ax in "ZYX"}
+        if found["X"]:
+            size = [float(found[ax].group(1)) * _UNIT_TO_NM.get((units[ax].group(1) if units[ax] else "µm").lower(),
+                                                                   1e3) if found[ax] else 1.0 for ax in "ZYX"]
+            return (size[0], size[1], size[2]), "nm"
+    page = tif.pages[0]
+    tags = page.tags
+    if "XResolution" not in tags:
+        return (1.0, 1.0, 1.0), "pixel"
+    num, den = tags["XResolution"].value
+    ynum, yden = tags["YResolution"].value if "YResolution" in tags else (num, den)
+    if num == 0 or ynum == 0:
+        return (1.0, 1.0, 1.0), "pixel"
+    x, y = den / num, yden / ynum
+    ij = tif.imagej_metadata or {}
+    unit = str(ij.get("unit", "")).lower()
+    if unit in _UNIT_TO_NM:
+        factor = _UNIT_TO_NM[unit]
+        z = float(ij.get("spacing", 1.0)) * factor
+        return (z, y * factor, x * factor), "nm"
+    res_unit = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else 1
+    factor = {2: 2.54e7, 3: 1e7}.get(int(res_unit))  # inch, centimetre
+    if factor is None or (x == 1.0 and y == 1.0):
+        return (1.0, 1.0, 1.0), "pixel"
+    return (1.0, y * factor, x * factor), "nm"
+
+
+def write_tiff(path: str | os.PathLike, data: np.ndarray, scale: tuple[float, ...] | None = None,
+               unit: str = "nm", overwrite: bool = False) -> Path:
+    """Write an ImageJ-compatible TIFF atomically (temporary file, then rename); pixel sizes in ``unit``."""
+    import tifffile
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} exists; choose another name or allow overwriting.")
+    data = np.asarray(data)
+    if data.dtype == np.float64:
+        data = data.astype(np.float32)  # ImageJ reads float32, not float64
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    kwargs: dict = {}
+    if scale is not None and unit == "nm" and any(s != 1.0 for s in scale):
+        kwargs["resolution"] = (1.0 / scale[-1], 1.0 / scale[-2])
+        kwargs["metadata"] = {"unit": "nm", **({"spacing": scale[-3]} if data.ndim == 3 and len(scale) >= 3 else {})}
+    imagej = data.dtype in (np.uint8, np.uint16, np.float32) and data.ndim <= 3
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        tifffile.imwrite(tmp, data, imagej=imagej, **(kwargs if imagej else {}))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
