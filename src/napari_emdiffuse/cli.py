@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     _common(sub.add_parser("denoise", help="denoise a short-dwell (noisy) acquisition"))
+    superres = sub.add_parser("superres", help="joint denoising and x2/x4 super-resolution")
+    _common(superres)
+    superres.add_argument("--scale", type=int, default=2, choices=[2, 4], help="upsampling factor in y and x")
     models = sub.add_parser("models", help="list the available models")
     models.add_argument("--json", action="store_true")
     return parser
@@ -64,7 +67,7 @@ def _progress_bar(quiet: bool):
     return show
 
 
-def _restore(args, job_factory) -> dict:
+def _restore(args, job_factory, lateral_factor: int = 1) -> dict:
     from .core.io import read_tiff, write_tiff
     from .core.tasks import Settings, drive
 
@@ -77,6 +80,7 @@ def _restore(args, job_factory) -> dict:
     if args.uncertainty is not None and args.samples < 2:
         raise CLIError("An uncertainty map needs at least 2 samples (--samples 2).")
     image = read_tiff(args.input)
+    pixel = tuple(image.scale[:-2]) + tuple(s / lateral_factor for s in image.scale[-2:])
     settings = Settings(samples=args.samples, steps=args.steps, seed=args.seed, tile=args.tile,
                         device=args.device, threshold=args.threshold, sampler=args.sampler,
                         difficulty=args.difficulty is not None)
@@ -86,7 +90,7 @@ def _restore(args, job_factory) -> dict:
         for path, data in ((args.output, result.image), (args.uncertainty, result.uncertainty),
                            (args.difficulty, result.difficulty)):
             if path is not None and data is not None:
-                written.append(write_tiff(path, data, image.scale, image.unit, overwrite=args.overwrite))
+                written.append(write_tiff(path, data, pixel, image.unit, overwrite=args.overwrite))
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
@@ -131,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
             from .core.tasks import denoise
 
             _summary(_restore(args, denoise), args.json)
+        elif args.command == "superres":
+            from functools import partial
+
+            from .core.tasks import superres
+
+            _summary(_restore(args, partial(superres, scale=args.scale), args.scale), args.json)
         return 0
     except (CLIError, InputError, ModelFileError) as err:
         if args.debug:

@@ -4,8 +4,7 @@ import pytest
 from napari_emdiffuse.core.simulate import SEMNoise, synthetic_em
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
+def make_tiny_model(folder, task: str, name: str, **meta) -> str:
     """A small, untrained model file: exercises every code path in milliseconds."""
     import torch
 
@@ -13,12 +12,25 @@ def tiny_model(tmp_path_factory):
     from napari_emdiffuse.core.network import UNet, UNetConfig
 
     torch.manual_seed(0)
-    net = UNet(UNetConfig(base=8, mults=(1, 2), patch=2))
+    net = UNet(UNetConfig(base=8, mults=(1, 2), patch=2, num_labels=len(meta.get("labels", {}))))
     for p in net.parameters():  # untrained zero-initialised branches would make the net the identity
         torch.nn.init.normal_(p, std=0.05)
-    path = tmp_path_factory.mktemp("models") / "tiny.npz"
-    save_model(net, {"task": "denoise", "name": "tiny", "sampling": {"steps": 3}}, path)
-    return str(path)
+    return str(save_model(net, {"task": task, "name": name, "sampling": {"steps": 3}, **meta}, folder / f"{name}.npz"))
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(models_dir):
+    return make_tiny_model(models_dir, "denoise", "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_superres(models_dir):
+    return make_tiny_model(models_dir, "superres", "tiny-sr", labels={"2": 0, "4": 1}, scales=[2, 4])
 
 
 @pytest.fixture

@@ -147,8 +147,9 @@ class RestoreWidget(QWidget):
     def make_job(self, data: np.ndarray, model: str, settings: Settings):
         raise NotImplementedError
 
-    def output_scale(self, layer) -> tuple:
-        return tuple(layer.scale)
+    def output_grid(self, layer) -> tuple[tuple, tuple]:
+        """``(scale, translate)`` of the output layers; the input's own for same-size outputs."""
+        return tuple(layer.scale), tuple(layer.translate)
 
     # shared behaviour
     def refresh_models(self) -> None:
@@ -237,7 +238,8 @@ class RestoreWidget(QWidget):
         meta = {k: info[k] for k in ("uncertainty_score", "threshold", "reliable", "model", "samples", "steps",
                                      "seed")}
         meta.update(source=layer.name, task=self.task, sampler=info["sampler"], seconds=info["seconds"])
-        common = {"scale": self.output_scale(layer), "translate": tuple(layer.translate), "metadata": meta}
+        scale, translate = self.output_grid(layer)
+        common = {"scale": scale, "translate": translate, "metadata": meta}
         name = f"{layer.name}_{self.suffix}"
         self.viewer.add_image(result.image, name=name, contrast_limits=layer.contrast_limits, **common)
         if result.uncertainty is not None:

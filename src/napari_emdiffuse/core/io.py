@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_path
 from .normalize import InputError
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -115,13 +115,6 @@ def write_tiff(path: str | os.PathLike, data: np.ndarray, scale: tuple[float, ..
         kwargs["resolution"] = (1.0 / scale[-1], 1.0 / scale[-2])
         kwargs["metadata"] = {"unit": "nm", **({"spacing": scale[-3]} if data.ndim == 3 and len(scale) >= 3 else {})}
     imagej = data.dtype in (np.uint8, np.uint16, np.float32) and data.ndim <= 3
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         tifffile.imwrite(tmp, data, imagej=imagej, **(kwargs if imagej else {}))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

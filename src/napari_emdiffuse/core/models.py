@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from .files import atomic_path
 
 FORMAT = "napari-emdiffuse-model"
 META_KEY = "__meta__"
@@ -102,15 +103,8 @@ def save_model(net, meta: dict, path: str | os.PathLike) -> Path:
         raise ValueError(f"task must be one of {TASKS}")
     arrays = {k: v.detach().cpu().to(dtype=_storage_dtype(v)).numpy() for k, v in net.state_dict().items()}
     arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 

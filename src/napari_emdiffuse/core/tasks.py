@@ -145,12 +145,13 @@ def evaluations_per_plane(model, shape: tuple[int, int], settings: Settings, dev
 def restore(image, model, settings: Settings, task: str,
             condition: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
             out_shape: Callable[[tuple[int, int]], tuple[int, int]] = lambda s: s,
-            ) -> Generator[Progress, None, Restoration]:
+            variant: str | None = None) -> Generator[Progress, None, Restoration]:
     """Restore a 2D image or each plane of a 3D stack.
 
     ``condition(plane)`` maps a normalised input plane to ``(cond, start)`` on the output grid. The stack is
     normalised as a whole (consistent intensities along z); every plane uses the same seed, so the stochastic
-    detail is coherent from one plane to the next rather than flickering.
+    detail is coherent from one plane to the next rather than flickering. ``variant`` picks the label of models
+    that serve several settings (e.g. the scale factor ``"2"`` of a super-resolution model).
     """
     from .models import default_model, load_model
 
@@ -158,6 +159,7 @@ def restore(image, model, settings: Settings, task: str,
     image = check_image(image)
     device = pick_device(settings.device)
     model = load_model(model or default_model(task), device=device, task=task)
+    label = model_label(model, variant)
     norm = Normalizer.fit(image)
     planes = image[None] if image.ndim == 2 else image
     per_plane = evaluations_per_plane(model, out_shape(planes.shape[-2:]), settings, device)
@@ -167,7 +169,7 @@ def restore(image, model, settings: Settings, task: str,
     try:
         for z, plane in enumerate(planes):
             cond, start = condition(norm(plane))
-            job = sample_plane(model, cond, start, settings, device)
+            job = sample_plane(model, cond, start, settings, device, label)
             while True:
                 try:
                     next(job)
@@ -208,7 +210,48 @@ def restore(image, model, settings: Settings, task: str,
     return Restoration(restored, uncertainty, difficulty, info)
 
 
+def model_label(model, variant: str | None) -> int | None:
+    """The integer label a multi-variant model needs for ``variant``; None for single-variant models."""
+    labels = model.meta.get("labels")
+    if not labels:
+        return None
+    if variant not in labels:
+        raise InputError(f"The model '{model.name}' supports {', '.join(sorted(labels))}, not {variant}.")
+    return int(labels[variant])
+
+
 def denoise(image, model: str | None = None, settings: Settings | None = None) -> Generator[Progress, None, Restoration]:
     """EMDiffuse-n: restore a noisy (short-dwell) acquisition; the noisy image is both condition and start."""
     return (yield from restore(image, model, settings or Settings(), "denoise", lambda plane: (plane[None], plane)))
 
+
+
+def upsample(plane: np.ndarray, factor: int) -> np.ndarray:
+    """Bicubic upsampling onto the finer grid (pixel centres aligned as a detector with larger pixels sees them)."""
+    import torch
+    from torch.nn import functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(plane, dtype=np.float32))[None, None]
+    return F.interpolate(t, scale_factor=factor, mode="bicubic", align_corners=False)[0, 0].numpy()
+
+
+SUPERRES_SCALES = (2, 4)
+
+
+def superres(image, model: str | None = None, settings: Settings | None = None,
+             scale: int = 2) -> Generator[Progress, None, Restoration]:
+    """EMDiffuse-r: joint denoising and super-resolution by ``scale``; the output is ``scale`` times larger in y, x.
+
+    The condition (and the start of sampling) is the noisy low-resolution image upsampled bicubically.
+    """
+    if scale not in SUPERRES_SCALES:
+        raise InputError(f"The super-resolution factor must be 2 or 4, not {scale}.")
+
+    def condition(plane):
+        up = upsample(plane, scale)
+        return up[None], up
+
+    result = yield from restore(image, model, settings or Settings(), "superres", condition,
+                                lambda shape: (shape[0] * scale, shape[1] * scale), variant=str(scale))
+    result.info["scale"] = scale
+    return result

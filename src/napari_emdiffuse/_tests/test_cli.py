@@ -1,0 +1,73 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_emdiffuse.cli import main
+from napari_emdiffuse.core.io import read_tiff
+
+
+@pytest.fixture
+def noisy_tif(tmp_path, em_pair):
+    path = tmp_path / "noisy.tif"
+    tifffile.imwrite(path, em_pair[1], imagej=True, resolution=(1 / 4.0, 1 / 4.0), metadata={"unit": "nm"})
+    return path
+
+
+def test_denoise_writes_output_and_uncertainty_and_json(tmp_path, noisy_tif, tiny_model, capsys):
+    out, unc = tmp_path / "out.tif", tmp_path / "unc.tif"
+    before = noisy_tif.read_bytes()
+    code = main(["denoise", str(noisy_tif), "-o", str(out), "--uncertainty", str(unc), "--model", tiny_model,
+                 "--samples", "2", "--steps", "2", "--seed", "3", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip())
+    assert {"uncertainty_score", "threshold", "reliable", "seconds"} <= set(summary)
+    result = read_tiff(out)
+    assert result.data.dtype == np.uint8 and result.data.shape == (128, 160)
+    assert result.scale == pytest.approx((4.0, 4.0)) and result.unit == "nm"
+    u = tifffile.imread(unc)
+    assert u.dtype == np.float32 and u.shape == (128, 160)
+    assert summary["uncertainty_score"] == pytest.approx(float(np.percentile(u, 99)), rel=1e-5)
+    assert noisy_tif.read_bytes() == before  # the input file is untouched
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "not found"),
+    (lambda p: p.write_bytes(b""), "empty"),
+    (lambda p: p.write_text("not an image"), "not a TIFF"),
+    (lambda p: tifffile.imwrite(p, np.zeros((20, 20, 3), np.uint8)), "RGB"),
+    (lambda p: tifffile.imwrite(p, np.full((9, 9), np.nan, np.float32)), "NaN"),
+    (lambda p: tifffile.imwrite(p, np.zeros((2, 3, 4, 9, 9), np.uint8)), "dimensions"),
+    (lambda p: p.write_bytes(b"II*\x00" + b"\x00" * 20), "could not be read"),
+])
+def test_bad_input_gives_one_line_error_and_no_output(tmp_path, tiny_model, capsys, make, message):
+    src, out = tmp_path / "in.tif", tmp_path / "out.tif"
+    make(src)
+    assert main(["denoise", str(src), "-o", str(out), "--model", tiny_model]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_existing_output_needs_overwrite(tmp_path, noisy_tif, tiny_model, capsys):
+    out = tmp_path / "out.tif"
+    out.write_bytes(b"precious")
+    assert main(["denoise", str(noisy_tif), "-o", str(out), "--model", tiny_model]) == 2
+    assert out.read_bytes() == b"precious"
+    assert main(["denoise", str(noisy_tif), "-o", str(out), "--model", tiny_model, "--steps", "1",
+                 "--overwrite"]) == 0
+    assert read_tiff(out).data.shape == (128, 160)
+
+
+def test_models_lists_the_bundled_model(capsys):
+    assert main(["models", "--json"]) == 0
+    models = json.loads(capsys.readouterr().out)
+    assert any(m["task"] == "denoise" and m["bundled"] for m in models)
+
+
+def test_module_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "napari_emdiffuse", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and "napari-emdiffuse" in done.stdout

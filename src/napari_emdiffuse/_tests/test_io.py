@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+import tifffile
+
+from napari_emdiffuse._reader import get_reader
+from napari_emdiffuse._writer import write_image
+from napari_emdiffuse.core.io import read_tiff, write_tiff
+from napari_emdiffuse.core.normalize import InputError
+
+
+def test_reader_declines_other_files_fast(tmp_path):
+    png = tmp_path / "a.png"
+    png.write_bytes(b"\x89PNG")
+    fake = tmp_path / "fake.tif"
+    fake.write_text("hello")
+    assert get_reader(str(png)) is None
+    assert get_reader(str(fake)) is None
+    assert get_reader([str(png), str(fake)]) is None
+
+
+def test_reader_uses_imagej_pixel_size_as_scale(tmp_path):
+    path = tmp_path / "stack.tif"
+    data = np.arange(3 * 20 * 30, dtype=np.uint16).reshape(3, 20, 30)
+    tifffile.imwrite(path, data, imagej=True, resolution=(1 / 5.0, 1 / 5.0), metadata={"unit": "nm", "spacing": 50})
+    [(layer_data, kwargs, kind)] = get_reader(str(path))(str(path))
+    assert kind == "image" and kwargs["name"] == "stack"
+    assert np.array_equal(np.asarray(layer_data), data)
+    assert kwargs["scale"] == pytest.approx((50.0, 5.0, 5.0))
+
+
+def test_ome_pixel_sizes_in_micrometres_become_nm(tmp_path):
+    path = tmp_path / "ome.ome.tif"
+    tifffile.imwrite(path, np.zeros((4, 16, 16), np.uint8), ome=True,
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 0.008, "PhysicalSizeY": 0.008, "PhysicalSizeZ": 0.04})
+    assert read_tiff(path).scale == pytest.approx((40.0, 8.0, 8.0))
+
+
+def test_big_stacks_open_memory_mapped(tmp_path, monkeypatch):
+    import napari_emdiffuse.core.io as io
+
+    monkeypatch.setattr(io, "MEMMAP_ABOVE_BYTES", 1000)
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, np.ones((4, 64, 64), np.uint8))
+    assert isinstance(read_tiff(path).data, np.memmap)
+
+
+def test_writer_round_trip_keeps_dtype_and_scale(tmp_path):
+    path = tmp_path / "out.tif"
+    data = np.random.default_rng(0).random((2, 10, 12)).astype(np.float32)
+    [written] = write_image(str(path), data, {"scale": (30.0, 4.0, 4.0), "metadata": {"unit": "nm"}})
+    back = read_tiff(written)
+    assert np.array_equal(back.data, data) and back.scale == pytest.approx((30.0, 4.0, 4.0))
+
+
+def test_write_refuses_to_overwrite_by_default(tmp_path):
+    path = tmp_path / "x.tif"
+    write_tiff(path, np.zeros((4, 4), np.uint8))
+    with pytest.raises(InputError, match="exists"):
+        write_tiff(path, np.ones((4, 4), np.uint8))
+    assert read_tiff(path).data.max() == 0

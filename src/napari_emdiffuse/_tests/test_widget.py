@@ -1,0 +1,103 @@
+"""Real viewer tests: the Denoise dock widget from the plugin manifest, a run, and a cancel."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from napari_emdiffuse._widgets.denoise import DenoiseWidget
+
+
+@pytest.fixture
+def user_models(tiny_model, monkeypatch):
+    monkeypatch.setenv("EMDIFFUSE_MODELS_DIR", os.path.dirname(tiny_model))
+
+
+def dock_denoise(viewer):
+    _, widget = viewer.window.add_plugin_dock_widget("napari-emdiffuse", "Denoise")
+    return widget
+
+
+def test_denoise_widget_adds_result_and_uncertainty_layers(make_napari_viewer, qtbot, em_pair, user_models):
+    viewer = make_napari_viewer()
+    noisy = em_pair[1]
+    viewer.add_image(noisy, name="noisy", scale=(4.0, 4.0), translate=(10.0, 20.0))
+    widget = dock_denoise(viewer)
+    assert isinstance(widget, DenoiseWidget)
+    assert widget.layer_picker.currentText() == "noisy"  # the selected layer is preselected
+    widget.model_picker.setCurrentText("tiny")
+    widget.steps.setValue(2)
+    widget.seed.setValue(7)
+    run = widget.findChild(type(widget.run_button), "run_button")
+    run.click()
+    assert not run.isEnabled()  # no second run while one is going
+    qtbot.waitUntil(lambda: "noisy_uncertainty" in viewer.layers and widget.worker is None, timeout=60_000)
+    out, unc = viewer.layers["noisy_denoised"], viewer.layers["noisy_uncertainty"]
+    assert out.data.shape == noisy.shape and out.data.dtype == noisy.dtype
+    assert tuple(out.scale) == (4.0, 4.0) and tuple(out.translate) == (10.0, 20.0)
+    assert tuple(unc.scale) == (4.0, 4.0) and tuple(unc.contrast_limits) == pytest.approx((0.0, 0.24))
+    for layer in (out, unc):
+        meta = layer.metadata
+        assert {"uncertainty_score", "threshold", "reliable", "model", "samples", "steps", "seed"} <= set(meta)
+        assert meta["model"] == "tiny" and meta["steps"] == 2 and meta["seed"] == 7 and meta["samples"] == 2
+        assert meta["reliable"] == (meta["uncertainty_score"] <= meta["threshold"])
+    assert unc.data.max() > 0
+    assert "reliable" in widget.status.text() and run.isEnabled()
+    np.testing.assert_array_equal(viewer.layers["noisy"].data, noisy)  # input untouched
+
+
+def test_cancel_stops_quickly_and_adds_nothing(make_napari_viewer, qtbot, user_models):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((512, 512)).astype(np.float32), name="big")
+    widget = dock_denoise(viewer)
+    widget.model_picker.setCurrentText("tiny")
+    widget.steps.setValue(200)
+    widget.tile.setValue(64)
+    widget.run_button.click()
+    qtbot.waitUntil(lambda: widget.progress.value() > 0, timeout=30_000)
+    widget.findChild(type(widget.cancel_button), "cancel_button").click()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=2_000)  # stopped within 2 s
+    assert [layer.name for layer in viewer.layers] == ["big"]
+    assert "Cancelled" in widget.status.text() and widget.run_button.isEnabled()
+
+
+def test_errors_reach_the_user_as_a_notification(make_napari_viewer, qtbot, user_models, monkeypatch):
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.full((20, 20), np.nan, np.float32), name="broken")
+    widget = dock_denoise(viewer)
+    widget.model_picker.setCurrentText("tiny")
+    widget.run_button.click()
+    qtbot.waitUntil(lambda: widget.worker is None and bool(shown), timeout=10_000)
+    assert "NaN" in shown[0] and "Traceback" not in shown[0]
+    assert [layer.name for layer in viewer.layers] == ["broken"]
+
+
+def test_manifest_is_valid_and_importable():
+    done = subprocess.run([sys.executable, "-m", "npe2", "validate", "napari-emdiffuse", "--imports"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_superres_widget_output_overlays_the_input(make_napari_viewer, qtbot, tiny_superres, user_models):
+    from napari_emdiffuse._widgets.superres import SuperresWidget
+
+    viewer = make_napari_viewer()
+    lr = viewer.add_image(np.random.default_rng(0).random((24, 32)).astype(np.float32), name="lr",
+                          scale=(6.6, 6.6), translate=(5.0, -3.0))
+    _, widget = viewer.window.add_plugin_dock_widget("napari-emdiffuse", "Super-resolution")
+    assert isinstance(widget, SuperresWidget)
+    widget.model_picker.setCurrentText("tiny-sr")
+    widget.scale.setCurrentIndex(widget.scale.findData(4))
+    widget.steps.setValue(1)
+    widget.run_button.click()
+    qtbot.waitUntil(lambda: "lr_superres" in viewer.layers and widget.worker is None, timeout=60_000)
+    hr = viewer.layers["lr_superres"]
+    assert hr.data.shape == (96, 128)
+    assert tuple(hr.scale) == pytest.approx((1.65, 1.65))
+    edges = lambda layer: layer.extent.world + np.array([-0.5, 0.5])[:, None] * layer.scale  # noqa: E731  pixel edges
+    np.testing.assert_allclose(edges(hr), edges(lr), atol=1e-6)  # same world extent
+    assert "lr_uncertainty" in viewer.layers

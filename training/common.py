@@ -1,0 +1,82 @@
+"""Pieces shared by the training scripts: the clean training images, augmentation and the training driver."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+
+from napari_emdiffuse.core.models import save_model
+from napari_emdiffuse.core.network import count_parameters
+from napari_emdiffuse.core.normalize import Normalizer
+from napari_emdiffuse.core.simulate import scale01
+from napari_emdiffuse.core.train import train
+
+
+def load_clean_images(data: Path, with_real_clean: bool = False) -> list[np.ndarray]:
+    """Clean training images scaled to [0, 1]. Held out: FIB-SEM 5 nm slices 22-26, volume b, the pair's bottom half."""
+    images = [scale01(s) for s in tifffile.imread(data / "fibsem_5nm_slices_27x768x1024.tif")[:22]]
+    volume = tifffile.imread(data / "fibsem_iso10nm_a_250.tif")
+    for axis in range(3):  # isotropic: every orientation is a valid clean image
+        images += [scale01(s) for s in np.moveaxis(volume, axis, 0)[::10]]
+    images += [scale01(s) for s in tifffile.imread(data / "sstem_aniso_50x4x4nm_30x512x512.tif")[::3]]
+    if with_real_clean:
+        clean = tifffile.imread(data / "sem_pair22_clean.tif")
+        images.append(scale01(clean[: clean.shape[0] // 2]))
+    return images
+
+
+def augment(rng: np.random.Generator, *arrays: np.ndarray) -> list[np.ndarray]:
+    k, flip = rng.integers(4), rng.random() < 0.5
+    out = [np.rot90(a, k, axes=(-2, -1)) for a in arrays]
+    return [np.ascontiguousarray(a[..., ::-1] if flip else a) for a in out]
+
+
+def jittered(norm: Normalizer, rng: np.random.Generator) -> Normalizer:
+    """Small random changes of the normalisation range: robustness to percentiles of other images."""
+    span = norm.high - norm.low
+    return Normalizer(norm.low + rng.normal(0, 0.03) * span, norm.high + rng.normal(0, 0.03) * span, norm.dtype)
+
+
+def to_model_space(arrays: list[np.ndarray]) -> torch.Tensor:
+    stacked = np.stack(arrays)
+    if stacked.ndim == 3:
+        stacked = stacked[:, None]
+    return torch.from_numpy(stacked * 2 - 1).float()
+
+
+def add_arguments(parser: argparse.ArgumentParser, output: str, minutes: float) -> None:
+    parser.add_argument("data", type=Path, nargs="?", default=Path("../shared/data/em"))
+    parser.add_argument("-o", "--output", type=Path, default=Path(output))
+    parser.add_argument("--minutes", type=float, default=minutes)
+    parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base", type=int, default=32)
+
+
+def fit(net, batches, meta: dict, args) -> None:
+    """Train with checkpoints every 5 minutes (atomic writes), then save the final averaged weights."""
+    print(f"parameters: {count_parameters(net):,}", flush=True)
+    meta = {**meta, "name": args.output.stem,
+            "training": {"script": meta.pop("script"), "args": {k: str(v) for k, v in vars(args).items()},
+                         "date": time.strftime("%Y-%m-%d")}}
+
+    def checkpoint(ema, step):
+        save_model(ema, {**meta, "training": {**meta["training"], "step": step}}, args.output)
+
+    job = train(net, batches, iterations=args.iterations, minutes=args.minutes, lr=args.lr, seed=args.seed,
+                report_every=50, on_checkpoint=checkpoint, checkpoint_minutes=5)
+    while True:
+        try:
+            p = next(job)
+        except StopIteration as stop:
+            checkpoint(stop.value, p.step)
+            break
+        print(f"step {p.step} loss {p.loss:.4f} {p.seconds / 60:.1f} min", flush=True)
+    print(f"saved {args.output}", flush=True)
