@@ -101,6 +101,8 @@ def _restore(args, job_factory, lateral_factor: int = 1) -> dict:
 def _summary(info: dict, as_json: bool) -> None:
     from .core.tasks import verdict
 
+    for note in info.get("notes", []):
+        print(f"emdiffuse: note: {note}", file=sys.stderr)
     if as_json:
         keys = ("uncertainty_score", "threshold", "reliable", "seconds", "model", "samples", "steps", "seed",
                 "flagged_fraction", "device")
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
             _summary(_restore(args, partial(superres, scale=args.scale), args.scale), args.json)
         return 0
-    except (CLIError, InputError, ModelFileError) as err:
+    except (CLIError, InputError, ModelFileError, MemoryError) as err:
         if args.debug:
             raise
         print(f"emdiffuse: error: {err}", file=sys.stderr)

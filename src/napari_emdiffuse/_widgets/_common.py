@@ -251,8 +251,9 @@ class RestoreWidget(QWidget):
             self.viewer.add_image(result.difficulty, name=f"{layer.name}_difficulty", colormap="magma",
                                   visible=False, **common)
         if info["reliable"] is None:
-            self.status.setText(f"Done in {info['seconds']:.1f} s (one sample: no uncertainty).")
+            text = f"Done in {info['seconds']:.1f} s (one sample: no uncertainty)."
         else:
             flagged = 100 * info["flagged_fraction"]
-            self.status.setText(f"Done in {info['seconds']:.1f} s. {verdict(info['uncertainty_score'], info['threshold'])}"
-                                f" ({flagged:.2f}% of pixels above {info['threshold']:.2f}).")
+            text = (f"Done in {info['seconds']:.1f} s. {verdict(info['uncertainty_score'], info['threshold'])} "
+                    f"({flagged:.2f}% of pixels above {info['threshold']:.2f}).")
+        self.status.setText(" ".join([text, *(f"Note: {n}." for n in info.get("notes", []))]))

@@ -98,12 +98,13 @@ def drive(job: Generator, on_progress: Callable[[Progress], None] | None = None)
 
 
 
-def sample_plane(model, cond: np.ndarray, start: np.ndarray, settings: Settings, device,
-                 label: int | None = None) -> Generator[int, None, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+def sample_plane(model, cond: np.ndarray, start: np.ndarray, settings: Settings, device, tile: int, batch: int,
+                 label: int | None = None) -> Generator[int, None, tuple]:
     """Draw ``settings.samples`` samples for one plane, conditioned on ``cond`` (C, H, W) in normalised units.
 
     Sampling starts at ``start`` (H, W) plus noise: the degraded image brought to the output grid.
-    Returns the per-pixel mean, the std (population, as the paper's threshold assumes) and phi, all (H, W).
+    Returns the per-pixel mean, the std (population, as the paper's threshold assumes) and phi, all (H, W),
+    and notes on memory fallbacks.
     """
     import torch
 
@@ -111,7 +112,7 @@ def sample_plane(model, cond: np.ndarray, start: np.ndarray, settings: Settings,
     from .tiling import TiledDenoiser, pad_to, padded_size
 
     h, w = start.shape
-    ph, pw, tile = padded_size(h, w, settings.tile, model.net.config.multiple)
+    ph, pw, _ = padded_size(h, w, tile, model.net.config.multiple)
     to_model = lambda a: pad_to(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) * 2 - 1, ph, pw)  # noqa: E731
     cond_t = to_model(cond[None])
     start_t = to_model(start[None, None])
@@ -119,8 +120,7 @@ def sample_plane(model, cond: np.ndarray, start: np.ndarray, settings: Settings,
     sampling = model.sampling
     sigmas = karras_sigmas(settings.steps or sampling["steps"], sampling["sigma_end"], sampling["sigma_max"])
     sampler = SAMPLERS[settings.sampler or sampling["sampler"]]
-    batch = 16 if device.type != "cpu" else 2
-    denoiser = TiledDenoiser(model.net, cond_t, tile, min(settings.overlap, tile // 4), batch, device, label)
+    denoiser = TiledDenoiser(model.net, cond_t, tile, settings.overlap, batch, device, label)
     gen = torch.Generator().manual_seed(settings.seed)
     noise = lambda: torch.randn((k, 1, ph, pw), generator=gen)  # noqa: E731  one field for the whole image
     x = start_t.expand(k, 1, ph, pw) + sigmas[0] * noise()
@@ -129,17 +129,21 @@ def sample_plane(model, cond: np.ndarray, start: np.ndarray, settings: Settings,
     phi = None
     if settings.difficulty and denoiser.first_log_phi is not None:
         phi = difficulty_in_image_units(denoiser.first_log_phi[..., :h, :w], sigmas[0]).mean(0)[0].numpy()
-    return samples.mean(0)[0], samples.std(0)[0], phi
+    return samples.mean(0)[0], samples.std(0)[0], phi, denoiser.notes
 
 
-def evaluations_per_plane(model, shape: tuple[int, int], settings: Settings, device) -> int:
-    """How many yields :func:`sample_plane` makes for a plane of this (output) shape."""
+def plan_tiles(model, shape: tuple[int, int], settings: Settings, device) -> tuple[int, int, int, str | None]:
+    """Tile size and batch that fit in memory for an output plane of ``shape``, the evaluations per plane, a note."""
+    from .memory import fit_to_memory
     from .tiling import padded_size, tile_plan
 
-    ph, pw, tile = padded_size(*shape, settings.tile, model.net.config.multiple)
+    multiple = model.net.config.multiple
+    ph, pw, tile = padded_size(*shape, settings.tile, multiple)
+    batch = 16 if device.type != "cpu" else 2  # small batches on CPU: no speed lost, finer progress and cancel
+    tile, batch, note = fit_to_memory(ph, pw, settings.samples, tile, batch, device, multiple)
     tiles = len(tile_plan(ph, pw, tile, min(settings.overlap, tile // 4))[0])
-    batch = 16 if device.type != "cpu" else 2
-    return (settings.steps or model.sampling["steps"]) * -(-settings.samples * tiles // batch)
+    evaluations = (settings.steps or model.sampling["steps"]) * -(-settings.samples * tiles // batch)
+    return tile, batch, evaluations, note
 
 
 def restore(image, model, settings: Settings, task: str,
@@ -162,20 +166,22 @@ def restore(image, model, settings: Settings, task: str,
     label = model_label(model, variant)
     norm = Normalizer.fit(image)
     planes = image[None] if image.ndim == 2 else image
-    per_plane = evaluations_per_plane(model, out_shape(planes.shape[-2:]), settings, device)
+    tile, batch, per_plane, note = plan_tiles(model, out_shape(planes.shape[-2:]), settings, device)
+    notes = [note] if note else []
     total, done = per_plane * len(planes), 0
     means, stds, phis = [], [], []
     yield Progress(0, total, f"{task}: starting on {device.type}")
     try:
         for z, plane in enumerate(planes):
             cond, start = condition(norm(plane))
-            job = sample_plane(model, cond, start, settings, device, label)
+            job = sample_plane(model, cond, start, settings, device, tile, batch, label)
             while True:
                 try:
                     next(job)
                     done += 1
                 except StopIteration as stop:
-                    mean, std, phi = stop.value
+                    mean, std, phi, plane_notes = stop.value
+                    notes += [n for n in plane_notes if n not in notes]
                     break
                 where = f" slice {z + 1}/{len(planes)}" if len(planes) > 1 else ""
                 yield Progress(done, total, f"{task}{where}")
@@ -204,6 +210,8 @@ def restore(image, model, settings: Settings, task: str,
         "uncertainty_score": score,
         "reliable": bool(score <= settings.threshold) if uncertainty is not None else None,
         "flagged_fraction": float((uncertainty > settings.threshold).mean()) if uncertainty is not None else None,
+        "tile": tile,
+        "notes": notes,
         "seconds": round(time.perf_counter() - started, 3),
     }
     yield Progress(total, total, f"{task}: done")

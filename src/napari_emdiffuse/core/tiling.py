@@ -15,6 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from .diffusion import precondition
+from .memory import is_out_of_memory, smaller
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -62,28 +63,48 @@ class TiledDenoiser:
     """``denoiser(x, sigma)`` for a whole image: tiles, runs the network in batches, blends.
 
     ``cond`` is the padded condition, shape ``(1, C, H, W)``; ``x`` has shape ``(K, 1, H, W)``, one row per sample.
-    The difficulty map (phi) of the first, noisiest call is kept in ``self.first_log_phi``.
+    The difficulty map (phi) of the first, noisiest call is kept in ``self.first_log_phi``. When the device runs
+    out of memory, the batch and then the tile size are halved and the evaluation is repeated (noted in ``notes``).
     """
 
     def __init__(self, net, cond: torch.Tensor, tile: int, overlap: int, batch: int, device: torch.device,
                  label: int | None = None):
         self.net, self.device, self.batch = net, device, max(1, batch)
-        self.cond = cond
-        h, w = cond.shape[-2:]
-        self.corners, window = tile_plan(h, w, tile, overlap)
+        self.cond, self.label, self.overlap = cond, label, overlap
+        self.first_log_phi: torch.Tensor | None = None
+        self.notes: list[str] = []
+        self._plan(tile)
+
+    def _plan(self, tile: int) -> None:
+        h, w = self.cond.shape[-2:]
+        self.tile = tile
+        self.corners, window = tile_plan(h, w, tile, min(self.overlap, tile // 4))
         self.th, self.tw = min(tile, h), min(tile, w)
         self.window = torch.from_numpy(window)
         total = torch.zeros(h, w)
         for y, x in self.corners:
             total[y:y + self.th, x:x + self.tw] += self.window
         self.inv_total = 1 / total
-        self.label = label
-        self.first_log_phi: torch.Tensor | None = None
-
-    def batches_per_call(self, samples: int) -> int:
-        return math.ceil(samples * len(self.corners) / self.batch)
 
     def __call__(self, x: torch.Tensor, sigma: float) -> Generator[int, None, torch.Tensor]:
+        while True:
+            try:
+                return (yield from self._evaluate(x, sigma))
+            except (RuntimeError, MemoryError) as err:
+                if not is_out_of_memory(err):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self.batch > 1:
+                    self.batch //= 2
+                else:
+                    tile = smaller(self.tile, self.net.config.multiple)
+                    if tile is None:
+                        raise MemoryError("Out of memory even with the smallest tiles; free memory or use the CPU.")
+                    self._plan(tile)
+                self.notes.append(f"out of memory: retried with tiles of {self.tile} px, batch {self.batch}")
+
+    def _evaluate(self, x: torch.Tensor, sigma: float) -> Generator[int, None, torch.Tensor]:
         jobs = [(k, y, xx) for k in range(x.shape[0]) for (y, xx) in self.corners]
         out = torch.zeros_like(x)
         log_phi = torch.zeros_like(x) if self.first_log_phi is None else None
