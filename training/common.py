@@ -58,10 +58,26 @@ def add_arguments(parser: argparse.ArgumentParser, output: str, minutes: float) 
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", type=int, default=32)
+    parser.add_argument("--init", default=None, help="start from the weights of this model (name or file)")
+
+
+def init_from(net, model: str) -> None:
+    """Copy every weight whose name and shape match from another model (e.g. denoising into super-resolution)."""
+    from napari_emdiffuse.core.models import load_model
+
+    source = load_model(model).net.state_dict()
+    own = net.state_dict()
+    shared = {k: v.float() for k, v in source.items() if k in own and own[k].shape == v.shape}
+    own.update(shared)
+    net.load_state_dict(own)
+    print(f"initialised {len(shared)}/{len(own)} tensors from {model}", flush=True)
 
 
 def fit(net, batches, meta: dict, args) -> None:
     """Train with checkpoints every 5 minutes (atomic writes), then save the final averaged weights."""
+    if args.init:
+        init_from(net, args.init)
+        meta["init"] = str(args.init)
     print(f"parameters: {count_parameters(net):,}", flush=True)
     meta = {**meta, "name": args.output.stem,
             "training": {"script": meta.pop("script"), "args": {k: str(v) for k, v in vars(args).items()},

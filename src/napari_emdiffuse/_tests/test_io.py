@@ -1,4 +1,6 @@
 import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import pytest
 import tifffile
 
@@ -58,3 +60,33 @@ def test_write_refuses_to_overwrite_by_default(tmp_path):
     with pytest.raises(InputError, match="exists"):
         write_tiff(path, np.ones((4, 4), np.uint8))
     assert read_tiff(path).data.max() == 0
+
+
+def _valid_tiff_bytes() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.arange(24 * 20, dtype=np.uint16).reshape(24, 20), imagej=True,
+                     resolution=(0.25, 0.25), metadata={"unit": "nm"})
+    return buffer.getvalue()
+
+
+VALID_TIFF = _valid_tiff_bytes()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, len(VALID_TIFF) - 1), st.integers(0, 255)), max_size=8),
+       st.integers(8, len(VALID_TIFF)))
+def test_mutated_tiffs_never_raise_anything_but_a_clear_error(tmp_path, flips, length):
+    data = bytearray(VALID_TIFF[:length])
+    for position, value in flips:
+        if position < len(data):
+            data[position] = value
+    path = tmp_path / "fuzz.tif"
+    path.write_bytes(bytes(data))
+    try:
+        image = read_tiff(path)
+    except InputError as err:
+        assert str(err) and "\n" not in str(err)
+    else:
+        assert isinstance(image.data, np.ndarray) and len(image.scale) == image.data.ndim

@@ -43,12 +43,21 @@ def test_input_is_not_modified(tiny_model, em_pair):
     assert np.array_equal(noisy, before)
 
 
-@pytest.mark.parametrize("shape, dtype", [((3, 40, 50), np.uint16), ((1, 70), np.float32), ((5, 5), np.int64),
-                                          ((33, 17), bool)])
-def test_stacks_small_and_odd_images_keep_shape_and_dtype(tiny_model, shape, dtype):
-    image = (np.random.default_rng(0).random(shape) * 1000).astype(dtype)
+@pytest.mark.parametrize("shape, dtype, low, high", [
+    ((3, 40, 50), np.uint16, 0, 1000),
+    ((1, 70), np.float32, 0, 1),  # a single line
+    ((5, 5), np.int64, -(2**40), 2**40),  # smaller than the network's minimum, huge values
+    ((33, 17), bool, 0, 2),
+    ((20, 30), np.float64, -1e6, 1e6),  # negative values
+    ((24, 24), np.uint8, 100, 100),  # constant
+    ((40, 40), np.float16, 0, 1),
+])
+def test_stacks_small_and_odd_images_keep_shape_and_dtype(tiny_model, shape, dtype, low, high):
+    rng = np.random.default_rng(0)
+    image = (low + rng.random(shape) * (high - low)).astype(dtype)
     result, _ = run_denoise(image, tiny_model, samples=1, tile=64)
     assert result.image.shape == image.shape and result.image.dtype == image.dtype
+    assert np.isfinite(result.image.astype(np.float64)).all()
     assert result.uncertainty is None and result.info["reliable"] is None
 
 

@@ -101,3 +101,19 @@ def test_superres_widget_output_overlays_the_input(make_napari_viewer, qtbot, ti
     edges = lambda layer: layer.extent.world + np.array([-0.5, 0.5])[:, None] * layer.scale  # noqa: E731  pixel edges
     np.testing.assert_allclose(edges(hr), edges(lr), atol=1e-6)  # same world extent
     assert "lr_uncertainty" in viewer.layers
+
+
+def test_closing_napari_during_a_run_is_known_to_napari_and_stops_the_run(make_napari_viewer, qtbot, user_models):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((256, 256)).astype(np.float32), name="img")
+    widget = dock_denoise(viewer)
+    widget.model_picker.setCurrentText("tiny")
+    widget.steps.setValue(200)
+    widget.tile.setValue(64)
+    widget.run_button.click()
+    qtbot.waitUntil(lambda: widget.progress.value() > 0, timeout=30_000)
+    manager = viewer.window._task_status_manager  # what napari's close dialog lists and cancels
+    assert manager.is_busy() and manager.get_status()
+    manager.cancel_all()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=2_000)
+    assert [layer.name for layer in viewer.layers] == ["img"]
