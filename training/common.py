@@ -87,7 +87,7 @@ def fit(net, batches, meta: dict, args) -> None:
         save_model(ema, {**meta, "training": {**meta["training"], "step": step}}, args.output)
 
     job = train(net, batches, iterations=args.iterations, minutes=args.minutes, lr=args.lr, seed=args.seed,
-                report_every=50, on_checkpoint=checkpoint, checkpoint_minutes=5)
+                report_every=50, checkpoint_minutes=5)
     while True:
         try:
             p = next(job)
@@ -95,4 +95,6 @@ def fit(net, batches, meta: dict, args) -> None:
             checkpoint(stop.value, p.step)
             break
         print(f"step {p.step} loss {p.loss:.4f} {p.seconds / 60:.1f} min", flush=True)
+        if p.checkpoint is not None:
+            checkpoint(p.checkpoint, p.step)
     print(f"saved {args.output}", flush=True)

@@ -17,8 +17,8 @@ import argparse
 import numpy as np
 import tifffile
 import torch
-
 from common import add_arguments, augment, fit, jittered, load_clean_images, to_model_space
+
 from napari_emdiffuse.core.network import UNet, UNetConfig
 from napari_emdiffuse.core.normalize import Normalizer
 from napari_emdiffuse.core.simulate import SEMNoise

@@ -46,8 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
     superres = sub.add_parser("superres", help="joint denoising and x2/x4 super-resolution")
     _common(superres)
     superres.add_argument("--scale", type=int, default=2, choices=[2, 4], help="upsampling factor in y and x")
-    models = sub.add_parser("models", help="list the available models")
+    models = sub.add_parser("models", help="list, remove, export or import models")
     models.add_argument("--json", action="store_true")
+    action = models.add_mutually_exclusive_group()
+    action.add_argument("--remove", metavar="NAME", help="delete one of your own models")
+    action.add_argument("--export", nargs=2, metavar=("NAME", "FILE"), help="copy a model to a file")
+    action.add_argument("--import", dest="import_file", metavar="FILE", help="add a model file to your models")
+    finetune = sub.add_parser("finetune", help="fine-tune a model on one registered image pair")
+    finetune.add_argument("--task", choices=["denoise", "superres"], required=True)
+    finetune.add_argument("--input", type=Path, required=True, help="fast/noisy (or low-resolution) image")
+    finetune.add_argument("--target", type=Path, required=True, help="slow/clean (or high-resolution) image")
+    finetune.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.npz)")
+    finetune.add_argument("--base", default=None, help="model to start from (default: the bundled one)")
+    budget = finetune.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=None, help="time budget (default 10)")
+    budget.add_argument("--iterations", type=int, default=None)
+    finetune.add_argument("--scale", type=int, default=2, choices=[2, 4])
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    finetune.add_argument("--overwrite", action="store_true")
+    finetune.add_argument("--json", action="store_true")
     return parser
 
 
@@ -114,8 +132,17 @@ def _summary(info: dict, as_json: bool) -> None:
 
 
 def _models(args) -> None:
-    from .core.models import list_models
+    from .core.models import export_model, import_model, list_models, remove_model
 
+    if args.remove:
+        print(f"removed {remove_model(args.remove)}")
+        return
+    if args.export:
+        print(f"exported to {export_model(*args.export)}")
+        return
+    if args.import_file:
+        print(f"imported as {import_model(args.import_file).stem}")
+        return
     entries = list_models()
     if args.json:
         print(json.dumps([{"name": e.name, "task": e.task, "bundled": e.bundled, "path": str(e.path)}
@@ -123,6 +150,35 @@ def _models(args) -> None:
         return
     for e in entries:
         print(f"{e.name:<28} {e.task:<10} {'bundled' if e.bundled else 'user':<8} {e.path}")
+
+
+def _finetune(args) -> None:
+    from .core.finetune import finetune
+    from .core.io import read_tiff
+    from .core.tasks import drive
+    from .core.train import TrainProgress
+
+    if args.output.exists() and not args.overwrite:
+        raise CLIError(f"{args.output} exists; use --overwrite to replace it.")
+    image, target = read_tiff(args.input).data, read_tiff(args.target).data
+
+    def show(p) -> None:
+        if isinstance(p, TrainProgress) and not args.json:
+            print(f"step {p.step:6d}  loss {p.loss:8.4f}  {p.seconds:7.1f} s  {100 * p.fraction:5.1f}%",
+                  file=sys.stderr, flush=True)
+        elif not args.json:
+            print(p.message, file=sys.stderr, flush=True)
+
+    result = drive(finetune(args.task, image, target, base=args.base, scale=args.scale, minutes=args.minutes,
+                            iterations=args.iterations, seed=args.seed, output=args.output, device=args.device), show)
+    if args.json:
+        print(json.dumps({"improved": result.improved, "model": result.model_name,
+                          "path": str(result.path) if result.path else None,
+                          "val_psnr_before": result.val_psnr_before, "val_psnr_after": result.val_psnr_after,
+                          "shift": list(result.registration.shift), "residual_px": result.registration.residual,
+                          "steps": result.steps}))
+    else:
+        print(result.message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             from .core.tasks import denoise
 
             _summary(_restore(args, denoise), args.json)
+        elif args.command == "finetune":
+            _finetune(args)
         elif args.command == "superres":
             from functools import partial
 

@@ -1,8 +1,8 @@
 import numpy as np
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 import pytest
 import tifffile
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from napari_emdiffuse._reader import get_reader
 from napari_emdiffuse._writer import write_image

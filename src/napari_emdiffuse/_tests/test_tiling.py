@@ -1,11 +1,10 @@
 import numpy as np
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from napari_emdiffuse.core.tiling import TiledDenoiser, pad_to, tile_plan, tile_starts
 from napari_emdiffuse.core.tasks import drive
+from napari_emdiffuse.core.tiling import TiledDenoiser, pad_to, tile_plan, tile_starts
 
 
 @settings(max_examples=80, deadline=None)

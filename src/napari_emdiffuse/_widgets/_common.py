@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -78,22 +78,155 @@ class LayerPicker(QComboBox):
         return self.viewer.layers[name] if name and name in self.viewer.layers else None
 
 
-class RestoreWidget(QWidget):
-    task = ""  # set by subclasses: "denoise", ...
-    suffix = ""  # output layer name suffix, e.g. "denoised"
+def noisiness(image: np.ndarray) -> float:
+    """Fine-scale variation relative to the overall contrast: larger for the noisier of two acquisitions."""
+    from scipy.ndimage import gaussian_filter
+
+    a = np.asarray(image, dtype=np.float32)[..., ::2, ::2] if np.asarray(image).size > 4_000_000 else np.asarray(
+        image, dtype=np.float32)
+    return float(np.std(a - gaussian_filter(a, 1.0)) / (np.std(a) + 1e-12))
+
+
+class ModelPicker(QComboBox):
+    """The models of one task; follows the registry (new fine-tuned, imported or removed models)."""
+
+    models_updated = Signal()  # emitted from any thread; the refresh runs in the GUI thread
+
+    def __init__(self, task: str, parent=None):
+        from ..core.models import on_models_changed
+
+        super().__init__(parent, objectName="model_picker")
+        self.task = task
+        self.models_updated.connect(self.refresh)
+        on_models_changed(self._registry_changed)
+        self.refresh()
+
+    def _registry_changed(self) -> None:
+        try:
+            self.models_updated.emit()
+        except RuntimeError:  # the Qt side is already deleted
+            pass
+
+    def set_task(self, task: str) -> None:
+        self.task = task
+        self.refresh()
+
+    def refresh(self) -> None:
+        from ..core.models import list_models
+
+        current = self.currentText()
+        self.clear()
+        for entry in list_models(self.task):
+            self.addItem(entry.name, str(entry.path))
+            self.setItemData(self.count() - 1, entry.description, Qt.ToolTipRole)
+        index = self.findText(current)
+        if index >= 0:
+            self.setCurrentIndex(index)
+
+
+class JobWidget(QWidget):
+    """Run/Cancel buttons, a progress bar and a status line around one job generator at a time.
+
+    ``start(job, description)`` runs the generator in a napari thread worker (Activity dock, napari's close
+    confirmation, cancel between two yields); subclasses handle ``on_progress``/``on_result``.
+    """
+
+    cancelled_text = "Cancelled; nothing was added."
 
     def __init__(self, viewer: napari.viewer.Viewer, parent=None):
         super().__init__(parent)
         self.viewer = viewer
         self.worker = None
         self._pbar = None
-        self._input_name = ""
+        self.form = QFormLayout()
+        self.run_button = QPushButton("Run", objectName="run_button")
+        self.cancel_button = QPushButton("Cancel", objectName="cancel_button", enabled=False)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress = QProgressBar(objectName="progress", minimum=0, maximum=1, value=0)
+        self.status = QLabel("", objectName="status", wordWrap=True)
+        self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.extra = QVBoxLayout()  # room for subclasses (e.g. a loss plot) between progress and status
 
-        form = QFormLayout()
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(self.form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addLayout(self.extra)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def start(self, job, description: str, on_result) -> None:
+        from napari.qt.threading import create_worker
+
+        def work():
+            return (yield from job)
+
+        self._set_running(True)
+        self.worker = create_worker(work, _progress={"desc": description}, _ignore_errors=True)
+        self._pbar = getattr(self.worker, "pbar", None)
+        self.worker.yielded.connect(self.on_progress)
+        self.worker.returned.connect(on_result)
+        self.worker.errored.connect(self._on_error)
+        self.worker.aborted.connect(self._on_aborted)
+        self.worker.finished.connect(lambda: self._set_running(False))
+        self.worker.start()
+
+    def cancel(self) -> None:
+        if self.worker is not None:
+            self.status.setText("Cancelling…")
+            self.worker.quit()
+
+    def show_progress(self, done: int, total: int, message: str) -> None:
+        self.progress.setMaximum(max(total, 1))
+        self.progress.setValue(done)
+        if self._pbar is not None and total:
+            if self._pbar.total != total:
+                self._pbar.total = total
+            self._pbar.update(done - self._pbar.n)
+            self._pbar.set_description(message)
+
+    def on_progress(self, p) -> None:
+        self.show_progress(p.done, p.total, p.message)
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        if not running:
+            self.worker = None
+
+    def _on_error(self, err: Exception) -> None:
+        from napari.utils.notifications import show_error
+
+        self.status.setText(f"Failed: {err}")
+        show_error(f"{self.title} failed: {err}")
+
+    def _on_aborted(self) -> None:
+        self.progress.setValue(0)
+        self.status.setText(self.cancelled_text)
+
+    @property
+    def title(self) -> str:
+        return type(self).__name__.removesuffix("Widget")
+
+
+class RestoreWidget(JobWidget):
+    task = ""  # set by subclasses: "denoise", ...
+    suffix = ""  # output layer name suffix, e.g. "denoised"
+
+    def __init__(self, viewer: napari.viewer.Viewer, parent=None):
+        super().__init__(viewer, parent)
+        form = self.form
         self.layer_picker = LayerPicker(viewer)
         self.layer_picker.setObjectName("layer_picker")
         form.addRow("Image", self.layer_picker)
-        self.model_picker = QComboBox(objectName="model_picker")
+        self.model_picker = ModelPicker(self.task)
         form.addRow("Model", self.model_picker)
         self.add_task_controls(form)
         self.samples = self._spin(form, "Samples", 1, 16, 2, "samples",
@@ -115,30 +248,15 @@ class RestoreWidget(QWidget):
         self.difficulty = QCheckBox("Add difficulty map (phi)", objectName="difficulty")
         form.addRow("", self.difficulty)
 
-        self.run_button = QPushButton("Run", objectName="run_button")
-        self.cancel_button = QPushButton("Cancel", objectName="cancel_button", enabled=False)
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button.clicked.connect(self.cancel)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        self.progress = QProgressBar(objectName="progress", minimum=0, maximum=1, value=0)
-        self.status = QLabel("", objectName="status", wordWrap=True)
-        self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
-
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.progress)
-        layout.addWidget(self.status)
-        layout.addStretch(1)
-        self.refresh_models()
-
     def _spin(self, form, label, lo, hi, value, name, tip) -> QSpinBox:
         box = QSpinBox(objectName=name, minimum=lo, maximum=hi, value=value)
         box.setToolTip(tip)
         form.addRow(label, box)
         return box
+
+    @property
+    def title(self) -> str:
+        return self.task
 
     # hooks for task widgets
     def add_task_controls(self, form: QFormLayout) -> None:
@@ -151,26 +269,12 @@ class RestoreWidget(QWidget):
         """``(scale, translate)`` of the output layers; the input's own for same-size outputs."""
         return tuple(layer.scale), tuple(layer.translate)
 
-    # shared behaviour
-    def refresh_models(self) -> None:
-        from ..core.models import list_models
-
-        current = self.model_picker.currentText()
-        self.model_picker.clear()
-        for entry in list_models(self.task):
-            self.model_picker.addItem(entry.name, str(entry.path))
-            self.model_picker.setItemData(self.model_picker.count() - 1, entry.description, Qt.ToolTipRole)
-        index = self.model_picker.findText(current)
-        if index >= 0:
-            self.model_picker.setCurrentIndex(index)
-
     def settings(self) -> Settings:
         return Settings(samples=self.samples.value(), steps=self.steps.value() or None, seed=self.seed.value(),
                         tile=self.tile.value(), device=self.device.currentText(), threshold=self.threshold.value(),
                         difficulty=self.difficulty.isChecked())
 
     def run(self) -> None:
-        from napari.qt.threading import create_worker
         from napari.utils.notifications import show_error
 
         if self.worker is not None:
@@ -183,57 +287,14 @@ class RestoreWidget(QWidget):
             show_error(f"No {self.task} model is available.")
             return
         try:
-            settings = self.settings()
-            job = self.make_job(np.asarray(layer.data), self.model_picker.currentData(), settings)
+            job = self.make_job(np.asarray(layer.data), self.model_picker.currentData(), self.settings())
         except ValueError as err:
             show_error(str(err))
             return
-        self._input_name = layer.name
-        self._set_running(True)
         self.status.setText(f"Running {self.task} on {layer.name}…")
-        def work():
-            return (yield from job)
+        self.start(job, f"{self.task}: {layer.name}", lambda result, layer=layer: self.on_result(layer, result))
 
-        self.worker = create_worker(work, _progress={"desc": f"{self.task}: {layer.name}"}, _ignore_errors=True)
-        self._pbar = getattr(self.worker, "pbar", None)
-        self.worker.yielded.connect(self._on_progress)
-        self.worker.returned.connect(lambda result, layer=layer: self._on_result(layer, result))
-        self.worker.errored.connect(self._on_error)
-        self.worker.aborted.connect(self._on_aborted)
-        self.worker.finished.connect(lambda: self._set_running(False))
-        self.worker.start()
-
-    def cancel(self) -> None:
-        if self.worker is not None:
-            self.status.setText("Cancelling…")
-            self.worker.quit()
-
-    def _set_running(self, running: bool) -> None:
-        self.run_button.setEnabled(not running)
-        self.cancel_button.setEnabled(running)
-        if not running:
-            self.worker = None
-
-    def _on_progress(self, p) -> None:
-        self.progress.setMaximum(max(p.total, 1))
-        self.progress.setValue(p.done)
-        if self._pbar is not None and p.total:
-            if self._pbar.total != p.total:
-                self._pbar.total = p.total
-            self._pbar.update(p.done - self._pbar.n)
-            self._pbar.set_description(p.message)
-
-    def _on_error(self, err: Exception) -> None:
-        from napari.utils.notifications import show_error
-
-        self.status.setText(f"Failed: {err}")
-        show_error(f"{self.task} failed: {err}")
-
-    def _on_aborted(self) -> None:
-        self.progress.setValue(0)
-        self.status.setText("Cancelled; nothing was added.")
-
-    def _on_result(self, layer, result) -> None:
+    def on_result(self, layer, result) -> None:
         info = dict(result.info)
         meta = {k: info[k] for k in ("uncertainty_score", "threshold", "reliable", "model", "samples", "steps",
                                      "seed")}

@@ -18,8 +18,8 @@ Image values live in model space: normalised intensity mapped to [-1, 1].
 from __future__ import annotations
 
 import math
-from functools import partial
 from collections.abc import Callable, Generator
+from functools import partial
 
 import torch
 

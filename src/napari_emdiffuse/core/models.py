@@ -28,6 +28,25 @@ TASKS = ("denoise", "superres", "isotropic")
 SAMPLING_DEFAULTS = {"steps": 6, "sampler": "euler_ancestral", "eta": 1.0, "sigma_max": 1.0, "sigma_end": 0.02}
 
 
+_listeners: list = []
+
+
+def on_models_changed(callback) -> None:
+    """Call ``callback()`` whenever a user model is saved, imported or removed (held weakly for bound methods)."""
+    import weakref
+
+    _listeners.append(weakref.WeakMethod(callback) if hasattr(callback, "__self__") else (lambda: callback))
+
+
+def models_changed() -> None:
+    for ref in list(_listeners):
+        callback = ref()
+        if callback is None:
+            _listeners.remove(ref)
+        else:
+            callback()
+
+
 class ModelFileError(ValueError):
     """A model file is missing, damaged or not a napari-emdiffuse model; the message says which."""
 
@@ -176,3 +195,55 @@ def _load_cached(path: str, mtime_ns: int, size: int, device: str) -> Model:
     net = net.eval().to(device).to(memory_format=torch.channels_last)
     sampling = {**SAMPLING_DEFAULTS, **meta.get("sampling", {})}
     return Model(net=net, meta=meta, name=meta.get("name", Path(path).stem), path=Path(path), sampling=sampling)
+
+
+def _user_entry(name: str) -> ModelEntry:
+    for entry in list_models():
+        if entry.name == name and not entry.bundled:
+            return entry
+    if any(e.name == name for e in list_models()):
+        raise ModelFileError(f"'{name}' is a bundled model; only your own models can be removed.")
+    raise ModelFileError(f"No user model named '{name}'.")
+
+
+def install_model(net, meta: dict, name: str, overwrite: bool = False) -> Path:
+    """Save a model into the user's folder under ``name`` and tell the model pickers."""
+    path = user_models_dir() / f"{name}.npz"
+    if path.exists() and not overwrite:
+        raise ModelFileError(f"A model named '{name}' exists already; choose another name.")
+    if any(e.name == name and e.bundled for e in list_models()):
+        raise ModelFileError(f"'{name}' is the name of a bundled model; choose another name.")
+    save_model(net, {**meta, "name": name}, path)
+    models_changed()
+    return path
+
+
+def remove_model(name: str) -> Path:
+    path = _user_entry(name).path
+    path.unlink()
+    models_changed()
+    return path
+
+
+def export_model(name_or_path: str, destination: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Copy a model to a file of the user's choice (atomically; never over an existing file unless asked)."""
+    source = resolve(name_or_path)
+    read_metadata(source)  # refuse to export something that is not a model
+    destination = Path(destination)
+    if destination.suffix != ".npz":
+        destination = destination.with_suffix(".npz")
+    if destination.exists() and not overwrite:
+        raise ModelFileError(f"{destination} exists; choose another name.")
+    with atomic_path(destination) as tmp:
+        tmp.write_bytes(source.read_bytes())
+    return destination
+
+
+def import_model(path: str | os.PathLike, name: str | None = None) -> Path:
+    """Check a model file (plain arrays only, matching network) and copy it into the user's folder."""
+    path = Path(path)
+    meta, _ = _read(path)
+    name = name or Path(path).stem
+    model = _load_cached(str(path.resolve()), path.stat().st_mtime_ns, path.stat().st_size, "cpu")
+    return install_model(model.net, {k: v for k, v in meta.items() if k not in ("format", "version", "network")},
+                         name)

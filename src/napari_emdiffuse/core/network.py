@@ -15,7 +15,7 @@ Design choices (measured on a 2-core CPU, see ``benchmarks/``):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn

@@ -157,12 +157,13 @@ def restore(image, model, settings: Settings, task: str,
     detail is coherent from one plane to the next rather than flickering. ``variant`` picks the label of models
     that serve several settings (e.g. the scale factor ``"2"`` of a super-resolution model).
     """
-    from .models import default_model, load_model
+    from .models import Model, default_model, load_model
 
     started = time.perf_counter()
     image = check_image(image)
     device = pick_device(settings.device)
-    model = load_model(model or default_model(task), device=device, task=task)
+    if not isinstance(model, Model):  # a name or file; fine-tuning passes the model it is training
+        model = load_model(model or default_model(task), device=device, task=task)
     label = model_label(model, variant)
     norm = Normalizer.fit(image)
     planes = image[None] if image.ndim == 2 else image
@@ -228,7 +229,8 @@ def model_label(model, variant: str | None) -> int | None:
     return int(labels[variant])
 
 
-def denoise(image, model: str | None = None, settings: Settings | None = None) -> Generator[Progress, None, Restoration]:
+def denoise(image, model: str | None = None,
+            settings: Settings | None = None) -> Generator[Progress, None, Restoration]:
     """EMDiffuse-n: restore a noisy (short-dwell) acquisition; the noisy image is both condition and start."""
     return (yield from restore(image, model, settings or Settings(), "denoise", lambda plane: (plane[None], plane)))
 

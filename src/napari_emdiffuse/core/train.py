@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,12 +22,12 @@ class TrainProgress:
     loss: float
     seconds: float
     fraction: float  # of the iteration or time budget used
+    checkpoint: torch.nn.Module | None = None  # the averaged weights, every ``checkpoint_minutes``: save or validate
 
 
 def train(net: torch.nn.Module, batches: Iterator[Batch], *, iterations: int | None = None,
           minutes: float | None = None, lr: float = 2e-4, ema_decay: float = 0.999, seed: int = 0,
-          device: str | torch.device = "cpu", report_every: int = 10,
-          on_checkpoint: Callable[[torch.nn.Module, int], None] | None = None,
+          device: str | torch.device = "cpu", report_every: int = 10, warmup: int = 200,
           checkpoint_minutes: float = 10.0) -> Generator[TrainProgress, None, torch.nn.Module]:
     """Train ``net`` on ``(x0, cond, label)`` batches in model space until ``iterations`` or ``minutes`` run out.
 
@@ -54,9 +54,9 @@ def train(net: torch.nn.Module, batches: Iterator[Batch], *, iterations: int | N
 
     while used() < 1.0:
         x0, cond, label = next(batches)
-        warmup = min(1.0, (step + 1) / 200)
+        cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(used(), 1.0)))
         for group in opt.param_groups:
-            group["lr"] = lr * warmup * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(used(), 1.0))))
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * cosine
         x0, cond = (t.to(device).contiguous(memory_format=torch.channels_last) for t in (x0, cond))
         loss = training_loss(net, x0, cond, None if label is None else label.to(device), gen)
         opt.zero_grad(set_to_none=True)
@@ -69,11 +69,12 @@ def train(net: torch.nn.Module, batches: Iterator[Batch], *, iterations: int | N
             for p_ema, p in zip(ema.parameters(), net.parameters()):
                 p_ema.lerp_(p, 1 - decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if on_checkpoint and time.perf_counter() - last_checkpoint > 60 * checkpoint_minutes:
-            on_checkpoint(ema, step)
-            last_checkpoint = time.perf_counter()
-        if step % report_every == 0 or step == 1:
-            yield TrainProgress(step, iterations, running, time.perf_counter() - start, min(used(), 1.0))
+        due = time.perf_counter() - last_checkpoint > 60 * checkpoint_minutes
+        if due or step % report_every == 0 or step == 1:
+            yield TrainProgress(step, iterations, running, time.perf_counter() - start, min(used(), 1.0),
+                                ema if due else None)
+            if due:  # after the consumer's use of it: validation time does not count as a training interval
+                last_checkpoint = time.perf_counter()
     net.eval()
     yield TrainProgress(step, iterations, running or float("nan"), time.perf_counter() - start, 1.0)
     return ema

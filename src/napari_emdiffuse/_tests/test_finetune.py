@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+
+from napari_emdiffuse.cli import main
+from napari_emdiffuse.core.finetune import finetune, prepare_pair
+from napari_emdiffuse.core.models import list_models, load_model, on_models_changed
+from napari_emdiffuse.core.normalize import InputError
+from napari_emdiffuse.core.register import register_pair, shift_image
+from napari_emdiffuse.core.simulate import SEMNoise, area_downsample, synthetic_em
+from napari_emdiffuse.core.tasks import drive
+from napari_emdiffuse.core.train import TrainProgress
+
+
+@pytest.fixture
+def pair():
+    clean = synthetic_em((192, 256), seed=5)
+    noisy = SEMNoise(electrons=30)(clean, np.random.default_rng(0))
+    return noisy, shift_image(clean, (2.3, -1.6))  # the slow acquisition is displaced
+
+
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMDIFFUSE_MODELS_DIR", str(tmp_path / "user"))
+    return tmp_path / "user"
+
+
+def test_registration_recovers_the_shift_and_reports_the_residual(pair):
+    noisy, moved = pair
+    reg = register_pair(noisy, moved)
+    assert reg.shift == pytest.approx((-2.3, 1.6), abs=0.15)
+    assert reg.residual < 0.5 and reg.correlation > 0.5
+
+
+def test_superres_pairs_are_registered_on_the_low_resolution_grid():
+    clean = synthetic_em((256, 256), seed=6)
+    lr = area_downsample(clean, 2)
+    image, target, reg = prepare_pair("superres", lr, shift_image(clean, (3.0, -2.0)), 2)
+    assert reg.shift == pytest.approx((-1.5, 1.0), abs=0.15)
+    assert target.shape == (image.shape[0] * 2, image.shape[1] * 2)
+
+
+@pytest.mark.parametrize("target, message", [
+    (np.zeros((100, 100)), "same shape"),
+    (np.random.default_rng(1).random((192, 256)), "could not be registered"),
+])
+def test_bad_pairs_are_refused_with_a_sentence(pair, target, message):
+    with pytest.raises(InputError, match=message):
+        prepare_pair("denoise", pair[0], target, 2)
+
+
+def test_finetune_saves_an_improved_model_into_the_registry(pair, tiny_model, user_dir):
+    changed = []
+    on_models_changed(lambda: changed.append(True))
+    progress = []
+    result = drive(finetune("denoise", *pair, base=tiny_model, name="liver", iterations=30, lr=2e-3,
+                            validate_every_minutes=0.05), progress.append)
+    assert any(isinstance(p, TrainProgress) for p in progress)
+    assert result.val_psnr_before == pytest.approx(result.val_psnr_before)  # finite number
+    if result.improved:  # the tiny random model improves almost surely; if not, nothing may be saved
+        assert result.path == user_dir / "liver.npz" and changed
+        assert result.val_psnr_after > result.val_psnr_before
+        model = load_model("liver")
+        assert model.meta["finetune"]["base"] == "tiny" and model.task == "denoise"
+        assert "liver" in [e.name for e in list_models("denoise")]
+    else:
+        assert result.path is None and not user_dir.exists()
+
+
+def test_finetune_that_cannot_improve_keeps_the_base_model(pair, tiny_model, user_dir):
+    result = drive(finetune("denoise", *pair, base=tiny_model, iterations=3, lr=0.0))
+    assert not result.improved and result.path is None and result.model_name == "tiny"
+    assert "kept" in result.message and not user_dir.exists()
+
+
+def test_cancelled_finetune_leaves_nothing_half_written(pair, tiny_model, user_dir):
+    job = finetune("denoise", *pair, base=tiny_model, iterations=10_000)
+    for _ in range(5):
+        next(job)
+    job.close()
+    assert not user_dir.exists() or not list(user_dir.glob("*.part"))
+
+
+def test_cli_finetune_then_use_export_import_remove(tmp_path, pair, tiny_model, user_dir, capsys):
+    import tifffile
+
+    to8 = lambda a: np.clip(a * 255, 0, 255).astype(np.uint8)  # noqa: E731
+    tifffile.imwrite(tmp_path / "in.tif", to8(pair[0]))
+    tifffile.imwrite(tmp_path / "tg.tif", to8(pair[1]))
+    model = tmp_path / "tuned.npz"
+    code = main(["finetune", "--task", "denoise", "--input", str(tmp_path / "in.tif"), "--target",
+                 str(tmp_path / "tg.tif"), "-o", str(model), "--base", tiny_model, "--iterations", "20", "--json"])
+    assert code == 0
+    import json
+
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"val_psnr_before", "val_psnr_after", "improved", "shift"} <= set(summary)
+    source = model if model.exists() else tiny_model
+    assert main(["denoise", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out.tif"), "--model", str(source),
+                 "--steps", "1"]) == 0
+    assert main(["models", "--import", str(source)]) == 0
+    name = capsys.readouterr().out.split()[-1]
+    assert main(["models", "--export", name, str(tmp_path / "copy.npz")]) == 0
+    assert load_model(tmp_path / "copy.npz").task == "denoise"
+    assert main(["models", "--remove", name]) == 0
+    assert name not in [e.name for e in list_models()]
+    assert main(["models", "--remove", "denoise-sem"]) == 2  # bundled models stay

@@ -1,0 +1,194 @@
+"""Fine-tuning a model on one registered image pair of a new tissue or microscope (the paper's transfer).
+
+``finetune`` is a generator like the restoration jobs: it yields :class:`~.train.TrainProgress` while training
+(and :class:`~.tasks.Progress` while validating) and returns a :class:`FinetuneResult`. A strip of the pair is
+kept aside for validation; its PSNR is measured before training, at every checkpoint and at the end, the best
+weights are kept, and if nothing beats the base model the base model is kept and the user is told.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .normalize import InputError, Normalizer, check_image
+from .register import Registration, register_pair, shift_image
+
+PATCH = 128
+
+
+@dataclass
+class FinetuneResult:
+    improved: bool
+    model_name: str  # the new model, or the base model when nothing improved
+    path: Path | None  # where the new model was saved (None when the base was kept)
+    val_psnr_before: float
+    val_psnr_after: float
+    registration: Registration
+    steps: int
+    message: str
+    history: list = field(default_factory=list)  # (step, loss)
+
+
+def prepare_pair(task: str, image: np.ndarray, target: np.ndarray, scale: int) -> tuple:
+    """Register the pair (at the input's grid), crop the invalid border; return input, target, registration."""
+    from .simulate import area_downsample
+
+    image, target = check_image(image, (2,)), check_image(target, (2,))
+    factor = scale if task == "superres" else 1
+    expected = (image.shape[0] * factor, image.shape[1] * factor)
+    mismatch = max(abs(t - e) for t, e in zip(target.shape, expected))
+    if task == "superres" and mismatch > factor:
+        raise InputError(f"For x{scale} super-resolution the target must be {scale} times the input's size "
+                         f"({expected[0]} x {expected[1]}), not {target.shape[0]} x {target.shape[1]}.")
+    if task == "denoise" and image.shape != target.shape:
+        raise InputError(f"The two images must have the same shape (got {image.shape} and {target.shape}).")
+    target = target[: expected[0], : expected[1]].astype(np.float64)
+    image = image[: target.shape[0] // factor, : target.shape[1] // factor]
+    coarse_target = area_downsample(target, factor) if factor > 1 else target
+    reg = register_pair(image.astype(np.float64), coarse_target)
+    aligned = shift_image(target, (reg.shift[0] * factor, reg.shift[1] * factor))
+    ys, xs = reg.crop
+    image = image[ys, xs]
+    aligned = aligned[ys.start * factor: ys.stop * factor, xs.start * factor: xs.stop * factor]
+    return image, aligned, reg
+
+
+def split_validation(image: np.ndarray, target: np.ndarray, factor: int, fraction: float = 0.2):
+    """Keep the last ``fraction`` of the longer axis aside for validation (at least 64 input pixels)."""
+    axis = 0 if image.shape[0] >= image.shape[1] else 1
+    n = image.shape[axis]
+    cut = n - max(64, int(n * fraction))
+    if cut < 64:
+        raise InputError("The image pair is too small to fine-tune on (need at least 128 pixels along one side).")
+    take = lambda a, lo, hi, f=1: a[lo * f:hi * f] if axis == 0 else a[:, lo * f:hi * f]  # noqa: E731
+    return (take(image, 0, cut), take(target, 0, cut, factor)), (take(image, cut, n), take(target, cut, n, factor))
+
+
+def pair_batches(cond: np.ndarray, target: np.ndarray, batch: int, seed: int, label: int | None):
+    """Random augmented patches of an aligned (condition on the output grid, target) pair, in model space."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    patch = min(PATCH, cond.shape[0] // 16 * 16, cond.shape[1] // 16 * 16)
+    while True:
+        xs, cs = [], []
+        for _ in range(batch):
+            y = rng.integers(0, cond.shape[0] - patch + 1)
+            x = rng.integers(0, cond.shape[1] - patch + 1)
+            c, t = cond[y:y + patch, x:x + patch], target[y:y + patch, x:x + patch]
+            k, flip = rng.integers(4), rng.random() < 0.5
+            c, t = np.rot90(c, k), np.rot90(t, k)
+            if flip:
+                c, t = c[:, ::-1], t[:, ::-1]
+            cs.append(np.ascontiguousarray(c))
+            xs.append(np.ascontiguousarray(t))
+        to_t = lambda a: torch.from_numpy(np.stack(a)[:, None] * 2 - 1).float()  # noqa: E731
+        labels = None if label is None else torch.full((batch,), label)
+        yield to_t(xs), to_t(cs), labels
+
+
+def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | None = None, name: str | None = None,
+             scale: int = 2, minutes: float | None = None, iterations: int | None = None, seed: int = 0,
+             output: str | Path | None = None, batch: int = 4, lr: float = 1e-4, device: str = "auto",
+             validate_every_minutes: float = 2.0) -> Generator:
+    """Fine-tune ``base`` (default: the bundled model of ``task``) on one image pair; see the module docstring.
+
+    The result is saved to ``output`` if given, else into the user's model folder as ``name``.
+    """
+    from .models import Model, default_model, install_model, load_model, save_model
+    from .tasks import Progress, Settings, denoise, pick_device, superres, upsample
+    from .train import train
+
+    if task not in ("denoise", "superres"):
+        raise InputError(f"Fine-tuning supports denoise and superres, not {task}.")
+    if minutes is None and iterations is None:
+        minutes = 10.0
+    started = time.perf_counter()
+    yield Progress(0, 1, "registering the pair")
+    image, aligned, reg = prepare_pair(task, np.asarray(image), np.asarray(target), scale)
+    factor = scale if task == "superres" else 1
+    dev = pick_device(device)
+    base_model = load_model(base or default_model(task), device=dev, task=task)
+    label = None
+    if base_model.meta.get("labels"):
+        label = int(base_model.meta["labels"].get(str(scale), -1))
+        if label < 0:
+            raise InputError(f"The model '{base_model.name}' does not support x{scale}.")
+    norm = Normalizer.fit(image)
+    (train_in, train_out), (val_in, val_out) = split_validation(image, aligned, factor)
+    cond = norm(train_in) if factor == 1 else upsample(norm(train_in), factor)
+    target01 = norm(train_out)
+    val_truth = norm(val_out)
+
+    def validate(net) -> Generator:
+        """Validation PSNR of ``net`` on the strip kept aside; yields the restoration's progress (cancellable)."""
+        candidate = Model(net=net, meta=base_model.meta, name=base_model.name, sampling=base_model.sampling)
+        settings = Settings(samples=2, seed=seed, device=dev.type)
+        job = denoise(val_in, candidate, settings) if task == "denoise" else superres(val_in, candidate, settings,
+                                                                                         scale)
+        result = yield from job
+        restored = norm(result.image.astype(np.float64))
+        return float(10 * np.log10(1.0 / np.mean((restored - val_truth) ** 2)))
+
+    before = yield from validate(base_model.net)
+    best = {"psnr": before, "state": None, "step": 0}
+    net = copy.deepcopy(base_model.net).float()
+
+    def consider(ema, step) -> Generator:
+        psnr = yield from validate(ema)
+        if psnr > best["psnr"]:
+            best.update(psnr=psnr, state=copy.deepcopy(ema.state_dict()), step=step)
+
+    history = []
+    job = train(net, pair_batches(cond, target01, batch, seed, label), iterations=iterations, minutes=minutes, lr=lr,
+                ema_decay=0.995, seed=seed, device=dev, report_every=5, warmup=20,
+                checkpoint_minutes=validate_every_minutes)
+    finished = False
+    try:
+        while True:
+            try:
+                progress = next(job)
+            except StopIteration as stop:
+                ema = stop.value
+                break
+            history.append((progress.step, progress.loss))
+            yield progress
+            if progress.checkpoint is not None:
+                yield from consider(progress.checkpoint, progress.step)
+        yield from consider(ema, history[-1][0] if history else 0)
+        finished = True
+    finally:  # also on cancel: a validated improvement is kept, nothing else is written
+        improved = best["state"] is not None
+        path = None
+        if improved:
+            net.load_state_dict(best["state"])
+            meta = {k: v for k, v in base_model.meta.items() if k not in ("format", "version", "network", "name")}
+            meta["finetune"] = {
+                "base": base_model.name, "val_psnr_before": before, "val_psnr_after": best["psnr"],
+                "step": best["step"], "completed": finished, "shift": list(reg.shift),
+                "residual_px": reg.residual, "correlation": reg.correlation,
+                "seconds": round(time.perf_counter() - started, 1), "date": time.strftime("%Y-%m-%d"),
+            }
+            meta["description"] = f"{base_model.name} fine-tuned on one image pair ({time.strftime('%Y-%m-%d')})"
+            model_name = name or f"{base_model.name}-finetuned-{time.strftime('%Y%m%d-%H%M%S')}"
+            if output is not None:
+                path = save_model(net, {**meta, "name": Path(output).stem}, output)
+                model_name = Path(path).stem
+            else:
+                path = install_model(net, meta, model_name)
+    if improved:
+        message = (f"Validation PSNR {before:.2f} -> {best['psnr']:.2f} dB (+{best['psnr'] - before:.2f}); saved "
+                   f"as '{model_name}'. Registration shift ({reg.shift[0]:+.2f}, {reg.shift[1]:+.2f}) px, residual "
+                   f"{reg.residual:.2f} px.")
+    else:
+        model_name = base_model.name
+        message = (f"Fine-tuning did not improve the validation PSNR ({before:.2f} dB); the base model "
+                   f"'{base_model.name}' is kept and nothing was saved.")
+    return FinetuneResult(improved, model_name, path, before, best["psnr"], reg, history[-1][0] if history else 0,
+                          message, history)
