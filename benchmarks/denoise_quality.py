@@ -139,7 +139,7 @@ def main():
         {"sampler": "euler_ancestral", "steps": 4, "sigma_end": 0.05},
         {"sampler": "dpmpp_2m_sde", "steps": 6, "sigma_end": 0.02},
         {"sampler": "dpmpp_2m_sde", "steps": 6, "sigma_end": 0.05},
-        {"sampler": "ddim", "steps": 6, "sigma_end": 0.02},
+        {"sampler": "euler_ancestral", "steps": 6, "sigma_end": 0.02, "eta": 0.0},
         {"sampler": "euler_ancestral", "steps": 6, "sigma_end": 0.1},
         {"sampler": "dpmpp_2m_sde", "steps": 16, "sigma_end": 0.01},
     ]

@@ -26,7 +26,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--difficulty", type=Path, help="also write the difficulty map phi (float32)")
     parser.add_argument("--samples", type=int, default=2, help="samples K; their mean is the output (default 2)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    parser.add_argument("--sampler", choices=["euler_ancestral", "ddim", "dpmpp_2m_sde"], default=None)
+    parser.add_argument("--sampler", choices=["euler_ancestral", "dpmpp_2m_sde"], default=None)
+    parser.add_argument("--eta", type=float, default=None, help="sampler stochasticity: 1 ancestral, 0 DDIM")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="model name (see `emdiffuse models`) or .npz file")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -100,7 +101,7 @@ def _restore(args, job_factory, lateral_factor: int = 1) -> dict:
     image = read_tiff(args.input)
     pixel = tuple(image.scale[:-2]) + tuple(s / lateral_factor for s in image.scale[-2:])
     settings = Settings(samples=args.samples, steps=args.steps, seed=args.seed, tile=args.tile,
-                        device=args.device, threshold=args.threshold, sampler=args.sampler,
+                        device=args.device, threshold=args.threshold, sampler=args.sampler, eta=args.eta,
                         difficulty=args.difficulty is not None)
     result = drive(job_factory(image.data, args.model, settings), _progress_bar(args.quiet or args.json))
     written = []

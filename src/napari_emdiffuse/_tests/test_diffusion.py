@@ -24,13 +24,14 @@ def test_karras_sigmas_descend_from_max_to_end():
     assert karras_sigmas(1, 0.02, 1.0) == [1.0]
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
-def test_samplers_draw_from_the_data_distribution(name):
+@pytest.mark.parametrize("name, eta", [("euler_ancestral", 1.0), ("euler_ancestral", 0.0), ("dpmpp_2m_sde", 1.0),
+                                       ("dpmpp_2m_sde", 0.0)])
+def test_samplers_draw_from_the_data_distribution(name, eta):
     gen = torch.Generator().manual_seed(0)
     noise = lambda: torch.randn(20000, generator=gen)  # noqa: E731
     sigmas = karras_sigmas(200, 0.002, 10.0)
     x = MU + (S**2 + sigmas[0] ** 2) ** 0.5 * noise()
-    job = SAMPLERS[name](gaussian_denoiser, x, sigmas, noise)
+    job = SAMPLERS[name](gaussian_denoiser, x, sigmas, noise, eta=eta)
     ticks = []
     samples = drive(job, ticks.append)
     assert len(ticks) == 200  # one denoiser call per step

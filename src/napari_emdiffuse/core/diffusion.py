@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Generator
-from functools import partial
 
 import torch
 
@@ -124,9 +123,5 @@ def dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas: list[float], noise
     return x
 
 
-SAMPLERS = {
-    "euler_ancestral": euler_ancestral,
-    "ddim": partial(euler_ancestral, eta=0.0),
-    "dpmpp_2m_sde": dpmpp_2m_sde,
-}
+SAMPLERS = {"euler_ancestral": euler_ancestral, "dpmpp_2m_sde": dpmpp_2m_sde}  # eta = 0: deterministic (DDIM)
 

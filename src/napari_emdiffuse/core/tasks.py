@@ -29,6 +29,7 @@ class Settings:
     device: str = "auto"
     threshold: float = UNCERTAINTY_THRESHOLD
     sampler: str | None = None
+    eta: float | None = None  # stochasticity of the sampler: 1 ancestral, 0 deterministic (DDIM)
     difficulty: bool = False  # also return the difficulty map phi
 
     def __post_init__(self):
@@ -124,7 +125,8 @@ def sample_plane(model, cond: np.ndarray, start: np.ndarray, settings: Settings,
     gen = torch.Generator().manual_seed(settings.seed)
     noise = lambda: torch.randn((k, 1, ph, pw), generator=gen)  # noqa: E731  one field for the whole image
     x = start_t.expand(k, 1, ph, pw) + sigmas[0] * noise()
-    result = yield from sampler(denoiser, x, sigmas, noise)
+    eta = settings.eta if settings.eta is not None else sampling["eta"]
+    result = yield from sampler(denoiser, x, sigmas, noise, eta=eta)
     samples = (result[..., :h, :w].numpy() + 1) / 2
     phi = None
     if settings.difficulty and denoiser.first_log_phi is not None:
@@ -205,6 +207,7 @@ def restore(image, model, settings: Settings, task: str,
         "samples": settings.samples,
         "steps": settings.steps or model.sampling["steps"],
         "sampler": settings.sampler or model.sampling["sampler"],
+        "eta": settings.eta if settings.eta is not None else model.sampling["eta"],
         "seed": settings.seed,
         "device": device.type,
         "threshold": settings.threshold,
