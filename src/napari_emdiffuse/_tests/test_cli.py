@@ -71,3 +71,22 @@ def test_models_lists_the_bundled_model(capsys):
 def test_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "napari_emdiffuse", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and "napari-emdiffuse" in done.stdout
+
+
+def test_debug_shows_the_traceback_and_unexpected_errors_stay_one_line(tmp_path, tiny_model, monkeypatch, capsys):
+    import napari_emdiffuse.core.tasks as tasks
+
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, np.zeros((16, 16), np.uint8))
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("boom")
+        yield
+
+    monkeypatch.setattr(tasks, "denoise", broken)
+    assert main(["denoise", str(src), "-o", str(tmp_path / "o.tif"), "--model", tiny_model]) == 1
+    err = capsys.readouterr().err
+    assert "ZeroDivisionError: boom" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ZeroDivisionError):
+        main(["--debug", "denoise", str(src), "-o", str(tmp_path / "o.tif"), "--model", tiny_model])
+    assert not (tmp_path / "o.tif").exists()

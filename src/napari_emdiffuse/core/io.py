@@ -61,7 +61,8 @@ def read_tiff(path: str | os.PathLike) -> ImageFile:
     except InputError:
         raise
     except Exception as err:  # tifffile raises many types for damaged files
-        raise InputError(f"{path.name} could not be read as a TIFF ({type(err).__name__}: {err}).") from err
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise InputError(f"{path.name} could not be read as a TIFF ({type(err).__name__}: {reason}).") from err
     data = np.squeeze(data) if data.ndim > 2 else data
     return ImageFile(data, tuple(scale[-data.ndim:]) if data.ndim <= 3 else (1.0,) * data.ndim, unit)
 
