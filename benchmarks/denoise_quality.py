@@ -136,12 +136,14 @@ def main():
     grid = [
         {"sampler": "euler_ancestral", "steps": 6, "sigma_end": 0.02},
         {"sampler": "euler_ancestral", "steps": 6, "sigma_end": 0.05},
-        {"sampler": "euler_ancestral", "steps": 4, "sigma_end": 0.05},
-        {"sampler": "dpmpp_2m_sde", "steps": 6, "sigma_end": 0.02},
-        {"sampler": "dpmpp_2m_sde", "steps": 6, "sigma_end": 0.05},
-        {"sampler": "euler_ancestral", "steps": 6, "sigma_end": 0.02, "eta": 0.0},
         {"sampler": "euler_ancestral", "steps": 6, "sigma_end": 0.1},
-        {"sampler": "dpmpp_2m_sde", "steps": 16, "sigma_end": 0.01},
+        {"sampler": "euler_ancestral", "steps": 4, "sigma_end": 0.1},
+        {"sampler": "euler_ancestral", "steps": 8, "sigma_end": 0.1},
+        {"sampler": "euler_ancestral", "steps": 6, "sigma_end": 0.05, "sigma_max": 0.5},
+        {"sampler": "euler_ancestral", "steps": 6, "sigma_end": 0.05, "eta": 0.0},
+        {"sampler": "dpmpp_2m_sde", "steps": 6, "sigma_end": 0.05},
+        {"sampler": "dpmpp_2m_sde", "steps": 6, "sigma_end": 0.1},
+        {"sampler": "dpmpp_2m_sde", "steps": 16, "sigma_end": 0.02},
     ]
     for option in grid:
         model.sampling.update(defaults)

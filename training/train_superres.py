@@ -21,7 +21,7 @@ from napari_emdiffuse.core.normalize import Normalizer
 from napari_emdiffuse.core.simulate import SEMNoise, area_downsample
 from napari_emdiffuse.core.tasks import upsample
 
-PATCH, CROP = 128, 256
+PATCH, CROP = 128, 240  # the isotropic volumes are 250 px wide
 SCALES = (2, 4)
 
 

@@ -18,7 +18,7 @@ def test_tiles_cover_everything_with_weights_summing_to_one(h, w, tile, overlap)
         total[y:y + th, x:x + tw] += window
     assert total.min() > 0
     normalised = sum(np.pad(window, ((y, h - th - y), (x, w - tw - x))) for y, x in corners) / total
-    np.testing.assert_allclose(normalised, 1.0)
+    np.testing.assert_allclose(normalised, 1.0, rtol=1e-5)
 
 
 def test_tile_starts_keep_the_overlap():

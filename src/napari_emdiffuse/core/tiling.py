@@ -59,10 +59,16 @@ def padded_size(height: int, width: int, tile: int, multiple: int) -> tuple[int,
             max(multiple, tile // multiple * multiple))
 
 
+FLIPS = ((), (-1,), (-2,), (-2, -1))  # sample k is evaluated mirrored by FLIPS[k % 4]
+
+
 class TiledDenoiser:
     """``denoiser(x, sigma)`` for a whole image: tiles, runs the network in batches, blends.
 
     ``cond`` is the padded condition, shape ``(1, C, H, W)``; ``x`` has shape ``(K, 1, H, W)``, one row per sample.
+    Sample k is evaluated in its own mirror orientation (``FLIPS``): the network's small orientation biases then
+    differ between samples, so the mean of the samples is also a geometric self-ensemble (at no extra cost) and
+    the spread between samples includes that model uncertainty.
     The difficulty map (phi) of the first, noisiest call is kept in ``self.first_log_phi``. When the device runs
     out of memory, the batch and then the tile size are halved and the evaluation is repeated (noted in ``notes``).
     """
@@ -110,8 +116,10 @@ class TiledDenoiser:
         log_phi = torch.zeros_like(x) if self.first_log_phi is None else None
         for start in range(0, len(jobs), self.batch):
             chunk = jobs[start:start + self.batch]
-            xt = torch.stack([x[k, :, y:y + self.th, xx:xx + self.tw] for k, y, xx in chunk])
-            ct = torch.stack([self.cond[0, :, y:y + self.th, xx:xx + self.tw] for _, y, xx in chunk])
+            flip = [FLIPS[k % len(FLIPS)] for k, _, _ in chunk]
+            xt = torch.stack([x[k, :, y:y + self.th, xx:xx + self.tw].flip(f) for f, (k, y, xx) in zip(flip, chunk)])
+            ct = torch.stack([self.cond[0, :, y:y + self.th, xx:xx + self.tw].flip(f) for f, (_, y, xx) in
+                              zip(flip, chunk)])
             xt = xt.to(self.device).contiguous(memory_format=torch.channels_last)
             ct = ct.to(self.device).contiguous(memory_format=torch.channels_last)
             sig = torch.full((len(chunk),), sigma, device=self.device)
@@ -120,9 +128,9 @@ class TiledDenoiser:
                 d, _, lp = precondition(self.net, xt, ct, sig, label)
             d = d.float().cpu()
             for i, (k, y, xx) in enumerate(chunk):
-                out[k, :, y:y + self.th, xx:xx + self.tw] += d[i] * self.window
+                out[k, :, y:y + self.th, xx:xx + self.tw] += d[i].flip(flip[i]) * self.window
                 if log_phi is not None and lp is not None:
-                    log_phi[k, :, y:y + self.th, xx:xx + self.tw] += lp[i].float().cpu() * self.window
+                    log_phi[k, :, y:y + self.th, xx:xx + self.tw] += lp[i].float().cpu().flip(flip[i]) * self.window
             yield len(chunk)
         if log_phi is not None:
             self.first_log_phi = log_phi * self.inv_total
