@@ -43,6 +43,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, nargs="?", default=Path("../shared/data/em"))
     parser.add_argument("--minutes", type=float, default=9.5, help="training budget; validation adds seconds")
+    parser.add_argument("--base", default=None, help="model to fine-tune (default: the bundled denoiser)")
     args = parser.parse_args()
 
     slices = tifffile.imread(args.data / "fibsem_5nm_slices_27x768x1024.tif")
@@ -54,12 +55,12 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        result = drive(finetune("denoise", pair_in, pair_target, minutes=args.minutes, output=Path(tmp) / "tuned.npz",
-                                seed=0), lambda p: None)
+        result = drive(finetune("denoise", pair_in, pair_target, base=args.base, minutes=args.minutes,
+                                output=Path(tmp) / "tuned.npz", seed=0), lambda p: None)
         seconds = time.perf_counter() - started
         print(result.message)
         rows = {}
-        for label, model in (("bundled", None), ("fine-tuned", str(result.path) if result.improved else None)):
+        for label, model in (("bundled", args.base), ("fine-tuned", str(result.path) if result.improved else args.base)):
             scores = [metrics(drive(denoise(noisy, model, Settings())).image, clean) for noisy, clean in tests]
             rows[label] = {m: float(np.mean([s[m] for s in scores])) for m in scores[0]}
             rows["noisy"] = {m: float(np.mean([metrics(n, c)[m] for n, c in tests])) for m in scores[0]}
