@@ -67,6 +67,9 @@ def register_pair(moving_ref: np.ndarray, target: np.ndarray, min_correlation: f
                          f"{target.shape}).")
     a, b = _smooth(moving_ref), _smooth(target)
     shift = cross_correlation_shift(a, b)
+    for _ in range(2):  # the parabolic peak fit is unbiased only near zero: re-measure what is left
+        delta = cross_correlation_shift(a, shift_image(b, shift))
+        shift = (shift[0] + delta[0], shift[1] + delta[1])
     aligned = shift_image(b, shift)
     margin_y, margin_x = int(np.ceil(abs(shift[0]))) + 2, int(np.ceil(abs(shift[1]))) + 2
     h, w = a.shape
