@@ -311,6 +311,7 @@ class RestoreWidget(JobWidget):
         if result.difficulty is not None:
             self.viewer.add_image(result.difficulty, name=f"{layer.name}_difficulty", colormap="magma",
                                   visible=False, **common)
+        self.layer_picker.setCurrentText(layer.name)  # new layers get selected; keep the input for the next run
         if info["reliable"] is None:
             text = f"Done in {info['seconds']:.1f} s (one sample: no uncertainty)."
         else:
