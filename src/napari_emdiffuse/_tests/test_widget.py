@@ -48,15 +48,21 @@ def test_denoise_widget_adds_result_and_uncertainty_layers(make_napari_viewer, q
     np.testing.assert_array_equal(viewer.layers["noisy"].data, noisy)  # input untouched
 
 
-def test_cancel_stops_quickly_and_adds_nothing(make_napari_viewer, qtbot, user_models):
-    viewer = make_napari_viewer()
-    viewer.add_image(np.random.default_rng(0).random((512, 512)).astype(np.float32), name="big")
+def start_long_run(viewer, qtbot, name: str):
+    """Dock Denoise and start a run of many small tiles and steps on a new layer; return once it is under way."""
+    viewer.add_image(np.random.default_rng(0).random((384, 384)).astype(np.float32), name=name)
     widget = dock_denoise(viewer)
     widget.model_picker.setCurrentText("tiny")
     widget.steps.setValue(200)
     widget.tile.setValue(64)
     widget.run_button.click()
     qtbot.waitUntil(lambda: widget.progress.value() > 0, timeout=30_000)
+    return widget
+
+
+def test_cancel_stops_quickly_and_adds_nothing(make_napari_viewer, qtbot, user_models):
+    viewer = make_napari_viewer()
+    widget = start_long_run(viewer, qtbot, "big")
     widget.findChild(type(widget.cancel_button), "cancel_button").click()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=2_000)  # stopped within 2 s
     assert [layer.name for layer in viewer.layers] == ["big"]
@@ -105,13 +111,7 @@ def test_superres_widget_output_overlays_the_input(make_napari_viewer, qtbot, ti
 
 def test_closing_napari_during_a_run_is_known_to_napari_and_stops_the_run(make_napari_viewer, qtbot, user_models):
     viewer = make_napari_viewer()
-    viewer.add_image(np.random.default_rng(0).random((256, 256)).astype(np.float32), name="img")
-    widget = dock_denoise(viewer)
-    widget.model_picker.setCurrentText("tiny")
-    widget.steps.setValue(200)
-    widget.tile.setValue(64)
-    widget.run_button.click()
-    qtbot.waitUntil(lambda: widget.progress.value() > 0, timeout=30_000)
+    widget = start_long_run(viewer, qtbot, "img")
     manager = viewer.window._task_status_manager  # what napari's close dialog lists and cancels
     assert manager.is_busy() and manager.get_status()
     manager.cancel_all()
