@@ -59,14 +59,17 @@ def main():
                                 output=Path(tmp) / "tuned.npz", seed=0), lambda p: None)
         seconds = time.perf_counter() - started
         print(result.message)
+        tuned = str(result.path) if result.improved else args.base
+        outputs = {"noisy": lambda noisy: noisy}
+        for label, model in (("bundled", args.base), ("fine-tuned", tuned)):
+            outputs[label] = lambda noisy, model=model: drive(denoise(noisy, model, Settings())).image
         rows = {}
-        for label, model in (("bundled", args.base), ("fine-tuned", str(result.path) if result.improved else args.base)):
-            scores = [metrics(drive(denoise(noisy, model, Settings())).image, clean) for noisy, clean in tests]
+        for label, restore in outputs.items():
+            scores = [metrics(restore(noisy), clean) for noisy, clean in tests]
             rows[label] = {m: float(np.mean([s[m] for s in scores])) for m in scores[0]}
-            rows["noisy"] = {m: float(np.mean([metrics(n, c)[m] for n, c in tests])) for m in scores[0]}
-    for label in ("noisy", "bundled", "fine-tuned"):
-        r = rows[label]
-        print(f"{label:<11} PSNR {r['psnr']:6.2f}  SSIM {r['ssim']:.4f}  FSIM {r['fsim']:.4f}  sharp {r['sharpness']:.2f}")
+    for label, r in rows.items():
+        print(f"{label:<11} PSNR {r['psnr']:6.2f}  SSIM {r['ssim']:.4f}  FSIM {r['fsim']:.4f}  "
+              f"sharp {r['sharpness']:.2f}")
     gain = rows["fine-tuned"]["psnr"] - rows["bundled"]["psnr"]
     print(f"fine-tuning: {seconds / 60:.1f} min, {result.steps} steps; test PSNR gain {gain:+.2f} dB, FSIM "
           f"{rows['bundled']['fsim']:.4f} -> {rows['fine-tuned']['fsim']:.4f}; registration residual "

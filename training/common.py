@@ -1,4 +1,4 @@
-"""Pieces shared by the training scripts: the clean training images, augmentation and the training driver."""
+"""Pieces shared by the training scripts: the clean training images, normalisation jitter, the training driver."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-import torch
 
 from napari_emdiffuse.core.models import save_model
 from napari_emdiffuse.core.network import count_parameters
@@ -30,23 +29,10 @@ def load_clean_images(data: Path, with_real_clean: bool = False) -> list[np.ndar
     return images
 
 
-def augment(rng: np.random.Generator, *arrays: np.ndarray) -> list[np.ndarray]:
-    k, flip = rng.integers(4), rng.random() < 0.5
-    out = [np.rot90(a, k, axes=(-2, -1)) for a in arrays]
-    return [np.ascontiguousarray(a[..., ::-1] if flip else a) for a in out]
-
-
 def jittered(norm: Normalizer, rng: np.random.Generator) -> Normalizer:
     """Small random changes of the normalisation range: robustness to percentiles of other images."""
     span = norm.high - norm.low
     return Normalizer(norm.low + rng.normal(0, 0.03) * span, norm.high + rng.normal(0, 0.03) * span, norm.dtype)
-
-
-def to_model_space(arrays: list[np.ndarray]) -> torch.Tensor:
-    stacked = np.stack(arrays)
-    if stacked.ndim == 3:
-        stacked = stacked[:, None]
-    return torch.from_numpy(stacked * 2 - 1).float()
 
 
 def add_arguments(parser: argparse.ArgumentParser, output: str, minutes: float) -> None:

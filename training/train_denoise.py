@@ -17,11 +17,12 @@ import argparse
 import numpy as np
 import tifffile
 import torch
-from common import add_arguments, augment, fit, jittered, load_clean_images, to_model_space
+from common import add_arguments, fit, jittered, load_clean_images
 
 from napari_emdiffuse.core.network import UNet, UNetConfig
 from napari_emdiffuse.core.normalize import Normalizer
 from napari_emdiffuse.core.simulate import SEMNoise
+from napari_emdiffuse.core.train import augment, to_model_space
 
 PATCH, CROP = 128, 192
 

@@ -14,12 +14,13 @@ import argparse
 
 import numpy as np
 import torch
-from common import add_arguments, augment, fit, jittered, load_clean_images, to_model_space
+from common import add_arguments, fit, jittered, load_clean_images
 
 from napari_emdiffuse.core.network import UNet, UNetConfig
 from napari_emdiffuse.core.normalize import Normalizer
 from napari_emdiffuse.core.simulate import SEMNoise, area_downsample
 from napari_emdiffuse.core.tasks import upsample
+from napari_emdiffuse.core.train import augment, to_model_space
 
 PATCH, CROP = 128, 240  # the isotropic volumes are 250 px wide
 SCALES = (2, 4)

@@ -27,24 +27,26 @@ Denoiser = Callable[[torch.Tensor, float], Generator[int, None, torch.Tensor]]
 Noise = Callable[[], torch.Tensor]
 
 
+def scalings(sigma):
+    """EDM's ``(c_skip, c_out, c_in)`` for noise level(s) ``sigma`` (a float or a tensor)."""
+    total = (sigma**2 + SIGMA_DATA**2) ** 0.5
+    return SIGMA_DATA**2 / total**2, sigma * SIGMA_DATA / total, 1 / total
+
+
 def precondition(net, x: torch.Tensor, cond: torch.Tensor, sigma: torch.Tensor,
                  label: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """EDM preconditioning: returns ``(D, F, log_phi)`` with ``D = c_skip x + c_out F``.
 
     ``sigma`` has one value per batch element. ``log_phi`` (the difficulty head) is in units of ``F``.
     """
-    s = sigma.reshape(-1, 1, 1, 1)
-    c_skip = SIGMA_DATA**2 / (s**2 + SIGMA_DATA**2)
-    c_out = s * SIGMA_DATA / (s**2 + SIGMA_DATA**2).sqrt()
-    c_in = 1 / (s**2 + SIGMA_DATA**2).sqrt()
+    c_skip, c_out, c_in = scalings(sigma.reshape(-1, 1, 1, 1))
     f, log_phi = net(c_in * x, cond, sigma.log().flatten() / 4, label)
     return c_skip * x + c_out * f, f, log_phi
 
 
 def difficulty_in_image_units(log_phi: torch.Tensor, sigma: float) -> torch.Tensor:
     """phi expressed as an expected error of D, in normalised [0, 1] intensity units."""
-    c_out = sigma * SIGMA_DATA / math.sqrt(sigma**2 + SIGMA_DATA**2)
-    return log_phi.exp() * c_out / 2
+    return log_phi.exp() * scalings(sigma)[1] / 2
 
 
 def sample_training_sigmas(n: int, generator: torch.Generator | None = None,
@@ -67,8 +69,7 @@ def training_loss(net, x0: torch.Tensor, cond: torch.Tensor, label: torch.Tensor
     s = sigma.reshape(-1, 1, 1, 1)
     x = x0 + s * noise
     _, f, log_phi = precondition(net, x, cond, sigma, label)
-    c_skip = SIGMA_DATA**2 / (s**2 + SIGMA_DATA**2)
-    c_out = s * SIGMA_DATA / (s**2 + SIGMA_DATA**2).sqrt()
+    c_skip, c_out, _ = scalings(s)
     err2 = (f - (x0 - c_skip * x) / c_out) ** 2
     if log_phi is None:
         return err2.mean()

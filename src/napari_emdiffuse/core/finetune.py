@@ -74,6 +74,8 @@ def pair_batches(cond: np.ndarray, target: np.ndarray, batch: int, seed: int, la
     """Random augmented patches of an aligned (condition on the output grid, target) pair, in model space."""
     import torch
 
+    from .train import augment, to_model_space
+
     rng = np.random.default_rng(seed)
     patch = min(PATCH, cond.shape[0] // 16 * 16, cond.shape[1] // 16 * 16)
     while True:
@@ -81,16 +83,11 @@ def pair_batches(cond: np.ndarray, target: np.ndarray, batch: int, seed: int, la
         for _ in range(batch):
             y = rng.integers(0, cond.shape[0] - patch + 1)
             x = rng.integers(0, cond.shape[1] - patch + 1)
-            c, t = cond[y:y + patch, x:x + patch], target[y:y + patch, x:x + patch]
-            k, flip = rng.integers(4), rng.random() < 0.5
-            c, t = np.rot90(c, k), np.rot90(t, k)
-            if flip:
-                c, t = c[:, ::-1], t[:, ::-1]
-            cs.append(np.ascontiguousarray(c))
-            xs.append(np.ascontiguousarray(t))
-        to_t = lambda a: torch.from_numpy(np.stack(a)[:, None] * 2 - 1).float()  # noqa: E731
+            c, t = augment(rng, cond[y:y + patch, x:x + patch], target[y:y + patch, x:x + patch])
+            cs.append(c)
+            xs.append(t)
         labels = None if label is None else torch.full((batch,), label)
-        yield to_t(xs), to_t(cs), labels
+        yield to_model_space(xs), to_model_space(cs), labels
 
 
 def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | None = None, name: str | None = None,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-# Measured with benchmarks/memory_per_pixel.py style probes on the bundled network: peak activation memory of one
-# evaluation is 250-700 bytes per tile pixel (more for small batches); we plan with the upper end.
+# Measured on the bundled network (peak RSS growth during one evaluation, tiles of 256-1024 px, batches 1-4):
+# 250-700 bytes per tile pixel, more for small batches; we plan with the upper end.
 BYTES_PER_TILE_PIXEL = 700
 # Whole-image float32 buffers per sample while sampling: estimate, update, noise, condition, difficulty, result.
 BYTES_PER_IMAGE_PIXEL = 4 * 6
@@ -43,8 +43,8 @@ def fit_to_memory(height: int, width: int, samples: int, tile: int, batch: int, 
     while estimate_bytes(height, width, samples, tile, batch) > free:
         if batch > 1:
             batch //= 2
-        elif tile > MIN_TILE:
-            tile = max(MIN_TILE, (tile // 2) // multiple * multiple)
+        elif smaller(tile, multiple) is not None:
+            tile = smaller(tile, multiple)
         else:
             need = estimate_bytes(height, width, samples, tile, batch) / 2**30
             raise MemoryError(f"This image needs about {need:.1f} GB with {samples} samples but only "

@@ -143,7 +143,7 @@ def plan_tiles(model, shape: tuple[int, int], settings: Settings, device) -> tup
     ph, pw, tile = padded_size(*shape, settings.tile, multiple)
     batch = 16 if device.type != "cpu" else 2  # small batches on CPU: no speed lost, finer progress and cancel
     tile, batch, note = fit_to_memory(ph, pw, settings.samples, tile, batch, device, multiple)
-    tiles = len(tile_plan(ph, pw, tile, min(settings.overlap, tile // 4))[0])
+    tiles = len(tile_plan(ph, pw, tile, settings.overlap)[0])
     evaluations = (settings.steps or model.sampling["steps"]) * -(-settings.samples * tiles // batch)
     return tile, batch, evaluations, note
 

@@ -37,7 +37,11 @@ def blend_window(tile: int, overlap: int) -> np.ndarray:
 
 
 def tile_plan(height: int, width: int, tile: int, overlap: int) -> tuple[list[tuple[int, int]], np.ndarray]:
-    """Tile corners and the per-pixel weight map of one tile, such that weights summed over tiles are positive."""
+    """Tile corners and the per-pixel weight map of one tile, such that weights summed over tiles are positive.
+
+    At most a quarter of the tile is overlap: more buys no quality, only evaluations.
+    """
+    overlap = min(overlap, tile // 4)
     ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
     th, tw = min(tile, height), min(tile, width)
     window = np.outer(blend_window(th, min(overlap, th // 2)), blend_window(tw, min(overlap, tw // 2)))
@@ -84,7 +88,7 @@ class TiledDenoiser:
     def _plan(self, tile: int) -> None:
         h, w = self.cond.shape[-2:]
         self.tile = tile
-        self.corners, window = tile_plan(h, w, tile, min(self.overlap, tile // 4))
+        self.corners, window = tile_plan(h, w, tile, self.overlap)
         self.th, self.tw = min(tile, h), min(tile, w)
         self.window = torch.from_numpy(window)
         total = torch.zeros(h, w)

@@ -8,11 +8,27 @@ import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .diffusion import training_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # target x0, condition, label (or None)
+
+
+def augment(rng: np.random.Generator, *arrays: np.ndarray) -> list[np.ndarray]:
+    """The same random rotation by 90° steps and mirror for every array (condition and target stay aligned)."""
+    k, flip = rng.integers(4), rng.random() < 0.5
+    out = [np.rot90(a, k, axes=(-2, -1)) for a in arrays]
+    return [np.ascontiguousarray(a[..., ::-1] if flip else a) for a in out]
+
+
+def to_model_space(arrays: list[np.ndarray]) -> torch.Tensor:
+    """Normalised (H, W) or (C, H, W) patches -> a float batch (N, C, H, W) in [-1, 1] units."""
+    stacked = np.stack(arrays)
+    if stacked.ndim == 3:
+        stacked = stacked[:, None]
+    return torch.from_numpy(stacked * 2 - 1).float()
 
 
 @dataclass
