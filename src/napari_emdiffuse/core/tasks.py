@@ -148,36 +148,43 @@ def plan_tiles(model, shape: tuple[int, int], settings: Settings, device) -> tup
     return tile, batch, evaluations, note
 
 
-def restore(image, model, settings: Settings, task: str,
-            condition: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
-            out_shape: Callable[[tuple[int, int]], tuple[int, int]] = lambda s: s,
-            variant: str | None = None) -> Generator[Progress, None, Restoration]:
-    """Restore a 2D image or each plane of a 3D stack.
+@dataclass
+class PlaneJob:
+    """One output plane to sample: its condition (C, H, W) and start (H, W), normalised, and the model label."""
 
-    ``condition(plane)`` maps a normalised input plane to ``(cond, start)`` on the output grid. The stack is
-    normalised as a whole (consistent intensities along z); every plane uses the same seed, so the stochastic
-    detail is coherent from one plane to the next rather than flickering. ``variant`` picks the label of models
-    that serve several settings (e.g. the scale factor ``"2"`` of a super-resolution model).
-    """
+    cond: np.ndarray
+    start: np.ndarray
+    label: int | None
+    where: str  # for progress messages, e.g. " slice 3/40"
+
+
+def prepare(image, model, settings: Settings, task: str, norm: Normalizer | None = None):
+    """Check the input, pick the device, load the model and fit the normalisation (unless given, e.g. for a chunk
+    of a larger volume, whose percentiles must be the whole volume's)."""
     from .models import Model, default_model, load_model
 
-    started = time.perf_counter()
     image = check_image(image)
     device = pick_device(settings.device)
     if not isinstance(model, Model):  # a name or file; fine-tuning passes the model it is training
         model = load_model(model or default_model(task), device=device, task=task)
-    label = model_label(model, variant)
-    norm = Normalizer.fit(image)
-    planes = image[None] if image.ndim == 2 else image
-    tile, batch, per_plane, note = plan_tiles(model, out_shape(planes.shape[-2:]), settings, device)
+    return image, device, model, norm or Normalizer.fit(image)
+
+
+def sample_planes(model, jobs, count: int, out_shape: tuple[int, int], settings: Settings, device,
+                  task: str) -> Generator[Progress, None, tuple]:
+    """Sample ``count`` planes of ``out_shape`` from the :class:`PlaneJob` iterable ``jobs``.
+
+    Returns lists of means, stds and phis (one per plane), the tile size used and notes on memory fallbacks.
+    Every plane uses the same seed, so the stochastic detail is coherent from one plane to the next.
+    """
+    tile, batch, per_plane, note = plan_tiles(model, out_shape, settings, device)
     notes = [note] if note else []
-    total, done = per_plane * len(planes), 0
+    total, done = per_plane * count, 0
     means, stds, phis = [], [], []
     yield Progress(0, total, f"{task}: starting on {device.type}")
     try:
-        for z, plane in enumerate(planes):
-            cond, start = condition(norm(plane))
-            job = sample_plane(model, cond, start, settings, device, tile, batch, label)
+        for plane in jobs:
+            job = sample_plane(model, plane.cond, plane.start, settings, device, tile, batch, plane.label)
             while True:
                 try:
                     next(job)
@@ -186,8 +193,7 @@ def restore(image, model, settings: Settings, task: str,
                     mean, std, phi, plane_notes = stop.value
                     notes += [n for n in plane_notes if n not in notes]
                     break
-                where = f" slice {z + 1}/{len(planes)}" if len(planes) > 1 else ""
-                yield Progress(done, total, f"{task}{where}")
+                yield Progress(done, total, f"{task}{plane.where}")
             means.append(mean)
             stds.append(std)
             phis.append(phi)
@@ -196,12 +202,15 @@ def restore(image, model, settings: Settings, task: str,
             import torch
 
             torch.cuda.empty_cache()
-    squeeze = (lambda a: a[0]) if image.ndim == 2 else (lambda a: a)  # noqa: E731
-    restored = norm.inverse(squeeze(np.stack(means)))
-    uncertainty = squeeze(np.stack(stds)).astype(np.float32) if settings.samples > 1 else None
-    difficulty = squeeze(np.stack(phis)).astype(np.float32) if settings.difficulty and phis[0] is not None else None
+    yield Progress(total, total, f"{task}: done")
+    return means, stds, phis, tile, notes
+
+
+def summarise(task: str, model, settings: Settings, device, uncertainty: np.ndarray | None, tile: int,
+              notes: list[str], started: float, **extra) -> dict:
+    """The result's ``info``: what was run, and the uncertainty score and verdict of ``uncertainty``."""
     score = uncertainty_score(uncertainty) if uncertainty is not None else float("nan")
-    info = {
+    return {
         "task": task,
         "model": model.name,
         "samples": settings.samples,
@@ -217,8 +226,37 @@ def restore(image, model, settings: Settings, task: str,
         "tile": tile,
         "notes": notes,
         "seconds": round(time.perf_counter() - started, 3),
+        **extra,
     }
-    yield Progress(total, total, f"{task}: done")
+
+
+def restore(image, model, settings: Settings, task: str,
+            condition: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+            out_shape: Callable[[tuple[int, int]], tuple[int, int]] = lambda s: s,
+            variant: str | None = None, norm: Normalizer | None = None) -> Generator[Progress, None, Restoration]:
+    """Restore a 2D image or each plane of a 3D stack.
+
+    ``condition(plane)`` maps a normalised input plane to ``(cond, start)`` on the output grid. The stack is
+    normalised as a whole (consistent intensities along z). ``variant`` picks the label of models that serve
+    several settings (e.g. the scale factor ``"2"`` of a super-resolution model).
+    """
+    started = time.perf_counter()
+    image, device, model, norm = prepare(image, model, settings, task, norm)
+    label = model_label(model, variant)
+    planes = image[None] if image.ndim == 2 else image
+
+    def jobs():
+        for z, plane in enumerate(planes):
+            cond, start = condition(norm(plane))
+            yield PlaneJob(cond, start, label, f" slice {z + 1}/{len(planes)}" if len(planes) > 1 else "")
+
+    means, stds, phis, tile, notes = yield from sample_planes(model, jobs(), len(planes), out_shape(planes.shape[-2:]),
+                                                              settings, device, task)
+    squeeze = (lambda a: a[0]) if image.ndim == 2 else (lambda a: a)  # noqa: E731
+    restored = norm.inverse(squeeze(np.stack(means)))
+    uncertainty = squeeze(np.stack(stds)).astype(np.float32) if settings.samples > 1 else None
+    difficulty = squeeze(np.stack(phis)).astype(np.float32) if settings.difficulty and phis[0] is not None else None
+    info = summarise(task, model, settings, device, uncertainty, tile, notes, started)
     return Restoration(restored, uncertainty, difficulty, info)
 
 
@@ -232,10 +270,11 @@ def model_label(model, variant: str | None) -> int | None:
     return int(labels[variant])
 
 
-def denoise(image, model: str | None = None,
-            settings: Settings | None = None) -> Generator[Progress, None, Restoration]:
+def denoise(image, model: str | None = None, settings: Settings | None = None,
+            norm: Normalizer | None = None) -> Generator[Progress, None, Restoration]:
     """EMDiffuse-n: restore a noisy (short-dwell) acquisition; the noisy image is both condition and start."""
-    return (yield from restore(image, model, settings or Settings(), "denoise", lambda plane: (plane[None], plane)))
+    return (yield from restore(image, model, settings or Settings(), "denoise", lambda plane: (plane[None], plane),
+                               norm=norm))
 
 
 
@@ -252,7 +291,7 @@ SUPERRES_SCALES = (2, 4)
 
 
 def superres(image, model: str | None = None, settings: Settings | None = None,
-             scale: int = 2) -> Generator[Progress, None, Restoration]:
+             scale: int = 2, norm: Normalizer | None = None) -> Generator[Progress, None, Restoration]:
     """EMDiffuse-r: joint denoising and super-resolution by ``scale``; the output is ``scale`` times larger in y, x.
 
     The condition (and the start of sampling) is the noisy low-resolution image upsampled bicubically.
@@ -265,6 +304,6 @@ def superres(image, model: str | None = None, settings: Settings | None = None,
         return up[None], up
 
     result = yield from restore(image, model, settings or Settings(), "superres", condition,
-                                lambda shape: (shape[0] * scale, shape[1] * scale), variant=str(scale))
+                                lambda shape: (shape[0] * scale, shape[1] * scale), variant=str(scale), norm=norm)
     result.info["scale"] = scale
     return result
