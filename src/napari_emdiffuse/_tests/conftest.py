@@ -12,7 +12,8 @@ def make_tiny_model(folder, task: str, name: str, **meta) -> str:
     from napari_emdiffuse.core.network import UNet, UNetConfig
 
     torch.manual_seed(0)
-    net = UNet(UNetConfig(base=8, mults=(1, 2), patch=2, num_labels=len(meta.get("labels", {}))))
+    net = UNet(UNetConfig(base=8, mults=(1, 2), patch=2, num_labels=len(meta.get("labels", {})),
+                          cond_channels=2 if task == "isotropic" else 1))
     for p in net.parameters():  # untrained zero-initialised branches would make the net the identity
         torch.nn.init.normal_(p, std=0.05)
     return str(save_model(net, {"task": task, "name": name, "sampling": {"steps": 3}, **meta}, folder / f"{name}.npz"))
@@ -31,6 +32,13 @@ def tiny_model(models_dir):
 @pytest.fixture(scope="session")
 def tiny_superres(models_dir):
     return make_tiny_model(models_dir, "superres", "tiny-sr", labels={"2": 0, "4": 1}, scales=[2, 4])
+
+
+@pytest.fixture(scope="session")
+def tiny_isotropic(models_dir):
+    from napari_emdiffuse.core.isotropic import LABELS
+
+    return make_tiny_model(models_dir, "isotropic", "tiny-iso", labels=LABELS)
 
 
 @pytest.fixture

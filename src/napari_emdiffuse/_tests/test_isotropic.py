@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+
+from napari_emdiffuse.core.isotropic import (
+    LABELS,
+    decimate,
+    flicker,
+    interpolation_batches,
+    isotropic,
+    label_of,
+    lateral_volumes,
+    linear_interpolation,
+    self_supervised,
+)
+from napari_emdiffuse.core.normalize import InputError
+from napari_emdiffuse.core.tasks import Settings, drive
+
+
+@pytest.fixture
+def volume():
+    rng = np.random.default_rng(0)
+    return (rng.random((4, 24, 40)) * 200 + 20).astype(np.uint8)
+
+
+def test_every_factor_and_slice_has_its_own_label():
+    assert len(LABELS) == sum(r - 1 for r in range(2, 11)) == len(set(LABELS.values()))
+    assert label_of(4, 1) in LABELS and label_of(10, 9) in LABELS and label_of(4, 4) not in LABELS
+
+
+def test_linear_interpolation_keeps_acquired_slices_and_blends_between():
+    kept = np.stack([np.full((2, 3), v, np.float32) for v in (0, 8, 4)])
+    out = linear_interpolation(kept, 4)
+    assert out.shape == (9, 2, 3)
+    assert out[:, 0, 0].tolist() == [0, 2, 4, 6, 8, 7, 6, 5, 4]
+    assert np.array_equal(decimate(out, 4), kept)
+
+
+def test_flicker_is_the_mean_step_between_slices():
+    assert flicker(np.arange(5, dtype=np.float32)[:, None, None] * np.ones((1, 3, 3))) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_reconstruction_keeps_acquired_slices_and_fills_the_gaps(tiny_isotropic, volume, factor):
+    result = drive(isotropic(volume, tiny_isotropic, Settings(steps=2), factor=factor))
+    assert result.image.shape == ((4 - 1) * factor + 1, 24, 40) and result.image.dtype == np.uint8
+    assert np.array_equal(result.image[::factor], volume)  # the acquisition is kept exactly
+    unc = result.uncertainty
+    assert unc.shape == result.image.shape and not unc[::factor].any() and (unc[1::factor] > 0).all()
+    assert result.info["factor"] == factor and "uncertainty_score" in result.info
+
+
+def test_same_seed_same_volume_and_noise_is_shared_along_z(tiny_isotropic, volume):
+    run = lambda seed: drive(isotropic(volume, tiny_isotropic, Settings(steps=2, seed=seed), factor=3))  # noqa: E731
+    a, b, c = run(1), run(1), run(2)
+    assert np.array_equal(a.image, b.image) and not np.array_equal(a.image, c.image)
+
+
+def test_factor_outside_the_supported_range_or_model_is_refused(tiny_isotropic, tiny_model, volume, models_dir):
+    from napari_emdiffuse._tests.conftest import make_tiny_model
+
+    with pytest.raises(InputError, match="2 to 10"):
+        drive(isotropic(volume, tiny_isotropic, factor=11))
+    with pytest.raises(Exception, match="not a isotropic model|not an isotropic model"):
+        drive(isotropic(volume, tiny_model, factor=4))
+    only4 = make_tiny_model(models_dir, "isotropic", "only4", labels={f"4:{j}": LABELS[f"4:{j}"] for j in (1, 2, 3)})
+    with pytest.raises(InputError, match="supports"):
+        drive(isotropic(volume, only4, factor=6))
+    with pytest.raises(InputError, match="at least 2 slices"):
+        drive(isotropic(volume[:1], tiny_isotropic, factor=4))
+
+
+def test_training_examples_are_a_slice_between_its_two_conditions():
+    ramp = np.broadcast_to(np.arange(30, dtype=np.float32)[:, None, None] / 30, (30, 40, 40)).copy()
+    x0, cond, label = next(interpolation_batches([ramp], [4, 6], batch=16, patch=32, seed=0))
+    assert x0.shape == (16, 1, 32, 32) and cond.shape == (16, 2, 32, 32)
+    names = {v: k for k, v in LABELS.items()}
+    for i in range(16):
+        factor, j = map(int, names[int(label[i])].split(":"))
+        below, above, target = (t.mean().item() for t in (cond[i, 0], cond[i, 1], x0[i, 0]))
+        assert target == pytest.approx(below + (above - below) * j / factor, abs=1e-5)
+        assert abs(above - below) == pytest.approx(2 * factor / 30, abs=1e-5)  # model space is twice [0, 1]
+
+
+def test_self_supervised_learns_from_lateral_planes_of_the_volume_alone(volume):
+    vol = np.random.default_rng(1).random((6, 48, 48)).astype(np.float32)
+    assert [v.shape for v in lateral_volumes(vol)] == [(48, 6, 48), (48, 6, 48)]
+    model = drive(self_supervised(vol, 4, minutes=0.03, batch=2, patch=32))
+    assert model.meta["labels"] == {f"4:{j}": LABELS[f"4:{j}"] for j in (1, 2, 3)}
+    result = drive(isotropic(vol, model, Settings(samples=2, steps=1), factor=4))
+    assert result.image.shape == (21, 48, 48) and np.array_equal(result.image[::4], vol)
+    with pytest.raises(InputError, match="more than 4 planes"):
+        drive(self_supervised(vol[:, :4, :4], 4, minutes=0.01))

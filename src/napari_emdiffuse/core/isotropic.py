@@ -1,0 +1,211 @@
+"""Isotropic reconstruction of anisotropic volumes: vEMDiffuse-i and vEMDiffuse-a.
+
+A volume acquired every R-th slice (z spacing R times the lateral pixel) becomes a volume of ``(Z - 1) * R + 1``
+slices: the acquired slices stay at every R-th position and each of the R - 1 slices between two acquired ones is
+sampled, conditioned on its two neighbours (two channels). The model's label says which slice of which gap, as
+``"R:j"`` (see :func:`label_of`), so one model serves every factor and position it was trained for. Sampling starts
+from the linear interpolation plus noise, as denoising starts from the noisy image.
+
+- **vEMDiffuse-i**: the model was trained on an isotropic volume (every orientation of it: an isotropic volume
+  looks the same along z, y and x), decimated along the axis of interpolation.
+- **vEMDiffuse-a**: no isotropic data. :func:`self_supervised` trains on the volume itself: along y (and x) the
+  planes are finely sampled, so planes R pixels apart in y are conditions and the planes between are targets;
+  the learnt interpolation is then applied across z.
+
+Consistency along z: every gap and every slice in it is sampled with the same noise field (one seed), so
+neighbouring generated slices share their stochastic detail instead of flickering, and each gap is independent
+of the others (a volume can be processed in chunks along z with one acquired slice of overlap).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Iterator, Sequence
+
+import numpy as np
+
+from .normalize import InputError, Normalizer
+from .tasks import PlaneJob, Progress, Restoration, Settings, model_label, prepare, sample_planes, summarise
+
+FACTORS = tuple(range(2, 11))
+LABELS = {f"{r}:{j}": i for i, (r, j) in enumerate((r, j) for r in FACTORS for j in range(1, r))}
+
+
+def label_of(factor: int, j: int) -> str:
+    """The model variant that generates slice ``j`` (1 .. factor-1) of a gap of ``factor`` slices."""
+    return f"{factor}:{j}"
+
+
+def check_factor(factor: int) -> int:
+    if int(factor) != factor or factor not in FACTORS:
+        raise InputError(f"The z factor R must be a whole number from {FACTORS[0]} to {FACTORS[-1]}, not {factor}.")
+    return int(factor)
+
+
+def output_slices(z: int, factor: int) -> int:
+    return (z - 1) * factor + 1
+
+
+def decimate(volume: np.ndarray, factor: int) -> np.ndarray:
+    """Keep every ``factor``-th slice (the first and then every R-th): what an anisotropic acquisition sees."""
+    return volume[::factor]
+
+
+def linear_interpolation(volume: np.ndarray, factor: int) -> np.ndarray:
+    """Linear interpolation along z onto the fine grid (float32), the baseline and the sampler's start."""
+    v = np.asarray(volume, dtype=np.float32)
+    t = (np.arange(1, factor, dtype=np.float32) / factor)[None, :, None, None]
+    between = v[:-1, None] * (1 - t) + v[1:, None] * t  # (gaps, R-1, Y, X)
+    out = np.zeros((output_slices(len(v), factor),) + v.shape[1:], np.float32)
+    out[::factor] = v
+    for j in range(1, factor):
+        out[j::factor] = between[:, j - 1]
+    return out
+
+
+def flicker(volume: np.ndarray) -> float:
+    """Mean absolute difference between neighbouring slices (divide by the truth's value to compare volumes)."""
+    v = np.asarray(volume, dtype=np.float32)
+    return float(np.abs(np.diff(v, axis=0)).mean())
+
+
+def isotropic(volume, model=None, settings: Settings | None = None, factor: int = 4,
+              norm: Normalizer | None = None) -> Generator[Progress, None, Restoration]:
+    """Reconstruct the R - 1 slices between each pair of acquired slices of ``volume`` (z, y, x).
+
+    The uncertainty (std across samples) is zero on the acquired slices; the score and verdict are computed on the
+    generated slices only.
+    """
+    settings = settings or Settings()
+    factor = check_factor(factor)
+    started = time.perf_counter()
+    volume, device, model, norm = prepare(volume, model, settings, "isotropic", norm)
+    if volume.ndim != 3 or len(volume) < 2:
+        raise InputError("Isotropic reconstruction needs a volume (z, y, x) with at least 2 slices.")
+    labels = [model_label(model, label_of(factor, j)) for j in range(1, factor)]
+    gaps = len(volume) - 1
+
+    def jobs() -> Iterator[PlaneJob]:
+        below = norm(volume[0])
+        for g in range(gaps):
+            above = norm(volume[g + 1])
+            cond = np.stack([below, above])
+            for j in range(1, factor):
+                t = j / factor
+                yield PlaneJob(cond, (1 - t) * below + t * above, labels[j - 1],
+                               f" gap {g + 1}/{gaps}, slice {j}/{factor - 1}")
+            below = above
+
+    means, stds, phis, tile, notes = yield from sample_planes(model, jobs(), gaps * (factor - 1), volume.shape[1:],
+                                                              settings, device, "isotropic")
+    out = np.zeros((output_slices(len(volume), factor),) + volume.shape[1:], np.float32)
+    generated = np.ones(len(out), bool)
+    generated[::factor] = False
+    out[generated] = np.stack(means)
+
+    def with_zeros(planes):  # acquired slices: certain, no difficulty
+        full = np.zeros(out.shape, np.float32)
+        full[generated] = np.stack(planes)
+        return full
+
+    uncertainty = with_zeros(stds) if settings.samples > 1 else None
+    difficulty = with_zeros(phis) if settings.difficulty and phis[0] is not None else None
+    info = summarise("isotropic", model, settings, device, uncertainty[generated] if uncertainty is not None else None,
+                     tile, notes, started, factor=factor)
+    restored = norm.inverse(out)
+    restored[::factor] = volume  # exactly the acquisition, whatever the dtype's round-off
+    return Restoration(restored, uncertainty, difficulty, info)
+
+
+# --- training examples, shared by the bundled model's training script and the self-supervised mode ---------------
+
+def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int], batch: int, patch: int,
+                          seed: int = 0, weights: Sequence[float] | None = None, jitter: float = 0.0,
+                          multiple: int = 16):
+    """Endless training batches ``(x0, cond, label)`` in model space.
+
+    Each volume is normalised to [0, 1] and oriented with the axis to interpolate across first. An example takes
+    two planes ``factor`` apart as the condition and one plane between as the target, in a random ``patch``-sized
+    window (the window is shrunk to the planes when they are smaller), mirrored along the interpolation axis and
+    in-plane (rotations and flips) at random; windows are padded to a ``multiple`` of the network's size step. ``weights`` are the probabilities of ``factors``; ``jitter`` is the
+    spread of a random gain and offset per example (robustness to other volumes' contrast).
+    """
+    import torch
+
+    from .train import augment, to_model_space
+
+    rng = np.random.default_rng(seed)
+    p = None if weights is None else np.asarray(weights, float) / np.sum(weights)
+    usable = [v for v in volumes if v.shape[0] > max(factors)]
+    if not usable:
+        raise InputError(f"The volume needs more than {max(factors)} planes along the interpolation axis to learn "
+                         "from.")
+    sizes = np.array([v.size for v in usable], float)
+    h = min(patch, *(v.shape[1] for v in usable))
+    w = min(patch, *(v.shape[2] for v in usable))
+    # planes smaller than the network's multiple (e.g. z-x planes of a volume of few slices) are mirrored out to it
+    pad = [(0, 0), (0, -h % multiple), (0, -w % multiple)]
+    while True:
+        xs, cs, ls = [], [], []
+        for _ in range(batch):
+            factor = int(rng.choice(factors, p=p))
+            v = usable[rng.choice(len(usable), p=sizes / sizes.sum())]
+            z = rng.integers(0, v.shape[0] - factor)
+            y, x = rng.integers(0, v.shape[1] - h + 1), rng.integers(0, v.shape[2] - w + 1)
+            j = int(rng.integers(1, factor))
+            window = np.pad(v[z:z + factor + 1, y:y + h, x:x + w], pad, mode="symmetric")
+            if jitter:
+                window = window * (1 + rng.normal(0, jitter)) + rng.normal(0, jitter)
+            if rng.random() < 0.5:  # the other direction along the axis: slice j becomes slice R - j
+                window, j = window[::-1], factor - j
+            below, target, above = augment(rng, window[0], window[j], window[factor])
+            xs.append(target)
+            cs.append(np.stack([below, above]))
+            ls.append(LABELS[label_of(factor, j)])
+        yield to_model_space(xs), to_model_space(cs), torch.tensor(ls)
+
+
+def lateral_volumes(volume: np.ndarray) -> list[np.ndarray]:
+    """The anisotropic volume seen with y, then x, as the axis to interpolate across (planes are z-x and z-y)."""
+    return [np.ascontiguousarray(np.moveaxis(volume, 1, 0)), np.ascontiguousarray(np.moveaxis(volume, 2, 0))]
+
+
+SELF_SUPERVISED_NETWORK = dict(base=24, mults=(1, 2, 2), blocks=1, attention=False, patch=2)
+
+
+def self_supervised(volume, factor: int, minutes: float = 10.0, *, seed: int = 0, device: str = "auto",
+                    name: str | None = None, batch: int = 8, patch: int = 96) -> Generator:
+    """vEMDiffuse-a: train an interpolation model on ``volume`` itself within ``minutes``; return the Model.
+
+    Yields :class:`~.train.TrainProgress`. The network is small (it must learn in minutes on a laptop CPU).
+    """
+    import torch
+
+    from .models import SAMPLING_DEFAULTS, Model
+    from .network import UNet, UNetConfig
+    from .tasks import pick_device
+    from .train import train
+
+    factor = check_factor(factor)
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise InputError("Self-supervised reconstruction needs a volume (z, y, x).")
+    norm = Normalizer.fit(volume)
+    dev = pick_device(device)
+    torch.manual_seed(seed)
+    net = UNet(UNetConfig(cond_channels=2, num_labels=len(LABELS), **SELF_SUPERVISED_NETWORK))
+    batches = interpolation_batches(lateral_volumes(norm(volume)), [factor], batch, patch, seed,
+                                    multiple=net.config.multiple)
+    net = yield from train(net, batches, minutes=minutes, lr=1e-3, ema_decay=0.995, seed=seed, device=dev,
+                           warmup=50, checkpoint_minutes=float("inf"))
+    meta = {"task": "isotropic", "labels": {label_of(factor, j): LABELS[label_of(factor, j)] for j in range(1, factor)},
+            "factors": [factor], "mode": "self-supervised",
+            "description": f"vEMDiffuse-a: interpolation learnt from this volume's lateral planes, R = {factor}.",
+            "training": {"minutes": minutes, "seed": seed, "date": time.strftime("%Y-%m-%d")}}
+    sampling = {**SAMPLING_DEFAULTS, **SELF_SUPERVISED_SAMPLING}
+    return Model(net=net.eval(), meta={**meta, "sampling": sampling}, name=name or f"self-supervised-R{factor}",
+                 sampling=sampling)
+
+
+SELF_SUPERVISED_SAMPLING = {"steps": 3, "sampler": "euler_ancestral", "eta": 1.0, "sigma_max": 1.0,
+                            "sigma_end": 0.15}

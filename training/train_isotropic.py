@@ -1,0 +1,52 @@
+"""Train the bundled isotropic-reconstruction model (vEMDiffuse-i) on an isotropic FIB-SEM volume.
+
+    python training/train_isotropic.py ../shared/data/em -o src/napari_emdiffuse/models/isotropic-fibsem.npz --minutes 80
+
+Volume ``fibsem_iso10nm_a_250.tif`` (10 nm in z, y and x) is used in all three orientations: an isotropic volume
+looks alike along each axis, so every axis can play z. Every factor R from 2 to 10 and every slice j between two
+kept slices is a label of one model; R = 4 and R = 6 (the common serial-section ratios) get most of the training.
+Volume ``b`` is held out for the benchmark (``benchmarks/isotropic_quality.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import tifffile
+import torch
+from common import add_arguments, fit
+
+from napari_emdiffuse.core.isotropic import FACTORS, LABELS, interpolation_batches
+from napari_emdiffuse.core.network import UNet, UNetConfig
+from napari_emdiffuse.core.normalize import Normalizer
+
+MAIN_FACTORS = (4, 6)
+
+
+def factor_weights(main_share: float = 0.6) -> list[float]:
+    others = [f for f in FACTORS if f not in MAIN_FACTORS]
+    return [main_share / len(MAIN_FACTORS) if f in MAIN_FACTORS else (1 - main_share) / len(others) for f in FACTORS]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, "src/napari_emdiffuse/models/isotropic-fibsem.npz", 80.0)
+    parser.add_argument("--patch", type=int, default=128)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    volume = tifffile.imread(args.data / "fibsem_iso10nm_a_250.tif")
+    volume = Normalizer.fit(volume)(volume)
+    oriented = [np.ascontiguousarray(np.moveaxis(volume, axis, 0)) for axis in range(3)]
+    net = UNet(UNetConfig(cond_channels=2, base=args.base, mults=(1, 2, 2, 4), blocks=1, attention=True, patch=2,
+                          num_labels=len(LABELS)))
+    meta = {"task": "isotropic", "script": "training/train_isotropic.py", "labels": LABELS,
+            "factors": list(FACTORS), "mode": "isotropic training data",
+            "description": "vEMDiffuse-i: slices between serial sections, trained on 10 nm isotropic FIB-SEM."}
+    batches = interpolation_batches(oriented, FACTORS, args.batch, args.patch, args.seed, factor_weights(),
+                                    jitter=0.03)
+    fit(net, batches, meta, args)
+
+
+if __name__ == "__main__":
+    main()
