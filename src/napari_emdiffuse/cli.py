@@ -1,6 +1,7 @@
 """``emdiffuse``: the same jobs as the napari widgets, for scripts and batch processing.
 
     emdiffuse denoise noisy.tif -o denoised.tif --uncertainty unc.tif --json
+    emdiffuse isotropic sections.tif -o isotropic.tif --factor 5
     emdiffuse models
 """
 
@@ -47,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     superres = sub.add_parser("superres", help="joint denoising and x2/x4 super-resolution")
     _common(superres)
     superres.add_argument("--scale", type=int, default=2, choices=[2, 4], help="upsampling factor in y and x")
+    iso = sub.add_parser("isotropic", help="reconstruct the slices between serial sections (vEMDiffuse-i/-a)")
+    _common(iso)
+    iso.add_argument("--factor", type=int, required=True, help="R: z spacing / lateral pixel size (2-10)")
+    iso.add_argument("--self-supervised", action="store_true",
+                     help="no isotropic model: learn from the input volume itself first (vEMDiffuse-a)")
+    iso.add_argument("--train-minutes", type=float, default=10.0, help="training budget with --self-supervised")
     models = sub.add_parser("models", help="list, remove, export or import models")
     models.add_argument("--json", action="store_true")
     action = models.add_mutually_exclusive_group()
@@ -86,7 +93,7 @@ def _progress_bar(quiet: bool):
     return show
 
 
-def _restore(args, job_factory, lateral_factor: int = 1) -> dict:
+def _restore(args, job_factory, lateral_factor: int = 1, axial_factor: int = 1) -> dict:
     from .core.io import read_tiff, write_tiff
     from .core.tasks import Settings, drive
 
@@ -99,7 +106,10 @@ def _restore(args, job_factory, lateral_factor: int = 1) -> dict:
     if args.uncertainty is not None and args.samples < 2:
         raise CLIError("An uncertainty map needs at least 2 samples (--samples 2).")
     image = read_tiff(args.input)
-    pixel = tuple(image.scale[:-2]) + tuple(s / lateral_factor for s in image.scale[-2:])
+    pixel = list(image.scale)
+    pixel[-2:] = [s / lateral_factor for s in pixel[-2:]]
+    if axial_factor > 1 and len(pixel) > 2:
+        pixel[-3] /= axial_factor
     settings = Settings(samples=args.samples, steps=args.steps, seed=args.seed, tile=args.tile,
                         device=args.device, threshold=args.threshold, sampler=args.sampler, eta=args.eta,
                         difficulty=args.difficulty is not None)
@@ -109,7 +119,7 @@ def _restore(args, job_factory, lateral_factor: int = 1) -> dict:
         for path, data in ((args.output, result.image), (args.uncertainty, result.uncertainty),
                            (args.difficulty, result.difficulty)):
             if path is not None and data is not None:
-                written.append(write_tiff(path, data, pixel, image.unit, overwrite=args.overwrite))
+                written.append(write_tiff(path, data, tuple(pixel), image.unit, overwrite=args.overwrite))
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
@@ -196,6 +206,18 @@ def main(argv: list[str] | None = None) -> int:
             _summary(_restore(args, denoise), args.json)
         elif args.command == "finetune":
             _finetune(args)
+        elif args.command == "isotropic":
+            from .core.isotropic import isotropic, isotropic_self_supervised
+
+            if args.self_supervised and args.model:
+                raise CLIError("--self-supervised trains its own model; leave out --model.")
+
+            def job(image, model, settings):
+                if args.self_supervised:
+                    return isotropic_self_supervised(image, args.factor, args.train_minutes, settings)
+                return isotropic(image, model, settings, factor=args.factor)
+
+            _summary(_restore(args, job, axial_factor=args.factor), args.json)
         elif args.command == "superres":
             from functools import partial
 

@@ -90,3 +90,55 @@ def test_self_supervised_learns_from_lateral_planes_of_the_volume_alone(volume):
     assert result.image.shape == (21, 48, 48) and np.array_equal(result.image[::4], vol)
     with pytest.raises(InputError, match="more than 4 planes"):
         drive(self_supervised(vol[:, :4, :4], 4, minutes=0.01))
+
+
+def test_cli_writes_the_reconstruction_with_z_pixel_size_divided(tmp_path, tiny_isotropic, volume, capsys):
+    import json
+
+    import tifffile
+
+    from napari_emdiffuse.cli import main
+    from napari_emdiffuse.core.io import read_tiff
+
+    src, out, unc = tmp_path / "sections.tif", tmp_path / "iso.tif", tmp_path / "unc.tif"
+    tifffile.imwrite(src, volume, imagej=True, resolution=(1 / 8.0, 1 / 8.0), metadata={"unit": "nm", "spacing": 40.0})
+    code = main(["isotropic", str(src), "-o", str(out), "--factor", "5", "--model", tiny_isotropic,
+                 "--uncertainty", str(unc), "--steps", "1", "--json"])
+    assert code == 0 and "uncertainty_score" in json.loads(capsys.readouterr().out)
+    result = read_tiff(out)
+    assert result.data.shape == (16, 24, 40) and result.data.dtype == np.uint8
+    assert result.scale == pytest.approx((8.0, 8.0, 8.0))
+    assert tifffile.imread(unc).shape == (16, 24, 40)
+    assert main(["isotropic", str(src), "-o", str(tmp_path / "x.tif"), "--factor", "4", "--self-supervised",
+                 "--model", tiny_isotropic]) == 2
+    assert "leave out --model" in capsys.readouterr().err
+
+
+def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer, qtbot, tiny_isotropic, volume,
+                                                              monkeypatch):
+    import os
+
+    from napari_emdiffuse._widgets.isotropic import SELF_SUPERVISED, IsotropicWidget
+
+    monkeypatch.setenv("EMDIFFUSE_MODELS_DIR", os.path.dirname(tiny_isotropic))
+    viewer = make_napari_viewer()
+    sections = viewer.add_image(volume, name="sections", scale=(50.0, 4.0, 4.0), translate=(100.0, 0.0, 8.0))
+    _, widget = viewer.window.add_plugin_dock_widget("napari-emdiffuse", "Isotropic reconstruction")
+    assert isinstance(widget, IsotropicWidget)
+    widget.model_picker.setCurrentText("tiny-iso")
+    widget.factor.setValue(5)
+    widget.steps.setValue(1)
+    widget.run_button.click()
+    qtbot.waitUntil(lambda: "sections_isotropic" in viewer.layers and widget.worker is None, timeout=60_000)
+    iso = viewer.layers["sections_isotropic"]
+    assert iso.data.shape == (16, 24, 40) and tuple(iso.scale) == pytest.approx((10.0, 4.0, 4.0))
+    np.testing.assert_allclose(iso.extent.world, sections.extent.world)  # first and last slice centres coincide
+    assert viewer.layers["sections_uncertainty"].metadata["reliable"] is not None
+
+    widget.mode.setCurrentIndex(widget.mode.findData(SELF_SUPERVISED))  # vEMDiffuse-a needs no model
+    assert not widget.model_picker.isEnabled() and widget.minutes.isEnabled()
+    widget.minutes.setValue(0.1)
+    viewer.layers.remove(iso)
+    widget.run_button.click()
+    qtbot.waitUntil(lambda: "sections_isotropic" in viewer.layers and widget.worker is None, timeout=90_000)
+    assert viewer.layers["sections_isotropic"].data.shape == (16, 24, 40)

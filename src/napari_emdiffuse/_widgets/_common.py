@@ -259,6 +259,8 @@ class RestoreWidget(JobWidget):
         return self.task
 
     # hooks for task widgets
+    needs_model = True  # False while a widget trains its own model (self-supervised isotropic reconstruction)
+
     def add_task_controls(self, form: QFormLayout) -> None:
         """Add controls specific to the task (e.g. the scale factor)."""
 
@@ -283,7 +285,7 @@ class RestoreWidget(JobWidget):
         if layer is None:
             show_error("Choose an image layer to process first.")
             return
-        if self.model_picker.currentIndex() < 0:
+        if self.needs_model and self.model_picker.currentIndex() < 0:
             show_error(f"No {self.task} model is available.")
             return
         try:

@@ -159,6 +159,8 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
             if rng.random() < 0.5:  # the other direction along the axis: slice j becomes slice R - j
                 window, j = window[::-1], factor - j
             below, target, above = augment(rng, window[0], window[j], window[factor])
+            if target.shape != window.shape[1:]:  # turned by 90 degrees: transpose back, one batch needs one shape
+                below, target, above = (np.ascontiguousarray(a.T) for a in (below, target, above))
             xs.append(target)
             cs.append(np.stack([below, above]))
             ls.append(LABELS[label_of(factor, j)])
@@ -209,3 +211,26 @@ def self_supervised(volume, factor: int, minutes: float = 10.0, *, seed: int = 0
 
 SELF_SUPERVISED_SAMPLING = {"steps": 3, "sampler": "euler_ancestral", "eta": 1.0, "sigma_max": 1.0,
                             "sigma_end": 0.15}
+
+
+def isotropic_self_supervised(volume, factor: int = 4, minutes: float = 10.0, settings: Settings | None = None,
+                              norm: Normalizer | None = None) -> Generator[Progress, None, Restoration]:
+    """vEMDiffuse-a end to end: learn from ``volume`` for ``minutes``, then reconstruct it; one progress stream.
+
+    Training progress is reported per mille of the time budget, then the reconstruction's own progress follows.
+    """
+    from .train import TrainProgress
+
+    settings = settings or Settings()
+    training = self_supervised(volume, factor, minutes, seed=settings.seed, device=settings.device)
+    while True:
+        try:
+            p: TrainProgress = next(training)
+        except StopIteration as stop:
+            model = stop.value
+            break
+        yield Progress(int(1000 * p.fraction), 1000,
+                       f"learning from this volume: step {p.step}, loss {p.loss:.3f}")
+    result = yield from isotropic(volume, model, settings, factor, norm)
+    result.info.update(mode="self-supervised", train_minutes=minutes)
+    return result

@@ -1,0 +1,54 @@
+"""The Isotropic reconstruction dock widget (vEMDiffuse-i with a trained model, vEMDiffuse-a self-supervised)."""
+
+from __future__ import annotations
+
+from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QSpinBox
+
+from ..core.isotropic import FACTORS, isotropic, isotropic_self_supervised
+from ._common import RestoreWidget
+
+WITH_MODEL, SELF_SUPERVISED = "model", "self-supervised"
+
+
+class IsotropicWidget(RestoreWidget):
+    task = "isotropic"
+    suffix = "isotropic"
+
+    def add_task_controls(self, form) -> None:
+        self.mode = QComboBox(objectName="mode")
+        self.mode.addItem("Trained on isotropic data (model above)", WITH_MODEL)
+        self.mode.addItem("Self-supervised: learn from this volume", SELF_SUPERVISED)
+        self.mode.setToolTip("Without isotropic training data, a model learns to interpolate from the volume's own "
+                             "finely sampled y and x axes, then fills in z (vEMDiffuse-a).")
+        form.addRow("Mode", self.mode)
+        self.minutes = QDoubleSpinBox(objectName="train_minutes", minimum=0.1, maximum=600.0, value=10.0,
+                                      decimals=1, suffix=" min")
+        self.minutes.setToolTip("Training time for the self-supervised mode; longer learns more.")
+        form.addRow("Training time", self.minutes)
+        self.factor = QSpinBox(objectName="factor", minimum=FACTORS[0], maximum=FACTORS[-1], value=4)
+        self.factor.setToolTip("R: the z spacing divided by the pixel size; R - 1 slices are made between two.")
+        form.addRow("z factor R", self.factor)
+        self.mode.currentIndexChanged.connect(self._mode_changed)
+        self._mode_changed()
+
+    def _mode_changed(self) -> None:
+        learning = self.mode.currentData() == SELF_SUPERVISED
+        self.model_picker.setEnabled(not learning)
+        self.minutes.setEnabled(learning)
+
+    @property
+    def needs_model(self) -> bool:
+        return self.mode.currentData() == WITH_MODEL
+
+    def make_job(self, data, model, settings):
+        if data.ndim != 3:
+            raise ValueError("Isotropic reconstruction needs a volume (z, y, x); this layer is 2D.")
+        if self.mode.currentData() == SELF_SUPERVISED:
+            return isotropic_self_supervised(data, self.factor.value(), self.minutes.value(), settings)
+        return isotropic(data, model, settings, factor=self.factor.value())
+
+    def output_grid(self, layer):
+        """R times finer in z over the same extent: acquired slices stay where they were."""
+        scale = list(layer.scale)
+        scale[-3] /= self.factor.value()
+        return tuple(scale), tuple(layer.translate)
