@@ -31,6 +31,9 @@ class Settings:
     sampler: str | None = None
     eta: float | None = None  # stochasticity of the sampler: 1 ancestral, 0 deterministic (DDIM)
     difficulty: bool = False  # also return the difficulty map phi
+    # where the image's first output pixel lies in the full output plane, when the image is a chunk of a larger
+    # one: the noise field and the tile grid are anchored there, so chunks match the whole-plane result
+    origin: tuple[int, int] = (0, 0)
 
     def __post_init__(self):
         if self.samples < 1:
@@ -41,6 +44,8 @@ class Settings:
             raise InputError("Tiles must be at least 32 pixels.")
         if not 0 <= self.overlap < self.tile:
             raise InputError("The tile overlap must be smaller than the tile.")
+        if min(self.origin) < 0:
+            raise InputError("The origin of a chunk cannot be negative.")
 
 
 @dataclass
@@ -110,7 +115,7 @@ def sample_plane(model, cond: np.ndarray, start: np.ndarray, settings: Settings,
     import torch
 
     from .diffusion import SAMPLERS, difficulty_in_image_units, karras_sigmas
-    from .tiling import TiledDenoiser, pad_to, padded_size
+    from .tiling import NoiseField, TiledDenoiser, pad_to, padded_size
 
     h, w = start.shape
     ph, pw, _ = padded_size(h, w, tile, model.net.config.multiple)
@@ -121,9 +126,8 @@ def sample_plane(model, cond: np.ndarray, start: np.ndarray, settings: Settings,
     sampling = model.sampling
     sigmas = karras_sigmas(settings.steps or sampling["steps"], sampling["sigma_end"], sampling["sigma_max"])
     sampler = SAMPLERS[settings.sampler or sampling["sampler"]]
-    denoiser = TiledDenoiser(model.net, cond_t, tile, settings.overlap, batch, device, label)
-    gen = torch.Generator().manual_seed(settings.seed)
-    noise = lambda: torch.randn((k, 1, ph, pw), generator=gen)  # noqa: E731  one field for the whole image
+    denoiser = TiledDenoiser(model.net, cond_t, tile, settings.overlap, batch, device, label, settings.origin)
+    noise = NoiseField(settings.seed, k, ph, pw, settings.origin)  # one field for the whole image
     x = start_t.expand(k, 1, ph, pw) + sigmas[0] * noise()
     eta = settings.eta if settings.eta is not None else sampling["eta"]
     result = yield from sampler(denoiser, x, sigmas, noise, eta=eta)
@@ -143,7 +147,7 @@ def plan_tiles(model, shape: tuple[int, int], settings: Settings, device) -> tup
     ph, pw, tile = padded_size(*shape, settings.tile, multiple)
     batch = 16 if device.type != "cpu" else 2  # small batches on CPU: no speed lost, finer progress and cancel
     tile, batch, note = fit_to_memory(ph, pw, settings.samples, tile, batch, device, multiple)
-    tiles = len(tile_plan(ph, pw, tile, settings.overlap)[0])
+    tiles = len(tile_plan(ph, pw, tile, settings.overlap, settings.origin)[0])
     evaluations = (settings.steps or model.sampling["steps"]) * -(-settings.samples * tiles // batch)
     return tile, batch, evaluations, note
 

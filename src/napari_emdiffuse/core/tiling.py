@@ -18,12 +18,18 @@ from .diffusion import precondition
 from .memory import is_out_of_memory, smaller
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of size ``tile`` covering ``[0, length)`` with at least ``overlap`` shared pixels."""
+def tile_starts(length: int, tile: int, overlap: int, origin: int = 0) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``[0, length)`` with at least ``overlap`` shared pixels.
+
+    Tiles sit on a grid anchored in the full image (multiples of ``tile - overlap``; this image starts at ``origin``
+    in it), plus one tile flush with each edge: a window cut from a larger image is tiled like the larger image
+    everywhere but near the window's edges, which is what makes chunked processing match whole-image processing.
+    """
     if tile >= length:
         return [0]
-    n = math.ceil((length - overlap) / (tile - overlap))
-    return sorted({round(i * (length - tile) / (n - 1)) for i in range(n)})
+    stride = tile - overlap
+    first = -(-origin // stride) * stride - origin  # the first grid start at or after this image's start
+    return sorted({0, length - tile, *range(first, length - tile, stride)})
 
 
 def blend_window(tile: int, overlap: int) -> np.ndarray:
@@ -36,13 +42,15 @@ def blend_window(tile: int, overlap: int) -> np.ndarray:
     return np.maximum(w, 1e-3)
 
 
-def tile_plan(height: int, width: int, tile: int, overlap: int) -> tuple[list[tuple[int, int]], np.ndarray]:
+def tile_plan(height: int, width: int, tile: int, overlap: int,
+              origin: tuple[int, int] = (0, 0)) -> tuple[list[tuple[int, int]], np.ndarray]:
     """Tile corners and the per-pixel weight map of one tile, such that weights summed over tiles are positive.
 
-    At most a quarter of the tile is overlap: more buys no quality, only evaluations.
+    At most a quarter of the tile is overlap: more buys no quality, only evaluations. ``origin`` is where this
+    image starts in the full plane (see :func:`tile_starts`).
     """
     overlap = min(overlap, tile // 4)
-    ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    ys, xs = tile_starts(height, tile, overlap, origin[0]), tile_starts(width, tile, overlap, origin[1])
     th, tw = min(tile, height), min(tile, width)
     window = np.outer(blend_window(th, min(overlap, th // 2)), blend_window(tw, min(overlap, tw // 2)))
     return [(y, x) for y in ys for x in xs], window
@@ -63,6 +71,35 @@ def padded_size(height: int, width: int, tile: int, multiple: int) -> tuple[int,
             max(multiple, tile // multiple * multiple))
 
 
+NOISE_CELL = 64  # the noise field is drawn in cells of this size, on a grid anchored in the full plane
+
+
+class NoiseField:
+    """Gaussian noise of shape ``(samples, 1, height, width)`` as a function of position in the full plane.
+
+    Each call returns the next field (one per sampling step). Every ``NOISE_CELL``-square cell of the full plane
+    has its own random stream, seeded from ``(seed, call, cell row, cell column)``, and a window starting at
+    ``origin`` cuts out what it covers: a chunk of a plane gets exactly the noise the whole plane gets there.
+    """
+
+    def __init__(self, seed: int, samples: int, height: int, width: int, origin: tuple[int, int] = (0, 0)):
+        self.seed, self.shape, self.origin = seed % 2**64, (samples, height, width), origin
+        self.calls = 0
+
+    def __call__(self) -> torch.Tensor:
+        k, h, w = self.shape
+        (oy, ox), c = self.origin, NOISE_CELL
+        out = np.empty((k, 1, h, w), np.float32)
+        for cy in range(oy // c, -(-(oy + h) // c)):
+            for cx in range(ox // c, -(-(ox + w) // c)):
+                cell = np.random.default_rng((self.seed, self.calls, cy, cx)).standard_normal((k, c, c), np.float32)
+                y0, x0 = max(cy * c, oy), max(cx * c, ox)  # the part of the cell inside the window
+                y1, x1 = min((cy + 1) * c, oy + h), min((cx + 1) * c, ox + w)
+                out[:, 0, y0 - oy:y1 - oy, x0 - ox:x1 - ox] = cell[:, y0 - cy * c:y1 - cy * c, x0 - cx * c:x1 - cx * c]
+        self.calls += 1
+        return torch.from_numpy(out)
+
+
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # sample k is evaluated mirrored by FLIPS[k % 4]
 
 
@@ -78,9 +115,9 @@ class TiledDenoiser:
     """
 
     def __init__(self, net, cond: torch.Tensor, tile: int, overlap: int, batch: int, device: torch.device,
-                 label: int | None = None):
+                 label: int | None = None, origin: tuple[int, int] = (0, 0)):
         self.net, self.device, self.batch = net, device, max(1, batch)
-        self.cond, self.label, self.overlap = cond, label, overlap
+        self.cond, self.label, self.overlap, self.origin = cond, label, overlap, origin
         self.first_log_phi: torch.Tensor | None = None
         self.notes: list[str] = []
         self._plan(tile)
@@ -88,7 +125,7 @@ class TiledDenoiser:
     def _plan(self, tile: int) -> None:
         h, w = self.cond.shape[-2:]
         self.tile = tile
-        self.corners, window = tile_plan(h, w, tile, self.overlap)
+        self.corners, window = tile_plan(h, w, tile, self.overlap, self.origin)
         self.th, self.tw = min(tile, h), min(tile, w)
         self.window = torch.from_numpy(window)
         total = torch.zeros(h, w)

@@ -1,0 +1,111 @@
+"""Zarr and OME-Zarr volumes: open them lazily with their pixel sizes, create OME-Zarr outputs (no Qt, no napari).
+
+Inputs: a Zarr v2/v3 array, a group holding one array, or an OME-Zarr image (NGFF 0.4 or 0.5; the full-resolution
+level is used). Outputs are OME-Zarr 0.5 (Zarr v3): the restored image at ``0`` and each further map (uncertainty,
+difficulty) as its own OME-Zarr image in a sub-group, e.g. ``uncertainty/0``, all with the same pixel sizes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .io import _UNIT_TO_NM, ImageFile
+from .normalize import InputError
+
+NGFF_UNIT = "nanometer"  # pixel sizes are handled in nm everywhere else
+
+
+def is_zarr(path: str | os.PathLike) -> bool:
+    """A path ending in .zarr, or a folder that holds Zarr metadata."""
+    path = Path(path)
+    return path.suffix.lower() == ".zarr" or (
+        path.is_dir() and any((path / name).exists() for name in ("zarr.json", ".zarray", ".zgroup")))
+
+
+def _multiscales(attrs) -> list | None:
+    return (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")  # NGFF 0.5, then 0.4
+
+
+def open_volume(path: str | os.PathLike) -> ImageFile:
+    """The volume (a lazy array: nothing is read yet), its pixel size per axis and unit."""
+    import zarr
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"Not found: {path}")
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as err:  # zarr raises several types for folders that are not stores
+        raise InputError(f"{path.name} could not be opened as Zarr ({type(err).__name__}: {err}).") from err
+    scale, unit = None, "pixel"
+    if isinstance(node, zarr.Group):
+        multiscales = _multiscales(node.attrs)
+        if multiscales:
+            image = multiscales[0]
+            level = image["datasets"][0]
+            node_array = node[level["path"]]
+            scale, unit = _ngff_pixel_size(image.get("axes", []), level.get("coordinateTransformations", []),
+                                           node_array.ndim)
+        else:
+            arrays = [a for _, a in node.arrays()]
+            if len(arrays) != 1:
+                raise InputError(f"{path.name} holds {len(arrays)} arrays; give the path of one, e.g. {path}/0.")
+            node_array = arrays[0]
+    else:
+        node_array = node
+    data = node_array
+    leading = data.ndim - 3
+    if leading > 0:  # e.g. OME-Zarr (t, c, z, y, x) with one time point and one channel
+        if any(s != 1 for s in data.shape[:leading]):
+            raise InputError(f"Expected one 2D image or 3D volume, got the shape {data.shape}.")
+        import dask.array as da
+
+        data = da.from_zarr(node_array)[(0,) * leading]
+        scale = scale[leading:] if scale else None
+    if data.ndim not in (2, 3):
+        raise InputError(f"Expected a 2D image or a 3D volume (z, y, x), got the shape {data.shape}.")
+    return ImageFile(data, tuple(scale) if scale else (1.0,) * data.ndim, unit)
+
+
+def _ngff_pixel_size(axes: list, transforms: list, ndim: int) -> tuple[list[float] | None, str]:
+    scale = next((t["scale"] for t in transforms if t.get("type") == "scale"), None)
+    if scale is None or len(scale) != ndim:
+        return None, "pixel"
+    units = [_UNIT_TO_NM.get(str(a.get("unit", "")).lower()) if isinstance(a, dict) else None for a in axes]
+    spatial = [i for i, a in enumerate(axes) if isinstance(a, dict) and a.get("type") == "space"]
+    if len(axes) != ndim or not spatial or any(units[i] is None for i in spatial):
+        return [float(s) for s in scale], "pixel"
+    return [float(s) * (units[i] if i in spatial else 1.0) for i, s in enumerate(scale)], "nm"
+
+
+def ngff_image(name: str, ndim: int, scale: tuple[float, ...], unit: str) -> dict:
+    """OME-Zarr 0.5 ``ome`` attributes of a single-level image at path ``0`` with pixel sizes ``scale``."""
+    axes = [{"name": n, "type": "space", **({"unit": NGFF_UNIT} if unit == "nm" else {})} for n in "zyx"[-ndim:]]
+    return {"version": "0.5", "multiscales": [{
+        "name": name, "axes": axes,
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [float(s) for s in scale]}]}],
+    }]}
+
+
+def create_ome_zarr(path: str | os.PathLike, maps: dict[str, np.dtype], shape: tuple[int, ...],
+                    chunks: tuple[int, ...], scale: tuple[float, ...], unit: str, fill_values: dict | None = None):
+    """Create an OME-Zarr store: the first of ``maps`` (name -> dtype) at ``0``, the others at ``<name>/0``.
+
+    Returns the root group. Chunks are only written when computed.
+    """
+    import zarr
+
+    root = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    for i, (name, dtype) in enumerate(maps.items()):
+        group = root if i == 0 else root.create_group(name)
+        group.attrs["ome"] = ngff_image(name, len(shape), scale, unit)
+        group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=(fill_values or {}).get(name, 0))
+    return root
+
+
+def map_path(name: str, first: str) -> str:
+    """Where the map ``name`` lives in a store made by :func:`create_ome_zarr` whose first map is ``first``."""
+    return "0" if name == first else f"{name}/0"
