@@ -21,8 +21,10 @@ class CLIError(Exception):
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", type=Path, help="input TIFF (2D image or 3D stack)")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="output TIFF (input's dtype and shape)")
+    parser.add_argument("input", type=Path, help="input TIFF (2D image or 3D stack), or Zarr/OME-Zarr volume")
+    parser.add_argument("-o", "--output", type=Path, required=True,
+                        help="output TIFF (input's dtype and shape), or .zarr: OME-Zarr, processed chunk by chunk "
+                             "(with the uncertainty inside it), resumed if it is an unfinished run")
     parser.add_argument("--uncertainty", type=Path, help="also write the per-pixel std map (float32, [0, 1] units)")
     parser.add_argument("--difficulty", type=Path, help="also write the difficulty map phi (float32)")
     parser.add_argument("--samples", type=int, default=2, help="samples K; their mean is the output (default 2)")
@@ -37,6 +39,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--json", action="store_true", help="print one JSON line with the result summary")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    chunked = parser.add_argument_group("Zarr input or output (chunk by chunk, with Dask)")
+    chunked.add_argument("--scheduler", default="threads",
+                         help="threads (this process), local (a cluster of --workers processes) or the address of "
+                              "a running dask scheduler, e.g. tcp://host:8786 (default threads)")
+    chunked.add_argument("--workers", type=int, default=None, help="worker processes of the local cluster (default 2)")
+    chunked.add_argument("--chunk", type=_chunk, default=None, metavar="Z,Y,X",
+                         help="chunk size in input pixels (default 1 plane of 2048 output pixels across)")
+    chunked.add_argument("--halo", type=int, default=None, help="margin read around each chunk (default one tile)")
+
+
+def _chunk(text: str) -> tuple[int, int, int]:
+    sizes = [int(v) for v in text.split(",")]
+    if len(sizes) == 1:
+        sizes = [1, sizes[0], sizes[0]]
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError("give Z,Y,X (or one size for 1,N,N)")
+    return tuple(sizes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,10 +112,20 @@ def _progress_bar(quiet: bool):
     return show
 
 
+def _settings(args):
+    from .core.tasks import Settings
+
+    return Settings(samples=args.samples, steps=args.steps, seed=args.seed, tile=args.tile, device=args.device,
+                    threshold=args.threshold, sampler=args.sampler, eta=args.eta, difficulty=args.difficulty is not None)
+
+
 def _restore(args, job_factory, lateral_factor: int = 1, axial_factor: int = 1) -> dict:
     from .core.io import read_tiff, write_tiff
-    from .core.tasks import Settings, drive
+    from .core.tasks import drive
+    from .core.zarr_io import is_zarr
 
+    if is_zarr(args.input) or is_zarr(args.output):
+        return _restore_chunked(args, max(lateral_factor, axial_factor))
     outputs = [p for p in (args.output, args.uncertainty, args.difficulty) if p is not None]
     for path in outputs:
         if path.exists() and not args.overwrite:
@@ -110,10 +139,7 @@ def _restore(args, job_factory, lateral_factor: int = 1, axial_factor: int = 1) 
     pixel[-2:] = [s / lateral_factor for s in pixel[-2:]]
     if axial_factor > 1 and len(pixel) > 2:
         pixel[-3] /= axial_factor
-    settings = Settings(samples=args.samples, steps=args.steps, seed=args.seed, tile=args.tile,
-                        device=args.device, threshold=args.threshold, sampler=args.sampler, eta=args.eta,
-                        difficulty=args.difficulty is not None)
-    result = drive(job_factory(image.data, args.model, settings), _progress_bar(args.quiet or args.json))
+    result = drive(job_factory(image.data, args.model, _settings(args)), _progress_bar(args.quiet or args.json))
     written = []
     try:  # all outputs or none
         for path, data in ((args.output, result.image), (args.uncertainty, result.uncertainty),
@@ -125,6 +151,32 @@ def _restore(args, job_factory, lateral_factor: int = 1, axial_factor: int = 1) 
             path.unlink(missing_ok=True)
         raise
     return result.info
+
+
+def _restore_chunked(args, factor: int) -> dict:
+    """A Zarr input or output: restore chunk by chunk into an OME-Zarr store (see core/chunked.py)."""
+    from .core.chunked import ChunkedTask, restore_volume
+    from .core.tasks import drive
+    from .core.zarr_io import is_zarr
+
+    if not is_zarr(args.output):
+        raise CLIError("A Zarr input is processed chunk by chunk and needs a Zarr output (-o result.zarr).")
+    if args.uncertainty is not None or args.difficulty is not None:
+        raise CLIError("With a Zarr output the uncertainty is stored inside it (uncertainty/0); leave out "
+                       "--uncertainty and --difficulty.")
+    if getattr(args, "self_supervised", False):
+        raise CLIError("Self-supervised training needs the volume in memory; use a TIFF input.")
+    if args.output.resolve() == args.input.resolve():
+        raise CLIError("The output would overwrite the input; choose another name.")
+    job = restore_volume(args.input, args.output, ChunkedTask(args.command, factor), args.model, _settings(args),
+                         chunk=args.chunk, halo=args.halo, scheduler=args.scheduler, workers=args.workers,
+                         overwrite=args.overwrite)
+    try:
+        return drive(job, _progress_bar(args.quiet or args.json))
+    except KeyboardInterrupt:
+        print(f"emdiffuse: interrupted; finished chunks are kept in {args.output}: run the same command to resume.",
+              file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def _summary(info: dict, as_json: bool) -> None:

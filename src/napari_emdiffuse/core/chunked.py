@@ -317,7 +317,8 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
     job = ChunkJob(source if isinstance(source, str) else run_id, str(output), task, model_path, settings, norm,
                    maps, data.ndim, max(1, (os.cpu_count() or 1) // (workers or 2)) if scheduler == "local" else None,
                    run_id)
-    total, finished, notes = len(blocks), len(blocks) - len(pending), []
+    total, finished = len(blocks), len(blocks) - len(pending)
+    notes = [f"resumed: {finished} of {total} chunks were already done"] if finished else []
     yield Progress(finished, total, f"{task.name}: {finished} of {total} chunks done")
     try:
         if pending:
