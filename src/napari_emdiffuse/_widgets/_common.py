@@ -17,6 +17,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QProgressBar,
     QPushButton,
     QSpinBox,
@@ -37,6 +38,16 @@ def uncertainty_colormap(name: str = "emdiffuse_uncertainty"):
     colors = [[0.0, 0.0, 0.4, 0.0], [0.1, 0.5, 1.0, 0.35], [1.0, 0.9, 0.0, 0.8], [1.0, 0.0, 0.0, 1.0],
               [1.0, 0.0, 0.0, 1.0]]
     return Colormap(colors=colors, controls=[0.0, 0.25, 0.4999, 0.5, 1.0], name=name)
+
+
+SCOPES = (("Whole layer", "layer"), ("Current slice", "slice"), ("Current view", "view"),
+          ("Whole layer to a Zarr file (chunk by chunk)", "zarr"))
+LARGE_LAYER_BYTES = 512 * 2**20
+
+
+def full_resolution(layer):
+    """The layer's data at full resolution (level 0 of a multiscale layer), as it is: numpy, dask or zarr."""
+    return layer.data[0] if layer.multiscale else layer.data
 
 
 class LayerPicker(QComboBox):
@@ -247,6 +258,22 @@ class RestoreWidget(JobWidget):
         form.addRow("Threshold", self.threshold)
         self.difficulty = QCheckBox("Add difficulty map (phi)", objectName="difficulty")
         form.addRow("", self.difficulty)
+        self.scope = QComboBox(objectName="scope")
+        for text, scope in SCOPES:
+            self.scope.addItem(text, scope)
+        self.scope.setToolTip("Big or lazily loaded (e.g. OME-Zarr) layers: try settings on the current view, then "
+                              "process the whole layer chunk by chunk into a Zarr file, opened lazily when done.")
+        form.addRow("Process", self.scope)
+        self.zarr_path = QLineEdit(objectName="zarr_path", placeholderText="result.zarr")
+        browse = QPushButton("…", objectName="browse_zarr")
+        browse.clicked.connect(self._choose_zarr_path)
+        row = QHBoxLayout()
+        row.addWidget(self.zarr_path)
+        row.addWidget(browse)
+        form.addRow("Zarr file", row)
+        self.scope.currentIndexChanged.connect(lambda: self.zarr_path.setEnabled(self.scope.currentData() == "zarr"))
+        self.layer_picker.currentTextChanged.connect(self._default_scope)
+        self._default_scope()
 
     def _spin(self, form, label, lo, hi, value, name, tip) -> QSpinBox:
         box = QSpinBox(objectName=name, minimum=lo, maximum=hi, value=value)
@@ -271,6 +298,44 @@ class RestoreWidget(JobWidget):
         """``(scale, translate)`` of the output layers; the input's own for same-size outputs."""
         return tuple(layer.scale), tuple(layer.translate)
 
+    @property
+    def planewise(self) -> bool:
+        """Whether planes are restored independently (so one slice can be processed on its own)."""
+        return self.task != "isotropic"
+
+    def _default_scope(self, *_) -> None:
+        """Lazy (dask/zarr) or big layers start on the current view; loading them whole could exhaust memory."""
+        layer = self.layer_picker.layer()
+        big = layer is not None and (layer.multiscale or not isinstance(layer.data, np.ndarray)
+                                     or layer.data.nbytes > LARGE_LAYER_BYTES)
+        self.scope.setCurrentIndex(self.scope.findData("view" if big else "layer"))
+        self.zarr_path.setEnabled(self.scope.currentData() == "zarr")
+
+    def _choose_zarr_path(self) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getSaveFileName(self, "Save the result as", "", "Zarr (*.zarr)")
+        if path:
+            self.zarr_path.setText(path if path.endswith(".zarr") else f"{path}.zarr")
+            self.scope.setCurrentIndex(self.scope.findData("zarr"))
+
+    def region(self, layer) -> tuple[slice, ...]:
+        """The part of the layer's (full-resolution) data to process: all, the current slice or the current view."""
+        data = full_resolution(layer)
+        region = [slice(None)] * data.ndim
+        scope = self.scope.currentData()
+        if scope in ("slice", "view") and data.ndim == 3 and self.planewise:
+            z = int(np.clip(round(layer.world_to_data(self.viewer.dims.point)[-3]), 0, data.shape[0] - 1))
+            region[0] = slice(z, z + 1)
+        if scope == "view":
+            corners = np.asarray(layer.corner_pixels, float)
+            if layer.multiscale:
+                corners = corners * layer.downsample_factors[layer.data_level]
+            for axis in (-2, -1):
+                lo, hi = int(max(0, np.floor(corners[0, axis]))), int(np.ceil(corners[1, axis])) + 1
+                region[axis] = slice(lo, min(data.shape[axis], max(hi, lo + 1)))
+        return tuple(region)
+
     def settings(self) -> Settings:
         return Settings(samples=self.samples.value(), steps=self.steps.value() or None, seed=self.seed.value(),
                         tile=self.tile.value(), device=self.device.currentText(), threshold=self.threshold.value(),
@@ -288,20 +353,65 @@ class RestoreWidget(JobWidget):
         if self.needs_model and self.model_picker.currentIndex() < 0:
             show_error(f"No {self.task} model is available.")
             return
+        if self.scope.currentData() == "zarr":
+            self._run_to_zarr(layer)
+            return
+        region = self.region(layer)
         try:
-            job = self.make_job(np.asarray(layer.data), self.model_picker.currentData(), self.settings())
+            job = self.make_job(np.asarray(full_resolution(layer)[region]), self.model_picker.currentData(),
+                                self.settings())
         except ValueError as err:
             show_error(str(err))
             return
+        self.cancelled_text = type(self).cancelled_text
         self.status.setText(f"Running {self.task} on {layer.name}…")
-        self.start(job, f"{self.task}: {layer.name}", lambda result, layer=layer: self.on_result(layer, result))
+        start = [s.start or 0 for s in region]
+        self.start(job, f"{self.task}: {layer.name}",
+                   lambda result, layer=layer: self.on_result(layer, result, start))
 
-    def on_result(self, layer, result) -> None:
+    def _run_to_zarr(self, layer) -> None:
+        """The whole layer, chunk by chunk in this process, into an OME-Zarr store (resumed if unfinished)."""
+        from napari.utils.notifications import show_error
+
+        from ..core.chunked import ChunkedTask, restore_volume
+
+        path = self.zarr_path.text().strip()
+        if not path:
+            show_error("Choose the Zarr file to write the result to.")
+            return
+        out_scale, _ = self.output_grid(layer)
+        factor = max(round(a / b) for a, b in zip(layer.scale, out_scale))  # x2/x4 in y, x or R along z
+        unit = "nm" if layer.metadata.get("unit") == "nm" else "pixel"
+        job = restore_volume(full_resolution(layer), path, ChunkedTask(self.task, factor),
+                             self.model_picker.currentData(), self.settings(), pixel_size=tuple(layer.scale),
+                             unit=unit, scheduler="threads")
+        self.cancelled_text = f"Cancelled; finished chunks are kept in {path}: run again to resume."
+        self.status.setText(f"Running {self.task} on {layer.name} into {path}…")
+        self.start(job, f"{self.task}: {layer.name} → {path}",
+                   lambda info, layer=layer: self.on_zarr_result(layer, path, info))
+
+    def on_zarr_result(self, layer, path: str, info: dict) -> None:
+        """Open the finished store lazily (dask arrays read chunk by chunk) as the usual output layers."""
+        import dask.array as da
+
+        from ..core.chunked import map_key
+        from ..core.tasks import Restoration
+
+        maps = {name: da.from_zarr(path, component=map_key(name)) for name in ("image", "uncertainty", "difficulty")
+                if name in info["maps"]}
+        result = Restoration(maps["image"], maps.get("uncertainty"), maps.get("difficulty"), info)
+        self.on_result(layer, result)
+        self.status.setText(f"{self.status.text()} Saved in {path}.")
+
+    def on_result(self, layer, result, start=None) -> None:
+        """Add the output layers; ``start`` is the region's first input pixel (its place in the layer)."""
         info = dict(result.info)
         meta = {k: info[k] for k in ("uncertainty_score", "threshold", "reliable", "model", "samples", "steps",
                                      "seed")}
         meta.update(source=layer.name, task=self.task, sampler=info["sampler"], seconds=info["seconds"])
         scale, translate = self.output_grid(layer)
+        if start is not None:
+            translate = tuple(t + s * first for t, s, first in zip(translate, layer.scale, start))
         common = {"scale": scale, "translate": translate, "metadata": meta}
         name = f"{layer.name}_{self.suffix}"
         self.viewer.add_image(result.image, name=name, contrast_limits=layer.contrast_limits, **common)

@@ -329,7 +329,7 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
         _IN_PROCESS_SOURCES.pop(run_id, None)
     device = pick_device(settings.device)
     info = summarise(task.name, model_info, settings, device, None, settings.tile, notes, started,
-                     output=str(output), chunks=total, resumed_chunks=total - len(pending),
+                     output=str(output), maps=list(maps), chunks=total, resumed_chunks=total - len(pending),
                      **({"scale": task.factor} if task.lateral > 1 else {}),
                      **({"factor": task.factor} if task.axial > 1 else {}))
     if settings.samples > 1:
