@@ -7,9 +7,9 @@ generators, with the whole volume's :class:`Normalizer` and ``Settings.origin``,
 the tile grid in the full plane), crops the halo and writes its own output chunk. No pixels pass through the
 scheduler, so memory is bounded by the chunk size on every worker, whatever the volume size.
 
-With a halo of one tile, chunked and in-memory results differ by at most 0.0022 (normalised intensity; the bundled
-denoiser, 3 steps, measured); with ``(steps - 1)`` tiles they are identical, because a tile's error reaches at most
-one tile further per step.
+With a halo of one tile, chunked and in-memory results differ by at most 0.0047 (mean 4e-5; normalised intensity,
+the bundled denoiser with its 3 steps, 1024 x 1024 in chunks of 512, measured), well below the spread between
+samples; with ``steps - 1`` tiles they are identical, because a difference travels at most one tile per step.
 
 Resumable: a chunk's maps are written first (zarr writes each chunk file atomically), then its uncertainty
 histogram, then its flag in ``run/done``; a restarted run skips flagged chunks and recomputes the others, so a
