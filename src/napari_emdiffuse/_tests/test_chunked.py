@@ -178,3 +178,21 @@ def test_local_cluster_of_two_processes_matches_in_memory_and_a_killed_run_resum
     assert done_count() == total
     assert max_difference(out["0"][...], whole.image, norm) < TOLERANCE
     assert np.abs(out["uncertainty/0"][...] - whole.uncertainty).max() < TOLERANCE
+
+
+def test_command_line_switches_to_chunks_for_zarr_and_refuses_mixed_outputs(tmp_path, tiny_isotropic, volume,
+                                                                             capsys):
+    from napari_emdiffuse.cli import main
+
+    source = write_zarr(tmp_path / "in.zarr", volume[:, :32, :40].astype(np.uint8), (1, 16, 16),
+                        scale_um=(0.04, 0.01, 0.01))
+    common = ["--model", tiny_isotropic, "--tile", "64", "--steps", "1", "--factor", "2"]
+    assert main(["isotropic", source, "-o", str(tmp_path / "iso.zarr"), "--chunk", "1,16,16", "--json",
+                 *common]) == 0
+    out = zarr.open_group(str(tmp_path / "iso.zarr"), mode="r")
+    assert out["0"].shape == (5, 32, 40) and out["uncertainty/0"].shape == (5, 32, 40)
+    assert open_volume(tmp_path / "iso.zarr").scale == pytest.approx((20.0, 10.0, 10.0))
+    assert '"uncertainty_score"' in capsys.readouterr().out
+    assert main(["isotropic", source, "-o", str(tmp_path / "iso.tif"), *common]) == 2
+    assert main(["isotropic", source, "-o", str(tmp_path / "b.zarr"), "--uncertainty", "u.tif", *common]) == 2
+    assert "Zarr output" in capsys.readouterr().err
