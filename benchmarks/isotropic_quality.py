@@ -27,6 +27,8 @@ from napari_emdiffuse.core.models import load_model
 from napari_emdiffuse.core.tasks import Settings, drive
 
 RESULTS = Path(__file__).parent / "results"
+# (steps, sigma_max, sigma_end): one step from high noise is the regression estimate E[slice | neighbours]
+SWEEP = [(1, 2.0, 2.0), (2, 1.0, 0.5), (3, 1.0, 0.3), (3, 1.0, 0.15), (4, 1.0, 0.1)]
 
 
 def cubic_interpolation(kept: np.ndarray, factor: int) -> np.ndarray:
@@ -70,7 +72,8 @@ def main():
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--self-supervised", action="store_true", help="also train and test vEMDiffuse-a (R = 4)")
     parser.add_argument("--minutes", type=float, default=10.0, help="vEMDiffuse-a training budget")
-    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="compare sampling settings on the first --gaps gaps")
+    parser.add_argument("--gaps", type=int, default=16)
     parser.add_argument("--every", type=int, default=1, help="score every n-th generated slice (speed)")
     parser.add_argument("--out", default="isotropic_quality.json")
     args = parser.parse_args()
@@ -83,11 +86,12 @@ def main():
         entry = {"linear": score(linear_interpolation(kept, factor), truth, factor, args.every),
                  "cubic": score(cubic_interpolation(kept, factor), truth, factor, args.every)}
         if args.sweep:
-            sub = kept[:17]
-            for steps, sigma_end in [(2, 0.3), (3, 0.3), (3, 0.15), (4, 0.1), (6, 0.05), (8, 0.02)]:
-                m = dataclasses.replace(model, sampling={**model.sampling, "steps": steps, "sigma_end": sigma_end})
+            sub = kept[: args.gaps + 1]
+            for steps, sigma_max, sigma_end in SWEEP:
+                m = dataclasses.replace(model, sampling={**model.sampling, "steps": steps, "sigma_max": sigma_max,
+                                                         "sigma_end": sigma_end})
                 res = drive(isotropic(sub, m, Settings(samples=args.samples), factor=factor))
-                key = f"steps{steps}_end{sigma_end}"
+                key = f"steps{steps}_max{sigma_max}_end{sigma_end}"
                 entry[key] = score(res.image, truth[: len(res.image)], factor, args.every)
                 print(factor, key, entry[key], flush=True)
         elif model is not None:

@@ -79,6 +79,8 @@ def test_training_examples_are_a_slice_between_its_two_conditions():
         below, above, target = (t.mean().item() for t in (cond[i, 0], cond[i, 1], x0[i, 0]))
         assert target == pytest.approx(below + (above - below) * j / factor, abs=1e-5)
         assert abs(above - below) == pytest.approx(2 * factor / 30, abs=1e-5)  # model space is twice [0, 1]
+    residual, _, _ = next(interpolation_batches([ramp], [4, 6], batch=4, patch=32, seed=0, residual=True))
+    assert np.abs(residual.numpy()).max() < 1e-5  # a linear ramp is all linear interpolation: nothing left
 
 
 def test_self_supervised_learns_from_lateral_planes_of_the_volume_alone(volume):

@@ -121,14 +121,16 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: int 
 
 def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int], batch: int, patch: int,
                           seed: int = 0, weights: Sequence[float] | None = None, jitter: float = 0.0,
-                          multiple: int = 16):
+                          multiple: int = 16, residual: bool = False):
     """Endless training batches ``(x0, cond, label)`` in model space.
 
     Each volume is normalised to [0, 1] and oriented with the axis to interpolate across first. An example takes
     two planes ``factor`` apart as the condition and one plane between as the target, in a random ``patch``-sized
     window (the window is shrunk to the planes when they are smaller), mirrored along the interpolation axis and
-    in-plane (rotations and flips) at random; windows are padded to a ``multiple`` of the network's size step. ``weights`` are the probabilities of ``factors``; ``jitter`` is the
-    spread of a random gain and offset per example (robustness to other volumes' contrast).
+    in-plane (rotations and flips) at random; windows are padded to a ``multiple`` of the network's size step.
+    ``weights`` are the probabilities of ``factors``; ``jitter`` is the spread of a random gain and offset per
+    example (robustness to other volumes' contrast). With ``residual`` the target is the slice minus the linear
+    interpolation (for models with ``"residual": true`` in their metadata).
     """
     import torch
 
@@ -146,7 +148,7 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
     # planes smaller than the network's multiple (e.g. z-x planes of a volume of few slices) are mirrored out to it
     pad = [(0, 0), (0, -h % multiple), (0, -w % multiple)]
     while True:
-        xs, cs, ls = [], [], []
+        xs, cs, ls, starts = [], [], [], []
         for _ in range(batch):
             factor = int(rng.choice(factors, p=p))
             v = usable[rng.choice(len(usable), p=sizes / sizes.sum())]
@@ -164,7 +166,9 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
             xs.append(target)
             cs.append(np.stack([below, above]))
             ls.append(LABELS[label_of(factor, j)])
-        yield to_model_space(xs), to_model_space(cs), torch.tensor(ls)
+            starts.append(below + (above - below) * (j / factor))
+        x0 = to_model_space(xs) - (to_model_space(starts) if residual else 0)
+        yield x0, to_model_space(cs), torch.tensor(ls)
 
 
 def lateral_volumes(volume: np.ndarray) -> list[np.ndarray]:
@@ -197,11 +201,11 @@ def self_supervised(volume, factor: int, minutes: float = 10.0, *, seed: int = 0
     torch.manual_seed(seed)
     net = UNet(UNetConfig(cond_channels=2, num_labels=len(LABELS), **SELF_SUPERVISED_NETWORK))
     batches = interpolation_batches(lateral_volumes(norm(volume)), [factor], batch, patch, seed,
-                                    multiple=net.config.multiple)
+                                    multiple=net.config.multiple, residual=True)
     net = yield from train(net, batches, minutes=minutes, lr=1e-3, ema_decay=0.995, seed=seed, device=dev,
                            warmup=50, checkpoint_minutes=float("inf"))
     meta = {"task": "isotropic", "labels": {label_of(factor, j): LABELS[label_of(factor, j)] for j in range(1, factor)},
-            "factors": [factor], "mode": "self-supervised",
+            "factors": [factor], "mode": "self-supervised", "residual": True,
             "description": f"vEMDiffuse-a: interpolation learnt from this volume's lateral planes, R = {factor}.",
             "training": {"minutes": minutes, "seed": seed, "date": time.strftime("%Y-%m-%d")}}
     sampling = {**SAMPLING_DEFAULTS, **SELF_SUPERVISED_SAMPLING}

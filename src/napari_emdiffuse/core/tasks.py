@@ -128,9 +128,12 @@ def sample_plane(model, cond: np.ndarray, start: np.ndarray, settings: Settings,
     sampler = SAMPLERS[settings.sampler or sampling["sampler"]]
     denoiser = TiledDenoiser(model.net, cond_t, tile, settings.overlap, batch, device, label, settings.origin)
     noise = NoiseField(settings.seed, k, ph, pw, settings.origin)  # one field for the whole image
-    x = start_t.expand(k, 1, ph, pw) + sigmas[0] * noise()
+    # a residual model diffuses only the difference from the start (e.g. from the linear interpolation between
+    # two sections): a small correction, learnt much faster than the whole image (self-supervised training)
+    base = start_t if model.meta.get("residual") else torch.zeros_like(start_t)
+    x = (start_t - base).expand(k, 1, ph, pw) + sigmas[0] * noise()
     eta = settings.eta if settings.eta is not None else sampling["eta"]
-    result = yield from sampler(denoiser, x, sigmas, noise, eta=eta)
+    result = (yield from sampler(denoiser, x, sigmas, noise, eta=eta)) + base
     samples = (result[..., :h, :w].numpy() + 1) / 2
     phi = None
     if settings.difficulty and denoiser.first_log_phi is not None:
