@@ -46,7 +46,7 @@ def test_a_lazy_layer_starts_on_the_current_view_of_the_current_slice(zarr_layer
 
 
 def test_the_whole_layer_goes_to_a_zarr_file_and_opens_lazily(zarr_layer, qtbot, tmp_path):
-    viewer, layer, widget = zarr_layer
+    viewer, _, widget = zarr_layer
     widget.scope.setCurrentIndex(widget.scope.findData("zarr"))
     widget.zarr_path.setText(str(tmp_path / "out.zarr"))
     widget.run_button.click()
@@ -61,7 +61,7 @@ def test_the_whole_layer_goes_to_a_zarr_file_and_opens_lazily(zarr_layer, qtbot,
 
 
 def test_cancelling_a_zarr_run_keeps_finished_chunks_and_adds_nothing(zarr_layer, qtbot, tmp_path):
-    viewer, layer, widget = zarr_layer
+    viewer, _, widget = zarr_layer
     widget.steps.setValue(200)
     widget.scope.setCurrentIndex(widget.scope.findData("zarr"))
     widget.zarr_path.setText(str(tmp_path / "out.zarr"))

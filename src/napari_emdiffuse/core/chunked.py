@@ -263,8 +263,6 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
     one tile of halo). An existing ``output`` of the same run is resumed; of another run, it is an error unless
     ``overwrite``.
     """
-    import zarr
-
     from .models import default_model, load_model, resolve
     from .tasks import pick_device, summarise
 
@@ -385,6 +383,10 @@ def _open_output(path: Path, run: dict, overwrite: bool):
 
 
 def _create_output(path: Path, data, task: ChunkedTask, chunk, maps, run: dict, grid, pixel_size, unit: str):
+    import shutil
+
+    import zarr
+
     from .zarr_io import create_ome_zarr
 
     out_shape = task.output_shape(tuple(data.shape))
@@ -393,9 +395,7 @@ def _create_output(path: Path, data, task: ChunkedTask, chunk, maps, run: dict, 
     scale = tuple(s / task.axial for s in pixel[:-2]) + tuple(s / task.lateral for s in pixel[-2:])
     dtypes = {"image": np.dtype(data.dtype), "uncertainty": np.float32, "difficulty": np.float32}
     tmp = path.with_name(f".{path.name}.creating")
-    if tmp.exists():
-        import shutil
-
+    if tmp.exists():  # left by a start that was killed
         shutil.rmtree(tmp)
     root = create_ome_zarr(tmp, {name: dtypes[name] for name in maps}, out_shape, out_chunk, scale, unit)
     run_group = root.create_group(RUN_GROUP)
@@ -404,6 +404,4 @@ def _create_output(path: Path, data, task: ChunkedTask, chunk, maps, run: dict, 
                            dtype=np.int64, fill_value=0)
     root.attrs["emdiffuse"] = {"run": run}
     os.replace(tmp, path)  # a store exists only once complete: a killed start leaves nothing to resume from
-    import zarr
-
     return zarr.open_group(str(path), mode="r+")
