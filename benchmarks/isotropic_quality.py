@@ -1,8 +1,8 @@
 """Isotropic reconstruction quality on a held-out isotropic FIB-SEM volume (issue: vEMDiffuse-i and -a).
 
     python benchmarks/isotropic_quality.py ../shared/data/em                    # bundled model, R = 4 and 6
-    python benchmarks/isotropic_quality.py ../shared/data/em --self-supervised  # + vEMDiffuse-a, 10 min, R = 4
-    python benchmarks/isotropic_quality.py ../shared/data/em --sweep            # sampling settings, R = 4
+    python benchmarks/isotropic_quality.py ../shared/data/em --self-supervised --factors 4  # vEMDiffuse-a, 10 min
+    python benchmarks/isotropic_quality.py ../shared/data/em --sweep --gaps 8   # sampling settings
 
 The volume (10 nm isotropic, not used in training) keeps every R-th slice; the slices between are reconstructed
 and compared with the truth on the generated slices only (PSNR, SSIM, FSIM per slice, averaged), against linear
@@ -72,53 +72,46 @@ def main():
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--self-supervised", action="store_true", help="also train and test vEMDiffuse-a (R = 4)")
     parser.add_argument("--minutes", type=float, default=10.0, help="vEMDiffuse-a training budget")
-    parser.add_argument("--sweep", action="store_true", help="compare sampling settings on the first --gaps gaps")
-    parser.add_argument("--gaps", type=int, default=16)
+    parser.add_argument("--sweep", action="store_true", help="compare sampling settings (SWEEP)")
+    parser.add_argument("--gaps", type=int, default=0, help="evaluate on the first N gaps only (0: all)")
     parser.add_argument("--every", type=int, default=1, help="score every n-th generated slice (speed)")
     parser.add_argument("--out", default="isotropic_quality.json")
     args = parser.parse_args()
     truth_full = tifffile.imread(args.data / args.volume)
-    report = {"volume": args.volume, "samples": args.samples, "factors": {}}
-    model = load_model(args.model or "isotropic-fibsem") if not args.self_supervised or args.model else None
+    report = {"volume": args.volume, "samples": args.samples, "gaps": args.gaps or "all", "factors": {}}
+    trained = load_model(args.model or "isotropic-fibsem") if not args.self_supervised or args.model else None
     for factor in [int(f) for f in args.factors.split(",")]:
-        kept = decimate(truth_full, factor)
+        acquired = decimate(truth_full, factor)
+        kept = acquired[: args.gaps + 1] if args.gaps else acquired
         truth = truth_full[: (len(kept) - 1) * factor + 1]
-        entry = {"linear": score(linear_interpolation(kept, factor), truth, factor, args.every),
+        linear = linear_interpolation(kept, factor)
+        entry = {"linear": score(linear, truth, factor, args.every),
                  "cubic": score(cubic_interpolation(kept, factor), truth, factor, args.every)}
-        if args.sweep:
-            sub = kept[: args.gaps + 1]
-            for steps, sigma_max, sigma_end in SWEEP:
-                m = dataclasses.replace(model, sampling={**model.sampling, "steps": steps, "sigma_max": sigma_max,
-                                                         "sigma_end": sigma_end})
-                res = drive(isotropic(sub, m, Settings(samples=args.samples), factor=factor))
-                key = f"steps{steps}_max{sigma_max}_end{sigma_end}"
-                entry[key] = score(res.image, truth[: len(res.image)], factor, args.every)
-                print(factor, key, entry[key], flush=True)
-        elif model is not None:
+        models = {"vEMDiffuse-i": trained} if trained is not None else {}
+        if args.self_supervised:  # learns from the whole decimated volume, nothing else
             started = time.perf_counter()
-            res = drive(isotropic(kept, model, Settings(samples=args.samples), factor=factor))
-            entry["model"] = {**score(res.image, truth, factor, args.every), "seconds": time.perf_counter() - started,
-                              "uncertainty_score": res.info["uncertainty_score"], "name": model.name}
-            RESULTS.mkdir(exist_ok=True)
-            xz_figure(RESULTS / f"isotropic_xz_R{factor}.png",
-                      {"input": np.repeat(kept, factor, axis=0)[: len(truth)],
-                       "linear": linear_interpolation(kept, factor), "vEMDiffuse-i": res.image, "truth": truth},
-                      truth.shape[1] // 2)
-        if args.self_supervised and factor == 4:
-            started = time.perf_counter()
-            job = self_supervised(kept, factor, minutes=args.minutes)
-            learnt = drive(job)
-            trained = time.perf_counter() - started
-            res = drive(isotropic(kept, learnt, Settings(samples=args.samples), factor=factor))
-            entry["self_supervised"] = {**score(res.image, truth, factor, args.every), "train_seconds": trained,
-                                        "seconds": time.perf_counter() - started - trained}
-            RESULTS.mkdir(exist_ok=True)
-            xz_figure(RESULTS / "isotropic_xz_self_supervised_R4.png",
-                      {"input": np.repeat(kept, factor, axis=0)[: len(truth)],
-                       "linear": linear_interpolation(kept, factor), "vEMDiffuse-a": res.image, "truth": truth},
-                      truth.shape[1] // 2)
+            models["vEMDiffuse-a"] = drive(self_supervised(acquired, factor, minutes=args.minutes))
+            entry["vEMDiffuse-a training seconds"] = time.perf_counter() - started
+        for name, model in models.items():
+            for steps, sigma_max, sigma_end in SWEEP if args.sweep else [(None, None, None)]:
+                key, m = name, model
+                if steps is not None:
+                    key = f"{name} steps {steps}, sigma {sigma_max} -> {sigma_end}"
+                    m = dataclasses.replace(model, sampling={**model.sampling, "steps": steps,
+                                                             "sigma_max": sigma_max, "sigma_end": sigma_end})
+                started = time.perf_counter()
+                res = drive(isotropic(kept, m, Settings(samples=args.samples), factor=factor))
+                entry[key] = {**score(res.image, truth, factor, args.every), "seconds": time.perf_counter() - started,
+                              "uncertainty_score": res.info["uncertainty_score"], "sampling": m.sampling}
+                print(factor, key, {k: round(v, 4) for k, v in entry[key].items() if isinstance(v, float)},
+                      flush=True)
+            if not args.sweep:
+                RESULTS.mkdir(exist_ok=True)
+                xz_figure(RESULTS / f"isotropic_xz_{name}_R{factor}.png",
+                          {"input": np.repeat(kept, factor, axis=0)[: len(truth)], "linear": linear, name: res.image,
+                           "truth": truth}, truth.shape[1] // 2)
         report["factors"][str(factor)] = entry
-        print(json.dumps({factor: entry}, indent=1), flush=True)
+        print(json.dumps({factor: {k: entry[k] for k in ("linear", "cubic")}}), flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.out).write_text(json.dumps(report, indent=1))
 
