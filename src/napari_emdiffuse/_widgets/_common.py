@@ -287,6 +287,7 @@ class RestoreWidget(JobWidget):
 
     # hooks for task widgets
     needs_model = True  # False while a widget trains its own model (self-supervised isotropic reconstruction)
+    planewise = True  # planes are restored independently, so one slice can be processed on its own
 
     def add_task_controls(self, form: QFormLayout) -> None:
         """Add controls specific to the task (e.g. the scale factor)."""
@@ -297,11 +298,6 @@ class RestoreWidget(JobWidget):
     def output_grid(self, layer) -> tuple[tuple, tuple]:
         """``(scale, translate)`` of the output layers; the input's own for same-size outputs."""
         return tuple(layer.scale), tuple(layer.translate)
-
-    @property
-    def planewise(self) -> bool:
-        """Whether planes are restored independently (so one slice can be processed on its own)."""
-        return self.task != "isotropic"
 
     def _default_scope(self, *_) -> None:
         """Lazy (dask/zarr) or big layers start on the current view; loading them whole could exhaust memory."""

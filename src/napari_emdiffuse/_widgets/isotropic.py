@@ -13,6 +13,7 @@ WITH_MODEL, SELF_SUPERVISED = "model", "self-supervised"
 class IsotropicWidget(RestoreWidget):
     task = "isotropic"
     suffix = "isotropic"
+    planewise = False  # every output slice needs its acquired neighbours: "current slice" means the whole stack
 
     def add_task_controls(self, form) -> None:
         self.mode = QComboBox(objectName="mode")
