@@ -176,7 +176,11 @@ def lateral_volumes(volume: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(np.moveaxis(volume, 1, 0)), np.ascontiguousarray(np.moveaxis(volume, 2, 0))]
 
 
-SELF_SUPERVISED_NETWORK = dict(base=24, mults=(1, 2, 2), blocks=1, attention=False, patch=2)
+# chosen by ``benchmarks/isotropic_quality.py --self-supervised --sweep``: after minutes of training, two steps
+# that stop at a moderate noise level score best (more steps add detail the model has not learnt yet)
+SELF_SUPERVISED_SAMPLING = {"steps": 2, "sampler": "euler_ancestral", "eta": 1.0, "sigma_max": 1.0,
+                            "sigma_end": 0.5}
+SELF_SUPERVISED_NETWORK = {"base": 24, "mults": (1, 2, 2), "blocks": 1, "attention": False, "patch": 2}
 
 
 def self_supervised(volume, factor: int, minutes: float = 10.0, *, seed: int = 0, device: str = "auto",
@@ -212,11 +216,6 @@ def self_supervised(volume, factor: int, minutes: float = 10.0, *, seed: int = 0
     return Model(net=net.eval(), meta={**meta, "sampling": sampling}, name=name or f"self-supervised-R{factor}",
                  sampling=sampling)
 
-
-# chosen by ``benchmarks/isotropic_quality.py --self-supervised --sweep``: after minutes of training, two steps
-# that stop at a moderate noise level score best (more steps add detail the model has not learnt yet)
-SELF_SUPERVISED_SAMPLING = {"steps": 2, "sampler": "euler_ancestral", "eta": 1.0, "sigma_max": 1.0,
-                            "sigma_end": 0.5}
 
 
 def isotropic_self_supervised(volume, factor: int = 4, minutes: float = 10.0, settings: Settings | None = None,
