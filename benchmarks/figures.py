@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import bm3d, psnr, to_uint8, tune  # noqa: E402
 
-from napari_emdiffuse.core.isotropic import decimate, isotropic, linear_interpolation, self_supervised  # noqa: E402
+from napari_emdiffuse.core.isotropic import decimate, interpolate, isotropic, self_supervised  # noqa: E402
 from napari_emdiffuse.core.simulate import SEMNoise, area_downsample, synthetic_em, synthetic_volume  # noqa: E402
 from napari_emdiffuse.core.tasks import Settings, denoise, drive, superres, upsample  # noqa: E402
 
@@ -88,7 +88,7 @@ def superres_figure(out: Path, rng) -> None:
 def isotropic_figure(out: Path, factor: int = 4) -> None:
     truth = to_uint8(synthetic_volume((61, 128, 128), seed=5) * 200 + 30)
     kept = decimate(truth, factor)
-    linear = to_uint8(linear_interpolation(kept, factor))
+    linear = to_uint8(interpolate(kept, factor))
     trained = drive(isotropic(kept, None, Settings(), factor=factor)).image
     learnt = drive(self_supervised(kept, factor, minutes=3.0))
     self_taught = drive(isotropic(kept, learnt, Settings(), factor=factor)).image

@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser, output: str, minutes: float) 
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", type=int, default=32)
     parser.add_argument("--init", default=None, help="start from the weights of this model (name or file)")
+    parser.add_argument("--log-sigma", type=float, nargs=2, default=(-1.2, 1.2), metavar=("MEAN", "STD"),
+                        help="training noise levels: log sigma ~ N(MEAN, STD); centre them on the sampler's range")
 
 
 def init_from(net, model: str) -> None:
@@ -73,7 +75,7 @@ def fit(net, batches, meta: dict, args) -> None:
         save_model(ema, {**meta, "training": {**meta["training"], "step": step}}, args.output)
 
     job = train(net, batches, iterations=args.iterations, minutes=args.minutes, lr=args.lr, seed=args.seed,
-                report_every=50, checkpoint_minutes=5)
+                report_every=50, checkpoint_minutes=5, log_sigma=tuple(args.log_sigma))
     while True:
         try:
             p = next(job)

@@ -5,8 +5,8 @@
 Volume ``fibsem_iso10nm_a_250.tif`` (10 nm in z, y and x) is used in all three orientations: an isotropic volume
 looks alike along each axis, so every axis can play z. Every factor R from 2 to 10 and every slice j between two
 kept slices is a label of one model; R = 4 and R = 6 (the common serial-section ratios) get most of the training.
-The model is residual: it diffuses the difference between the slice and the linear interpolation of its two
-neighbours, which is small and learnt much faster than the slice itself. Volume ``b`` is held out for the benchmark
+The model is residual: it diffuses the difference between the slice and the motion-compensated interpolation of
+its two neighbours (``core/flow.py``), which is small and learnt much faster than the slice itself. Volume ``b`` is held out for the benchmark
 (``benchmarks/isotropic_quality.py``).
 """
 
@@ -43,10 +43,10 @@ def main():
     net = UNet(UNetConfig(cond_channels=2, base=args.base, mults=(1, 2, 2, 4), blocks=1, attention=True, patch=2,
                           num_labels=len(LABELS)))
     meta = {"task": "isotropic", "script": "training/train_isotropic.py", "labels": LABELS,
-            "factors": list(FACTORS), "mode": "isotropic training data", "residual": True,
+            "factors": list(FACTORS), "mode": "isotropic training data", "residual": True, "start": "motion",
             "description": "vEMDiffuse-i: slices between serial sections, trained on 10 nm isotropic FIB-SEM."}
     batches = interpolation_batches(oriented, FACTORS, args.batch, args.patch, args.seed, factor_weights(),
-                                    jitter=0.03, residual=True)
+                                    jitter=0.03, residual="motion")
     fit(net, batches, meta, args)
 
 

@@ -7,9 +7,9 @@ from napari_emdiffuse.core.isotropic import (
     flicker,
     interpolation_batches,
     isotropic,
+    interpolate,
     label_of,
     lateral_volumes,
-    linear_interpolation,
     self_supervised,
 )
 from napari_emdiffuse.core.normalize import InputError
@@ -29,10 +29,28 @@ def test_every_factor_and_slice_has_its_own_label():
 
 def test_linear_interpolation_keeps_acquired_slices_and_blends_between():
     kept = np.stack([np.full((2, 3), v, np.float32) for v in (0, 8, 4)])
-    out = linear_interpolation(kept, 4)
+    out = interpolate(kept, 4)
     assert out.shape == (9, 2, 3)
     assert out[:, 0, 0].tolist() == [0, 2, 4, 6, 8, 7, 6, 5, 4]
     assert np.array_equal(decimate(out, 4), kept)
+
+
+def test_motion_interpolation_follows_structures_that_move_between_slices():
+    from scipy.ndimage import gaussian_filter, shift
+
+    rng = np.random.default_rng(0)
+    texture = gaussian_filter(rng.random((96, 96)), 2).astype(np.float32)
+    # a structure drifting 1.5 px in y and -1 px in x per slice: slices 0 and 4 are kept, 1-3 are the truth
+    stack = np.stack([shift(texture, (1.5 * z, -1.0 * z), mode="wrap") for z in range(5)])
+    inner = (slice(20, -20), slice(20, -20))
+    for factor, start in ((4, "linear"), (4, "motion")):
+        out = interpolate(stack[::4], factor, start)
+        assert np.array_equal(out[::4], stack[::4])
+        errors = [np.abs(out[z][inner] - stack[z][inner]).mean() for z in (1, 2, 3)]
+        if start == "linear":
+            linear_error = max(errors)
+        else:  # following the motion recovers the moved texture; averaging across it only blurs it
+            assert max(errors) < 0.2 * linear_error
 
 
 def test_flicker_is_the_mean_step_between_slices():
@@ -79,8 +97,9 @@ def test_training_examples_are_a_slice_between_its_two_conditions():
         below, above, target = (t.mean().item() for t in (cond[i, 0], cond[i, 1], x0[i, 0]))
         assert target == pytest.approx(below + (above - below) * j / factor, abs=1e-5)
         assert abs(above - below) == pytest.approx(2 * factor / 30, abs=1e-5)  # model space is twice [0, 1]
-    residual, _, _ = next(interpolation_batches([ramp], [4, 6], batch=4, patch=32, seed=0, residual=True))
-    assert np.abs(residual.numpy()).max() < 1e-5  # a linear ramp is all linear interpolation: nothing left
+    for start in ("linear", "motion"):  # a ramp along z is all interpolation (and has no motion): nothing left
+        residual, _, _ = next(interpolation_batches([ramp], [4, 6], batch=4, patch=32, seed=0, residual=start))
+        assert np.abs(residual.numpy()).max() < 1e-4, start
 
 
 def test_self_supervised_learns_from_lateral_planes_of_the_volume_alone(volume):

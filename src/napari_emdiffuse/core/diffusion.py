@@ -54,17 +54,25 @@ def sample_training_sigmas(n: int, generator: torch.Generator | None = None,
     return (torch.randn(n, generator=generator) * p_std + p_mean).exp()
 
 
+def training_log_sigma(sigma_end: float, sigma_max: float) -> tuple[float, float]:
+    """``(mean, std)`` of log sigma covering a sampler's range [sigma_end, sigma_max] (for :func:`training_loss`)."""
+    low, high = math.log(sigma_end), math.log(sigma_max)
+    return (low + high) / 2, max((high - low) / 2, 0.25)
+
+
 def training_loss(net, x0: torch.Tensor, cond: torch.Tensor, label: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None, beta: float = 0.5) -> torch.Tensor:
+                  generator: torch.Generator | None = None, beta: float = 0.5,
+                  log_sigma: tuple[float, float] = (-1.2, 1.2)) -> torch.Tensor:
     """Difficulty-aware denoising loss.
 
     With ``e = F - F_target`` (the EDM-weighted error), the per-pixel loss is the Gaussian negative log-likelihood
     ``e^2 / (2 phi^2) + log phi``: pixels the network finds hard get a large phi and stop dominating the gradient,
     and phi learns the expected error. Plain NLL lets the network give up on hard pixels; the beta-NLL weighting
     (Seitzer et al., 2022) multiplies by ``phi^(2 beta)`` (no gradient through it) to keep fitting them.
-    Without a difficulty head this is the plain EDM loss.
+    Without a difficulty head this is the plain EDM loss. ``log_sigma`` (mean, std of log sigma) says which noise
+    levels training spends its steps on: a model whose sampler only visits sigma in [0.15, 1] learns faster there.
     """
-    sigma = sample_training_sigmas(x0.shape[0], generator).to(x0.device)
+    sigma = sample_training_sigmas(x0.shape[0], generator, *log_sigma).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     s = sigma.reshape(-1, 1, 1, 1)
     x = x0 + s * noise

@@ -4,7 +4,8 @@ A volume acquired every R-th slice (z spacing R times the lateral pixel) becomes
 slices: the acquired slices stay at every R-th position and each of the R - 1 slices between two acquired ones is
 sampled, conditioned on its two neighbours (two channels). The model's label says which slice of which gap, as
 ``"R:j"`` (see :func:`label_of`), so one model serves every factor and position it was trained for. Sampling starts
-from the linear interpolation plus noise, as denoising starts from the noisy image.
+from an interpolation of the two neighbours plus noise, as denoising starts from the noisy image: the model's
+``"start"`` says which, ``"linear"`` or ``"motion"`` (along the structures' motion, see :mod:`.flow`).
 
 - **vEMDiffuse-i**: the model was trained on an isotropic volume (every orientation of it: an isotropic volume
   looks the same along z, y and x), decimated along the axis of interpolation.
@@ -51,15 +52,35 @@ def decimate(volume: np.ndarray, factor: int) -> np.ndarray:
     return volume[::factor]
 
 
-def linear_interpolation(volume: np.ndarray, factor: int) -> np.ndarray:
-    """Linear interpolation along z onto the fine grid (float32), the baseline and the sampler's start."""
+STARTS = ("linear", "motion")
+
+
+def between(below: np.ndarray, above: np.ndarray, fractions, start: str = "linear") -> np.ndarray:
+    """Interpolated planes at ``fractions`` (0 = below, 1 = above) of the way between slices ``below`` and ``above``.
+
+    One pair (y, x) with fractions (k,) gives (k, y, x); n pairs (n, y, x) with fractions (n, k) give
+    (n, k, y, x). ``start`` is ``"linear"`` (straight across) or ``"motion"`` (along the estimated motion).
+    """
+    if start == "motion":
+        from .flow import motion_interpolation
+
+        return motion_interpolation(below, above, fractions)
+    if start != "linear":
+        raise InputError(f"Unknown interpolation {start!r}: use one of {', '.join(STARTS)}.")
+    t = np.asarray(fractions, np.float32)[..., None, None]
+    below, above = (np.asarray(a, np.float32)[..., None, :, :] for a in (below, above))
+    return below * (1 - t) + above * t
+
+
+def interpolate(volume: np.ndarray, factor: int, start: str = "linear") -> np.ndarray:
+    """The volume on the fine z grid by plain interpolation (float32): the baselines, and the sampler's start."""
     v = np.asarray(volume, dtype=np.float32)
-    t = (np.arange(1, factor, dtype=np.float32) / factor)[None, :, None, None]
-    between = v[:-1, None] * (1 - t) + v[1:, None] * t  # (gaps, R-1, Y, X)
+    fractions = np.arange(1, factor, dtype=np.float32) / factor
+    gaps = between(v[:-1], v[1:], np.broadcast_to(fractions, (len(v) - 1, factor - 1)), start)  # (gaps, R-1, y, x)
     out = np.zeros((output_slices(len(v), factor),) + v.shape[1:], np.float32)
     out[::factor] = v
     for j in range(1, factor):
-        out[j::factor] = between[:, j - 1]
+        out[j::factor] = gaps[:, j - 1]
     return out
 
 
@@ -84,16 +105,16 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: int 
         raise InputError("Isotropic reconstruction needs a volume (z, y, x) with at least 2 slices.")
     labels = [model_label(model, label_of(factor, j)) for j in range(1, factor)]
     gaps = len(volume) - 1
+    fractions = np.arange(1, factor) / factor
 
     def jobs() -> Iterator[PlaneJob]:
         below = norm(volume[0])
         for g in range(gaps):
             above = norm(volume[g + 1])
             cond = np.stack([below, above])
+            starts = between(below, above, fractions, model.meta.get("start", "linear"))
             for j in range(1, factor):
-                t = j / factor
-                yield PlaneJob(cond, (1 - t) * below + t * above, labels[j - 1],
-                               f" gap {g + 1}/{gaps}, slice {j}/{factor - 1}")
+                yield PlaneJob(cond, starts[j - 1], labels[j - 1], f" gap {g + 1}/{gaps}, slice {j}/{factor - 1}")
             below = above
 
     means, stds, phis, tile, notes = yield from sample_planes(model, jobs(), gaps * (factor - 1), volume.shape[1:],
@@ -121,7 +142,7 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: int 
 
 def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int], batch: int, patch: int,
                           seed: int = 0, weights: Sequence[float] | None = None, jitter: float = 0.0,
-                          multiple: int = 16, residual: bool = False):
+                          multiple: int = 16, residual: str | None = None):
     """Endless training batches ``(x0, cond, label)`` in model space.
 
     Each volume is normalised to [0, 1] and oriented with the axis to interpolate across first. An example takes
@@ -129,8 +150,8 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
     window (the window is shrunk to the planes when they are smaller), mirrored along the interpolation axis and
     in-plane (rotations and flips) at random; windows are padded to a ``multiple`` of the network's size step.
     ``weights`` are the probabilities of ``factors``; ``jitter`` is the spread of a random gain and offset per
-    example (robustness to other volumes' contrast). With ``residual`` the target is the slice minus the linear
-    interpolation (for models with ``"residual": true`` in their metadata).
+    example (robustness to other volumes' contrast). With ``residual`` (``"linear"`` or ``"motion"``) the target is
+    the slice minus that interpolation (for models with ``"residual": true`` and that ``"start"`` in their metadata).
     """
     import torch
 
@@ -148,7 +169,7 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
     # planes smaller than the network's multiple (e.g. z-x planes of a volume of few slices) are mirrored out to it
     pad = [(0, 0), (0, -h % multiple), (0, -w % multiple)]
     while True:
-        xs, cs, ls, starts = [], [], [], []
+        xs, cs, ls, fractions = [], [], [], []
         for _ in range(batch):
             factor = int(rng.choice(factors, p=p))
             v = usable[rng.choice(len(usable), p=sizes / sizes.sum())]
@@ -166,8 +187,11 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
             xs.append(target)
             cs.append(np.stack([below, above]))
             ls.append(LABELS[label_of(factor, j)])
-            starts.append(below + (above - below) * (j / factor))
-        x0 = to_model_space(xs) - (to_model_space(starts) if residual else 0)
+            fractions.append([j / factor])
+        x0 = to_model_space(xs)
+        if residual:
+            below, above = np.stack([c[0] for c in cs]), np.stack([c[1] for c in cs])
+            x0 = x0 - to_model_space(list(between(below, above, fractions, residual)[:, 0]))
         yield x0, to_model_space(cs), torch.tensor(ls)
 
 
@@ -191,6 +215,7 @@ def self_supervised(volume, factor: int, minutes: float = 10.0, *, seed: int = 0
     """
     import torch
 
+    from .diffusion import training_log_sigma
     from .models import SAMPLING_DEFAULTS, Model
     from .network import UNet, UNetConfig
     from .tasks import pick_device
@@ -205,11 +230,13 @@ def self_supervised(volume, factor: int, minutes: float = 10.0, *, seed: int = 0
     torch.manual_seed(seed)
     net = UNet(UNetConfig(cond_channels=2, num_labels=len(LABELS), **SELF_SUPERVISED_NETWORK))
     batches = interpolation_batches(lateral_volumes(norm(volume)), [factor], batch, patch, seed,
-                                    multiple=net.config.multiple, residual=True)
+                                    multiple=net.config.multiple, residual="motion")
+    # a short budget is best spent on the only noise levels the sampler visits
+    log_sigma = training_log_sigma(SELF_SUPERVISED_SAMPLING["sigma_end"], SELF_SUPERVISED_SAMPLING["sigma_max"])
     net = yield from train(net, batches, minutes=minutes, lr=1e-3, ema_decay=0.995, seed=seed, device=dev,
-                           warmup=50, checkpoint_minutes=float("inf"))
+                           warmup=50, checkpoint_minutes=float("inf"), log_sigma=log_sigma)
     meta = {"task": "isotropic", "labels": {label_of(factor, j): LABELS[label_of(factor, j)] for j in range(1, factor)},
-            "factors": [factor], "mode": "self-supervised", "residual": True,
+            "factors": [factor], "mode": "self-supervised", "residual": True, "start": "motion",
             "description": f"vEMDiffuse-a: interpolation learnt from this volume's lateral planes, R = {factor}.",
             "training": {"minutes": minutes, "seed": seed, "date": time.strftime("%Y-%m-%d")}}
     sampling = {**SAMPLING_DEFAULTS, **SELF_SUPERVISED_SAMPLING}

@@ -1,0 +1,104 @@
+"""Motion between neighbouring sections: Lucas-Kanade optical flow and motion-compensated interpolation.
+
+Membranes and organelles run obliquely through a volume, so between two acquired slices they move as well as
+change. Interpolating along that motion, instead of straight across z, puts them close to where they are in the
+missing slices (on 10 nm FIB-SEM with every 4th slice kept: about +0.8 dB PSNR over linear interpolation and far
+less blur, see ``benchmarks/isotropic_quality.py``); the diffusion model then only adds what motion cannot explain.
+
+Torch only (batched, runs where the model runs). Every step is local: a fixed, small pyramid and box windows, so a
+plane processed in chunks with a halo gets (almost exactly) the flow of the whole plane.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+RADIUS = 16  # half-width of the window over which motion is assumed constant (pixels, at every pyramid level)
+LEVELS = 3  # pyramid levels: motion up to about RADIUS * 2 ** (LEVELS - 1) pixels
+WARPS = 3  # Lucas-Kanade iterations per level
+
+
+def _box(x, radius: int):
+    """Window sums (up to a constant) over (2 radius + 1)^2 pixels; separable, so cheap for large windows."""
+    import torch.nn.functional as F
+
+    k = 2 * radius + 1
+    x = F.avg_pool2d(x, (k, 1), stride=1, padding=(radius, 0))
+    return F.avg_pool2d(x, (1, k), stride=1, padding=(0, radius))
+
+
+def warp(image, flow):
+    """``image`` sampled at ``position + flow`` (flow in pixels, channels y then x), bilinear, edges repeated."""
+    import torch
+    import torch.nn.functional as F
+
+    n, _, h, w = image.shape
+    ys = torch.arange(h, dtype=image.dtype, device=image.device).view(1, h, 1)
+    xs = torch.arange(w, dtype=image.dtype, device=image.device).view(1, 1, w)
+    y = (ys + flow[:, 0]) * (2 / max(h - 1, 1)) - 1
+    x = (xs + flow[:, 1]) * (2 / max(w - 1, 1)) - 1
+    return F.grid_sample(image, torch.stack([x, y], dim=-1), mode="bilinear", padding_mode="border",
+                         align_corners=True)
+
+
+def lucas_kanade(reference, moving, radius: int = RADIUS, levels: int = LEVELS, warps: int = WARPS):
+    """Flow ``v`` (n, 2, h, w) with ``moving(p + v(p)) ~ reference(p)``, for (n, 1, h, w) tensors.
+
+    Iterative Lucas-Kanade, coarse to fine: at each level the moving image is warped by the current flow and the
+    remaining motion solves, per pixel, the 2x2 least-squares system of the brightness-constancy equation summed
+    over a box window. Windows without texture (singular systems) keep the flow they had.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    pyramid = [(reference, moving)]
+    for _ in range(levels - 1):
+        r, m = pyramid[-1]
+        if min(r.shape[-2:]) < 4 * radius:  # too small to learn anything new at a coarser level
+            break
+        pyramid.append((F.avg_pool2d(r, 2, ceil_mode=True), F.avg_pool2d(m, 2, ceil_mode=True)))
+    flow = None
+    for r, m in reversed(pyramid):
+        if flow is None:
+            flow = r.new_zeros((r.shape[0], 2) + r.shape[-2:])
+        else:
+            flow = 2 * F.interpolate(flow, size=r.shape[-2:], mode="bilinear", align_corners=False)
+        for _ in range(warps):
+            moved = warp(m, flow)
+            gy, gx = torch.gradient(moved, dim=(-2, -1))
+            error = gy * flow[:, :1] + gx * flow[:, 1:] + r - moved
+            syy, sxy, sxx = _box(gy * gy, radius), _box(gx * gy, radius), _box(gx * gx, radius)
+            by, bx = _box(gy * error, radius), _box(gx * error, radius)
+            det = syy * sxx - sxy * sxy
+            solvable = det > 1e-6 * (syy + sxx) ** 2 + 1e-12
+            det = torch.where(solvable, det, torch.ones_like(det))
+            new = torch.cat([(sxx * by - sxy * bx) / det, (syy * bx - sxy * by) / det], dim=1)
+            flow = torch.where(solvable, new, flow)
+    return flow
+
+
+def motion_interpolation(below: np.ndarray, above: np.ndarray, fractions) -> np.ndarray:
+    """The planes at ``fractions`` (0 = below, 1 = above) of the way between two slices, following their motion.
+
+    A point at ``p`` in ``below`` is at ``p + v`` in ``above`` and, moving steadily, at ``p + s v`` at fraction
+    ``s``: the plane there blends ``below`` sampled at ``p - s v`` and ``above`` at ``p + (1 - s) v``, weighted by
+    closeness. Shapes as for linear interpolation: one pair (y, x) with fractions (k,) gives (k, y, x); n pairs
+    (n, y, x) with fractions (n, k) give (n, k, y, x). float32.
+    """
+    import torch
+
+    with torch.no_grad():
+        b = torch.as_tensor(np.asarray(below, np.float32))
+        a = torch.as_tensor(np.asarray(above, np.float32))
+        single = b.ndim == 2
+        b, a = (t.reshape((-1, 1) + t.shape[-2:]) for t in (b, a))
+        s = torch.as_tensor(np.asarray(fractions, np.float32)).reshape(len(b), -1)
+        flow = lucas_kanade(b, a)
+        planes = []
+        for i in range(s.shape[1]):
+            t = s[:, i].view(-1, 1, 1, 1)
+            planes.append((1 - t) * warp(b, -t * flow) + t * warp(a, (1 - t) * flow))
+        out = torch.cat(planes, dim=1).numpy()
+    return out[0] if single else out
