@@ -23,7 +23,7 @@ import tifffile
 from _common import fsim, psnr, ssim, to_uint8
 
 from napari_emdiffuse.core.isotropic import decimate, flicker, interpolate, isotropic, self_supervised
-from napari_emdiffuse.core.models import load_model
+from napari_emdiffuse.core.models import load_model, save_model
 from napari_emdiffuse.core.tasks import Settings, drive
 
 RESULTS = Path(__file__).parent / "results"
@@ -76,6 +76,8 @@ def main():
     parser.add_argument("--gaps", type=int, default=0, help="evaluate on the first N gaps only (0: all)")
     parser.add_argument("--every", type=int, default=1, help="score every n-th generated slice (speed)")
     parser.add_argument("--out", default="isotropic_quality.json")
+    parser.add_argument("--save-model", type=Path, default=None,
+                        help="keep the vEMDiffuse-a model (then: --model FILE --sweep compares its sampling)")
     args = parser.parse_args()
     truth_full = tifffile.imread(args.data / args.volume)
     report = {"volume": args.volume, "samples": args.samples, "gaps": args.gaps or "all", "factors": {}}
@@ -88,11 +90,15 @@ def main():
         entry = {"linear": score(linear, truth, factor, args.every),
                  "cubic": score(cubic_interpolation(kept, factor), truth, factor, args.every),
                  "motion": score(interpolate(kept, factor, "motion"), truth, factor, args.every)}
-        models = {"vEMDiffuse-i": trained} if trained is not None else {}
+        models = {}
+        if trained is not None:
+            models["vEMDiffuse-a" if trained.meta.get("mode") == "self-supervised" else "vEMDiffuse-i"] = trained
         if args.self_supervised:  # learns from the whole decimated volume, nothing else
             started = time.perf_counter()
             models["vEMDiffuse-a"] = drive(self_supervised(acquired, factor, minutes=args.minutes))
             entry["vEMDiffuse-a training seconds"] = time.perf_counter() - started
+            if args.save_model:
+                save_model(models["vEMDiffuse-a"].net, models["vEMDiffuse-a"].meta, args.save_model)
         for name, model in models.items():
             for steps, sigma_max, sigma_end in SWEEP if args.sweep else [(None, None, None)]:
                 key, m = name, model

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from napari_emdiffuse.core.diffusion import SAMPLERS, karras_sigmas, training_loss
+from napari_emdiffuse.core.diffusion import (
+    SAMPLERS,
+    karras_sigmas,
+    sample_training_sigmas,
+    training_log_sigma,
+    training_loss,
+)
 from napari_emdiffuse.core.network import UNet, UNetConfig
 from napari_emdiffuse.core.tasks import drive
 
@@ -22,6 +28,14 @@ def test_karras_sigmas_descend_from_max_to_end():
     assert sigmas[0] == pytest.approx(1.0) and sigmas[-1] == pytest.approx(0.02)
     assert all(a > b for a, b in zip(sigmas, sigmas[1:]))
     assert karras_sigmas(1, 0.02, 1.0) == [1.0]
+
+
+def test_training_noise_levels_concentrate_on_the_samplers_range():
+    gen = torch.Generator().manual_seed(0)
+    default = sample_training_sigmas(20000, gen)
+    focused = sample_training_sigmas(20000, gen, *training_log_sigma(0.5, 1.0))
+    share = lambda s: ((s >= 0.5) & (s <= 1.0)).float().mean().item()  # noqa: E731
+    assert share(focused) > 0.65 and share(default) < 0.25
 
 
 @pytest.mark.parametrize("name, eta", [("euler_ancestral", 1.0), ("euler_ancestral", 0.0), ("dpmpp_2m_sde", 1.0),

@@ -90,11 +90,11 @@ def motion_interpolation(below: np.ndarray, above: np.ndarray, fractions) -> np.
     import torch
 
     with torch.no_grad():
-        b = torch.as_tensor(np.asarray(below, np.float32))
-        a = torch.as_tensor(np.asarray(above, np.float32))
+        b = torch.tensor(np.asarray(below, np.float32))  # a copy: inputs may be read-only views
+        a = torch.tensor(np.asarray(above, np.float32))
         single = b.ndim == 2
         b, a = (t.reshape((-1, 1) + t.shape[-2:]) for t in (b, a))
-        s = torch.as_tensor(np.asarray(fractions, np.float32)).reshape(len(b), -1)
+        s = torch.tensor(np.asarray(fractions, np.float32)).reshape(len(b), -1)
         flow = lucas_kanade(b, a)
         planes = []
         for i in range(s.shape[1]):
