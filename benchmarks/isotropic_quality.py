@@ -6,7 +6,8 @@
 
 The volume (10 nm isotropic, not used in training) keeps every R-th slice; the slices between are reconstructed
 and compared with the truth on the generated slices only (PSNR, SSIM, FSIM per slice, averaged), against linear
-and cubic interpolation along z and motion-compensated interpolation (the models' start, without the model). Flicker: mean |difference| of neighbouring output slices over the truth's.
+and cubic interpolation along z and motion-compensated interpolation (the models' start, without the model).
+Flicker: mean |difference| of neighbouring output slices over the truth's.
 An XZ view (input, linear, reconstruction, truth) is written next to the results (not committed: real data).
 """
 

@@ -11,8 +11,6 @@ plane processed in chunks with a halo gets (almost exactly) the flow of the whol
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
 RADIUS = 16  # half-width of the window over which motion is assumed constant (pixels, at every pyramid level)
@@ -34,7 +32,7 @@ def warp(image, flow):
     import torch
     import torch.nn.functional as F
 
-    n, _, h, w = image.shape
+    h, w = image.shape[-2:]
     ys = torch.arange(h, dtype=image.dtype, device=image.device).view(1, h, 1)
     xs = torch.arange(w, dtype=image.dtype, device=image.device).view(1, 1, w)
     y = (ys + flow[:, 0]) * (2 / max(h - 1, 1)) - 1

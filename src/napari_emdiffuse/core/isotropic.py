@@ -106,13 +106,14 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: int 
     labels = [model_label(model, label_of(factor, j)) for j in range(1, factor)]
     gaps = len(volume) - 1
     fractions = np.arange(1, factor) / factor
+    start = model.meta.get("start", "linear")
 
     def jobs() -> Iterator[PlaneJob]:
         below = norm(volume[0])
         for g in range(gaps):
             above = norm(volume[g + 1])
             cond = np.stack([below, above])
-            starts = between(below, above, fractions, model.meta.get("start", "linear"))
+            starts = between(below, above, fractions, start)
             for j in range(1, factor):
                 yield PlaneJob(cond, starts[j - 1], labels[j - 1], f" gap {g + 1}/{gaps}, slice {j}/{factor - 1}")
             below = above
