@@ -6,7 +6,8 @@ Training pairs come from two sources:
 - the real short-dwell/long-dwell SEM pair (top half only; the bottom half is held out for benchmarks), which carries
   the real noise and the real intensity relation between the two acquisitions;
 - clean FIB-SEM and ssTEM images with simulated short-dwell SEM noise over a wide range of levels and scan
-  correlations (see ``core.simulate.SEMNoise.random``), so that the model generalises beyond one noise level.
+  correlations, with the detector signal shown plain or inverted (see ``core.simulate.SEMNoise.random``), so that
+  the model generalises beyond one noise level and one detector convention.
 Held out everywhere: the bottom half of the real pair, FIB-SEM 5 nm slices 22-26, the whole FIB-SEM volume ``b``.
 """
 

@@ -1,0 +1,29 @@
+import numpy as np
+import pytest
+
+from napari_emdiffuse.core.simulate import SEMNoise, area_downsample
+
+
+@pytest.mark.parametrize("inverted", [False, True])
+def test_shot_noise_is_largest_where_the_detector_collects_most_electrons(inverted):
+    clean = np.tile(np.linspace(0, 1, 256, dtype=np.float32), (256, 1))  # dark on the left, bright on the right
+    noisy = SEMNoise(electrons=50, read=0.0, correlation_x=0.0, correlation_y=0.0, inverted=inverted)(
+        clean, np.random.default_rng(0))
+    residual = noisy - clean
+    dark, bright = residual[:, :64].std(), residual[:, -64:].std()
+    assert abs(residual.mean()) < 0.01  # noise, not a change of brightness
+    assert (dark > 1.5 * bright) if inverted else (bright > 1.5 * dark)
+
+
+def test_random_levels_cover_both_detector_conventions():
+    rng = np.random.default_rng(0)
+    draws = [SEMNoise.random(rng) for _ in range(200)]
+    assert 60 < sum(d.inverted for d in draws) < 140
+    assert min(d.electrons for d in draws) < 25 and max(d.electrons for d in draws) > 250
+
+
+def test_area_downsampling_averages_blocks_and_crops_the_remainder():
+    image = np.arange(5 * 7, dtype=np.float32).reshape(5, 7)
+    small = area_downsample(image, 2)
+    assert small.shape == (2, 3)
+    assert small[0, 0] == pytest.approx(image[:2, :2].mean())
