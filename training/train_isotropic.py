@@ -6,9 +6,8 @@ Volume ``fibsem_iso10nm_a_250.tif`` (10 nm in z, y and x) is used in all three o
 looks alike along each axis, so every axis can play z. Every factor R from 2 to 10 and every slice j between two
 kept slices is a label of one model; R = 4 and R = 6 (the common serial-section ratios) get most of the training.
 The model is residual: it diffuses the difference between the slice and the motion-compensated interpolation of
-its two neighbours (``core/flow.py``), which is small and learnt much faster than the slice itself; by default the
-network sees the two neighbours moved along that motion to the missing slice (``--condition aligned``), so it
-compares and fuses them locally. Volume ``b`` is held out for the benchmark (``benchmarks/isotropic_quality.py``).
+its two neighbours (``core/flow.py``), which is small and learnt much faster than the slice itself. Volume ``b`` is held out for the benchmark
+(``benchmarks/isotropic_quality.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import tifffile
 import torch
 from common import add_arguments, fit
 
-from napari_emdiffuse.core.isotropic import CONDITIONS, FACTORS, LABELS, interpolation_batches
+from napari_emdiffuse.core.isotropic import FACTORS, LABELS, interpolation_batches
 from napari_emdiffuse.core.network import UNet, UNetConfig
 from napari_emdiffuse.core.normalize import Normalizer
 
@@ -36,8 +35,6 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, "src/napari_emdiffuse/models/isotropic-fibsem.npz", 80.0)
     parser.add_argument("--patch", type=int, default=128)
-    parser.add_argument("--condition", choices=CONDITIONS, default="aligned",
-                        help="what the network sees: the two neighbours as acquired, or moved along their motion")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     volume = tifffile.imread(args.data / "fibsem_iso10nm_a_250.tif")
@@ -47,9 +44,9 @@ def main():
                           num_labels=len(LABELS)))
     meta = {"task": "isotropic", "script": "training/train_isotropic.py", "labels": LABELS,
             "factors": list(FACTORS), "mode": "isotropic training data", "residual": True, "start": "motion",
-            "condition": args.condition, "description": "vEMDiffuse-i: slices between serial sections, trained on 10 nm isotropic FIB-SEM."}
+            "description": "vEMDiffuse-i: slices between serial sections, trained on 10 nm isotropic FIB-SEM."}
     batches = interpolation_batches(oriented, FACTORS, args.batch, args.patch, args.seed, factor_weights(),
-                                    jitter=0.03, residual="motion", condition=args.condition)
+                                    jitter=0.03, residual="motion")
     fit(net, batches, meta, args)
 
 

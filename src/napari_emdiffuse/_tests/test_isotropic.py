@@ -5,10 +5,9 @@ from napari_emdiffuse.core.isotropic import (
     LABELS,
     decimate,
     flicker,
-    gap_inputs,
-    interpolate,
     interpolation_batches,
     isotropic,
+    interpolate,
     label_of,
     lateral_volumes,
     self_supervised,
@@ -52,27 +51,6 @@ def test_motion_interpolation_follows_structures_that_move_between_slices():
             linear_error = max(errors)
         else:  # following the motion recovers the moved texture; averaging across it only blurs it
             assert max(errors) < 0.2 * linear_error
-
-
-def test_aligned_conditions_are_both_neighbours_moved_to_the_missing_slice():
-    from scipy.ndimage import gaussian_filter, shift
-
-    texture = gaussian_filter(np.random.default_rng(0).random((96, 96)), 2).astype(np.float32)
-    stack = np.stack([shift(texture, (1.5 * z, -1.0 * z), mode="wrap") for z in range(5)])
-    fractions = np.array([0.25, 0.5, 0.75], np.float32)
-    inner = (slice(20, -20), slice(20, -20))
-    conds, starts = gap_inputs(stack[0], stack[4], fractions, condition="aligned")
-    assert conds.shape == (3, 2, 96, 96) and starts.shape == (3, 96, 96)
-    for j in (1, 2, 3):
-        for moved in conds[j - 1]:  # each neighbour, moved along the motion, lands on the missing slice
-            assert np.abs(moved[inner] - stack[j][inner]).mean() < 0.2 * np.abs(stack[0] - stack[j])[inner].mean()
-    assert np.allclose(starts, interpolate(stack[::4], 4, "motion")[1:4], atol=1e-6)
-
-    plain, linear = gap_inputs(stack[:2], stack[3:5], np.tile(fractions, (2, 1)), "linear")
-    assert plain.shape == (2, 3, 2, 96, 96) and linear.shape == (2, 3, 96, 96)
-    assert np.array_equal(plain[1, 2, 0], stack[1]) and np.array_equal(plain[1, 2, 1], stack[4])
-    with pytest.raises(InputError, match="Unknown condition"):
-        gap_inputs(stack[0], stack[4], fractions, condition="warped")
 
 
 def test_flicker_is_the_mean_step_between_slices():
@@ -122,11 +100,6 @@ def test_training_examples_are_a_slice_between_its_two_conditions():
     for start in ("linear", "motion"):  # a ramp along z is all interpolation (and has no motion): nothing left
         residual, _, _ = next(interpolation_batches([ramp], [4, 6], batch=4, patch=32, seed=0, residual=start))
         assert np.abs(residual.numpy()).max() < 1e-4, start
-    # aligned conditions: on a ramp nothing moves, so they are the neighbours themselves
-    residual, aligned, _ = next(interpolation_batches([ramp], [4, 6], batch=4, patch=32, seed=0, residual="motion",
-                                                      condition="aligned"))
-    _, plain, _ = next(interpolation_batches([ramp], [4, 6], batch=4, patch=32, seed=0))
-    assert np.abs(residual.numpy()).max() < 1e-4 and np.allclose(aligned.numpy(), plain.numpy(), atol=1e-5)
 
 
 def test_self_supervised_learns_from_lateral_planes_of_the_volume_alone(volume):

@@ -77,13 +77,13 @@ def lucas_kanade(reference, moving, radius: int = RADIUS, levels: int = LEVELS, 
     return flow
 
 
-def aligned_neighbours(below: np.ndarray, above: np.ndarray, fractions) -> np.ndarray:
-    """Both slices moved along their motion to the planes at ``fractions`` (0 = below, 1 = above) of the way.
+def motion_interpolation(below: np.ndarray, above: np.ndarray, fractions) -> np.ndarray:
+    """The planes at ``fractions`` (0 = below, 1 = above) of the way between two slices, following their motion.
 
     A point at ``p`` in ``below`` is at ``p + v`` in ``above`` and, moving steadily, at ``p + s v`` at fraction
-    ``s``: there, ``below`` is sampled at ``p - s v`` and ``above`` at ``p + (1 - s) v``. Where the motion is right
-    the two agree; where they differ, something appeared, vanished or moved otherwise. One pair (y, x) with
-    fractions (k,) gives (k, 2, y, x); n pairs (n, y, x) with fractions (n, k) give (n, k, 2, y, x). float32.
+    ``s``: the plane there blends ``below`` sampled at ``p - s v`` and ``above`` at ``p + (1 - s) v``, weighted by
+    closeness. Shapes as for linear interpolation: one pair (y, x) with fractions (k,) gives (k, y, x); n pairs
+    (n, y, x) with fractions (n, k) give (n, k, y, x). float32.
     """
     import torch
 
@@ -94,21 +94,9 @@ def aligned_neighbours(below: np.ndarray, above: np.ndarray, fractions) -> np.nd
         b, a = (t.reshape((-1, 1) + t.shape[-2:]) for t in (b, a))
         s = torch.tensor(np.asarray(fractions, np.float32)).reshape(len(b), -1)
         flow = lucas_kanade(b, a)
-        pairs = []
+        planes = []
         for i in range(s.shape[1]):
             t = s[:, i].view(-1, 1, 1, 1)
-            pairs.append(torch.cat([warp(b, -t * flow), warp(a, (1 - t) * flow)], dim=1))
-        out = torch.stack(pairs, dim=1).numpy()
+            planes.append((1 - t) * warp(b, -t * flow) + t * warp(a, (1 - t) * flow))
+        out = torch.cat(planes, dim=1).numpy()
     return out[0] if single else out
-
-
-def blend(pairs: np.ndarray, fractions) -> np.ndarray:
-    """Planes from (..., 2, y, x) pairs of aligned neighbours, each weighted by its closeness: (..., y, x)."""
-    t = np.asarray(fractions, np.float32)[..., None, None]
-    return (1 - t) * pairs[..., 0, :, :] + t * pairs[..., 1, :, :]
-
-
-def motion_interpolation(below: np.ndarray, above: np.ndarray, fractions) -> np.ndarray:
-    """The planes at ``fractions`` between two slices, following their motion (shapes as :func:`aligned_neighbours`
-    without the pair axis)."""
-    return blend(aligned_neighbours(below, above, fractions), fractions)

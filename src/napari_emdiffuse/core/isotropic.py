@@ -72,30 +72,6 @@ def between(below: np.ndarray, above: np.ndarray, fractions, start: str = "linea
     return below * (1 - t) + above * t
 
 
-CONDITIONS = ("neighbours", "aligned")
-
-
-def gap_inputs(below: np.ndarray, above: np.ndarray, fractions, start: str = "linear",
-               condition: str = "neighbours") -> tuple[np.ndarray, np.ndarray]:
-    """What the model sees for the planes at ``fractions`` between two slices: conditions and starts.
-
-    ``condition`` ``"neighbours"``: the two slices as acquired; ``"aligned"``: both moved along their motion to
-    the plane (:func:`.flow.aligned_neighbours`), so the network compares and fuses them locally instead of having
-    to find the motion itself; the start is then their blend, the motion interpolation. One pair (y, x) with
-    fractions (k,) gives conditions (k, 2, y, x) and starts (k, y, x); n pairs add a leading n.
-    """
-    if condition == "aligned":
-        from .flow import aligned_neighbours, blend
-
-        pairs = aligned_neighbours(below, above, fractions)
-        return pairs, blend(pairs, fractions)
-    if condition != "neighbours":
-        raise InputError(f"Unknown condition {condition!r}: use one of {', '.join(CONDITIONS)}.")
-    starts = between(below, above, fractions, start)
-    pair = np.stack([np.asarray(below, np.float32), np.asarray(above, np.float32)], axis=-3)[..., None, :, :, :]
-    return np.broadcast_to(pair, starts.shape[:-2] + pair.shape[-3:]), starts
-
-
 def interpolate(volume: np.ndarray, factor: int, start: str = "linear") -> np.ndarray:
     """The volume on the fine z grid by plain interpolation (float32): the baselines, and the sampler's start."""
     v = np.asarray(volume, dtype=np.float32)
@@ -130,16 +106,16 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: int 
     labels = [model_label(model, label_of(factor, j)) for j in range(1, factor)]
     gaps = len(volume) - 1
     fractions = np.arange(1, factor) / factor
-    start, condition = model.meta.get("start", "linear"), model.meta.get("condition", "neighbours")
+    start = model.meta.get("start", "linear")
 
     def jobs() -> Iterator[PlaneJob]:
         below = norm(volume[0])
         for g in range(gaps):
             above = norm(volume[g + 1])
-            conds, starts = gap_inputs(below, above, fractions, start, condition)
+            cond = np.stack([below, above])
+            starts = between(below, above, fractions, start)
             for j in range(1, factor):
-                yield PlaneJob(conds[j - 1], starts[j - 1], labels[j - 1],
-                               f" gap {g + 1}/{gaps}, slice {j}/{factor - 1}")
+                yield PlaneJob(cond, starts[j - 1], labels[j - 1], f" gap {g + 1}/{gaps}, slice {j}/{factor - 1}")
             below = above
 
     means, stds, phis, tile, notes = yield from sample_planes(model, jobs(), gaps * (factor - 1), volume.shape[1:],
@@ -167,7 +143,7 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: int 
 
 def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int], batch: int, patch: int,
                           seed: int = 0, weights: Sequence[float] | None = None, jitter: float = 0.0,
-                          multiple: int = 16, residual: str | None = None, condition: str = "neighbours"):
+                          multiple: int = 16, residual: str | None = None):
     """Endless training batches ``(x0, cond, label)`` in model space.
 
     Each volume is normalised to [0, 1] and oriented with the axis to interpolate across first. An example takes
@@ -177,7 +153,6 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
     ``weights`` are the probabilities of ``factors``; ``jitter`` is the spread of a random gain and offset per
     example (robustness to other volumes' contrast). With ``residual`` (``"linear"`` or ``"motion"``) the target is
     the slice minus that interpolation (for models with ``"residual": true`` and that ``"start"`` in their metadata).
-    ``condition`` as in :func:`gap_inputs` (``"aligned"`` implies the motion start).
     """
     import torch
 
@@ -215,12 +190,9 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
             ls.append(LABELS[label_of(factor, j)])
             fractions.append([j / factor])
         x0 = to_model_space(xs)
-        if residual or condition != "neighbours":
+        if residual:
             below, above = np.stack([c[0] for c in cs]), np.stack([c[1] for c in cs])
-            conds, starts = gap_inputs(below, above, fractions, residual or "linear", condition)
-            cs = list(conds[:, 0])
-            if residual:
-                x0 = x0 - to_model_space(list(starts[:, 0]))
+            x0 = x0 - to_model_space(list(between(below, above, fractions, residual)[:, 0]))
         yield x0, to_model_space(cs), torch.tensor(ls)
 
 
@@ -235,13 +207,11 @@ def lateral_volumes(volume: np.ndarray) -> list[np.ndarray]:
 SELF_SUPERVISED_SAMPLING = {"steps": 1, "sampler": "euler_ancestral", "eta": 1.0, "sigma_max": 2.0,
                             "sigma_end": 2.0}
 SELF_SUPERVISED_TRAINING_SIGMAS = (0.5, 1.0)
-SELF_SUPERVISED_CONDITION = "neighbours"
 SELF_SUPERVISED_NETWORK = {"base": 24, "mults": (1, 2, 2), "blocks": 1, "attention": False, "patch": 2}
 
 
 def self_supervised(volume, factor: int, minutes: float = 10.0, *, seed: int = 0, device: str = "auto",
-                    name: str | None = None, batch: int = 8, patch: int = 96,
-                    condition: str = SELF_SUPERVISED_CONDITION) -> Generator:
+                    name: str | None = None, batch: int = 8, patch: int = 96) -> Generator:
     """vEMDiffuse-a: train an interpolation model on ``volume`` itself within ``minutes``; return the Model.
 
     Yields :class:`~.train.TrainProgress`. The network is small (it must learn in minutes on a laptop CPU).
@@ -263,14 +233,13 @@ def self_supervised(volume, factor: int, minutes: float = 10.0, *, seed: int = 0
     torch.manual_seed(seed)
     net = UNet(UNetConfig(cond_channels=2, num_labels=len(LABELS), **SELF_SUPERVISED_NETWORK))
     batches = interpolation_batches(lateral_volumes(norm(volume)), [factor], batch, patch, seed,
-                                    multiple=net.config.multiple, residual="motion", condition=condition)
+                                    multiple=net.config.multiple, residual="motion")
     # a short budget is best spent on a narrow range of noise levels
     log_sigma = training_log_sigma(*SELF_SUPERVISED_TRAINING_SIGMAS)
     net = yield from train(net, batches, minutes=minutes, lr=1e-3, ema_decay=0.995, seed=seed, device=dev,
                            warmup=50, checkpoint_minutes=float("inf"), log_sigma=log_sigma)
     meta = {"task": "isotropic", "labels": {label_of(factor, j): LABELS[label_of(factor, j)] for j in range(1, factor)},
             "factors": [factor], "mode": "self-supervised", "residual": True, "start": "motion",
-            "condition": condition,
             "description": f"vEMDiffuse-a: interpolation learnt from this volume's lateral planes, R = {factor}.",
             "training": {"minutes": minutes, "seed": seed, "date": time.strftime("%Y-%m-%d")}}
     sampling = {**SAMPLING_DEFAULTS, **SELF_SUPERVISED_SAMPLING}

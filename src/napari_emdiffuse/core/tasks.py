@@ -119,7 +119,7 @@ def sample_plane(model, cond: np.ndarray, start: np.ndarray, settings: Settings,
 
     h, w = start.shape
     ph, pw, _ = padded_size(h, w, tile, model.net.config.multiple)
-    to_model = lambda a: pad_to(torch.tensor(np.asarray(a, dtype=np.float32)) * 2 - 1, ph, pw)  # noqa: E731  (a copy)
+    to_model = lambda a: pad_to(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) * 2 - 1, ph, pw)  # noqa: E731
     cond_t = to_model(cond[None])
     start_t = to_model(start[None, None])
     k = settings.samples
