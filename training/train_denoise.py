@@ -6,8 +6,9 @@ Training pairs come from two sources:
 - the real short-dwell/long-dwell SEM pair (top half only; the bottom half is held out for benchmarks), which carries
   the real noise and the real intensity relation between the two acquisitions;
 - clean FIB-SEM and ssTEM images with simulated short-dwell SEM noise over a wide range of levels and scan
-  correlations, with the detector signal shown plain or inverted (see ``core.simulate.SEMNoise.random``), so that
-  the model generalises beyond one noise level and one detector convention.
+  correlations, with the detector signal shown plain or inverted (see ``core.simulate.SEMNoise.random``), placed in
+  a random part of the detector's range (``core.simulate.in_detector_range``), so that the model generalises beyond
+  one noise level, one contrast and one detector convention.
 Held out everywhere: the bottom half of the real pair, FIB-SEM 5 nm slices 22-26, the whole FIB-SEM volume ``b``.
 """
 
@@ -22,7 +23,7 @@ from common import add_arguments, fit, jittered, load_clean_images
 
 from napari_emdiffuse.core.network import UNet, UNetConfig
 from napari_emdiffuse.core.normalize import Normalizer
-from napari_emdiffuse.core.simulate import SEMNoise
+from napari_emdiffuse.core.simulate import SEMNoise, in_detector_range
 from napari_emdiffuse.core.train import augment, to_model_space
 
 PATCH, CROP = 128, 192
@@ -48,7 +49,7 @@ def batches(data, batch: int, seed: int, real_fraction: float):
             else:
                 image = clean_images[rng.choice(len(clean_images), p=weights)]
                 y, x = rng.integers(0, image.shape[0] - CROP + 1), rng.integers(0, image.shape[1] - CROP + 1)
-                crop = image[y:y + CROP, x:x + CROP]
+                crop = in_detector_range(image[y:y + CROP, x:x + CROP], rng)
                 degraded = SEMNoise.random(rng)(crop, rng)
                 n = jittered(Normalizer.fit(degraded), rng)
                 oy, ox = rng.integers(0, CROP - PATCH + 1, size=2)

@@ -4,7 +4,8 @@
 
 High-resolution targets are clean FIB-SEM, ssTEM and long-dwell SEM images; low-resolution inputs are simulated the
 way a microscope makes them: area averaging over the larger pixel, slight beam blur, and short-dwell SEM noise from
-mild to strong (15-400 detected electrons per pixel at mean intensity, read noise up to 5%, scan correlation).
+mild to strong (15-400 detected electrons per pixel at mean intensity, read noise up to 5%, scan correlation), on
+images that fill a random 30-100% of the detector's range (``core.simulate.in_detector_range``).
 The scale factor is the model's label (x2 -> 0, x4 -> 1). Held out as for denoising (see ``common.py``).
 """
 
@@ -18,7 +19,7 @@ from common import add_arguments, fit, jittered, load_clean_images
 
 from napari_emdiffuse.core.network import UNet, UNetConfig
 from napari_emdiffuse.core.normalize import Normalizer
-from napari_emdiffuse.core.simulate import SEMNoise, area_downsample
+from napari_emdiffuse.core.simulate import SEMNoise, area_downsample, in_detector_range
 from napari_emdiffuse.core.tasks import upsample
 from napari_emdiffuse.core.train import augment, to_model_space
 
@@ -38,7 +39,7 @@ def batches(data, batch: int, seed: int):
             scale = SCALES[label]
             image = images[rng.choice(len(images), p=weights)]
             y, x = rng.integers(0, image.shape[0] - CROP + 1), rng.integers(0, image.shape[1] - CROP + 1)
-            hr = image[y:y + CROP, x:x + CROP]
+            hr = in_detector_range(image[y:y + CROP, x:x + CROP], rng)
             lr = SEMNoise.random(rng)(area_downsample(hr, scale), rng)
             n = jittered(Normalizer.fit(lr), rng)
             up = upsample(n(lr), scale)

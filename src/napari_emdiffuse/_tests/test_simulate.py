@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from napari_emdiffuse.core.simulate import SEMNoise, area_downsample
+from napari_emdiffuse.core.simulate import SEMNoise, area_downsample, in_detector_range
 
 
 @pytest.mark.parametrize("inverted", [False, True])
@@ -27,3 +27,16 @@ def test_area_downsampling_averages_blocks_and_crops_the_remainder():
     small = area_downsample(image, 2)
     assert small.shape == (2, 3)
     assert small[0, 0] == pytest.approx(image[:2, :2].mean())
+
+
+def test_images_placed_in_part_of_the_detector_range_get_relatively_stronger_noise():
+    rng = np.random.default_rng(1)
+    clean = np.tile(np.linspace(0, 1, 128, dtype=np.float32), (128, 1))
+    placed = [in_detector_range(clean, rng) for _ in range(100)]
+    contrasts = np.array([p.max() - p.min() for p in placed])
+    assert all(p.min() >= 0 and p.max() <= 1 for p in placed)
+    assert contrasts.min() < 0.4 and contrasts.max() > 0.9
+    noise = SEMNoise(electrons=50, read=0.0, correlation_x=0.0, correlation_y=0.0)
+    narrow = placed[int(np.argmin(contrasts))]
+    relative = lambda image: (noise(image, rng) - image).std() / np.ptp(image)  # noqa: E731
+    assert relative(narrow) > 1.5 * relative(clean)  # same dose, less contrast: the noise matters more
