@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser, output: str, minutes: float) 
                         help="training noise levels: log sigma ~ N(MEAN, STD); centre them on the sampler's range")
 
 
+def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--min-contrast", type=float, default=0.3,
+                        help="clean images fill between this fraction and all of the detector range before the "
+                             "noise is simulated (core.simulate.in_detector_range): lower = relatively noisier")
+
+
 def init_from(net, model: str) -> None:
     """Copy every weight whose name and shape match from another model (e.g. denoising into super-resolution)."""
     from napari_emdiffuse.core.models import load_model

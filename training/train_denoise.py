@@ -19,7 +19,7 @@ import argparse
 import numpy as np
 import tifffile
 import torch
-from common import add_arguments, fit, jittered, load_clean_images
+from common import add_arguments, add_noise_arguments, fit, jittered, load_clean_images
 
 from napari_emdiffuse.core.network import UNet, UNetConfig
 from napari_emdiffuse.core.normalize import Normalizer
@@ -29,7 +29,7 @@ from napari_emdiffuse.core.train import augment, to_model_space
 PATCH, CROP = 128, 192
 
 
-def batches(data, batch: int, seed: int, real_fraction: float):
+def batches(data, batch: int, seed: int, real_fraction: float, min_contrast: float):
     rng = np.random.default_rng(seed)
     clean_images = load_clean_images(data)
     weights = np.array([im.size for im in clean_images], dtype=np.float64)
@@ -49,7 +49,7 @@ def batches(data, batch: int, seed: int, real_fraction: float):
             else:
                 image = clean_images[rng.choice(len(clean_images), p=weights)]
                 y, x = rng.integers(0, image.shape[0] - CROP + 1), rng.integers(0, image.shape[1] - CROP + 1)
-                crop = in_detector_range(image[y:y + CROP, x:x + CROP], rng)
+                crop = in_detector_range(image[y:y + CROP, x:x + CROP], rng, (min_contrast, 1.0))
                 degraded = SEMNoise.random(rng)(crop, rng)
                 n = jittered(Normalizer.fit(degraded), rng)
                 oy, ox = rng.integers(0, CROP - PATCH + 1, size=2)
@@ -64,6 +64,7 @@ def batches(data, batch: int, seed: int, real_fraction: float):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, "src/napari_emdiffuse/models/denoise-sem.npz", 70.0)
+    add_noise_arguments(parser)
     parser.add_argument("--real-fraction", type=float, default=0.3)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -71,7 +72,7 @@ def main():
     meta = {"task": "denoise", "script": "training/train_denoise.py",
             "description": "Short-dwell SEM denoising (EMDiffuse-n); trained on a real SEM pair and FIB-SEM/ssTEM "
                            "images with simulated SEM noise."}
-    fit(net, batches(args.data, args.batch, args.seed, args.real_fraction), meta, args)
+    fit(net, batches(args.data, args.batch, args.seed, args.real_fraction, args.min_contrast), meta, args)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import argparse
 
 import numpy as np
 import torch
-from common import add_arguments, fit, jittered, load_clean_images
+from common import add_arguments, add_noise_arguments, fit, jittered, load_clean_images
 
 from napari_emdiffuse.core.network import UNet, UNetConfig
 from napari_emdiffuse.core.normalize import Normalizer
@@ -27,7 +27,7 @@ PATCH, CROP = 128, 240  # the isotropic volumes are 250 px wide
 SCALES = (2, 4)
 
 
-def batches(data, batch: int, seed: int):
+def batches(data, batch: int, seed: int, min_contrast: float):
     rng = np.random.default_rng(seed)
     images = load_clean_images(data, with_real_clean=True)
     weights = np.array([im.size for im in images], dtype=np.float64)
@@ -39,7 +39,7 @@ def batches(data, batch: int, seed: int):
             scale = SCALES[label]
             image = images[rng.choice(len(images), p=weights)]
             y, x = rng.integers(0, image.shape[0] - CROP + 1), rng.integers(0, image.shape[1] - CROP + 1)
-            hr = in_detector_range(image[y:y + CROP, x:x + CROP], rng)
+            hr = in_detector_range(image[y:y + CROP, x:x + CROP], rng, (min_contrast, 1.0))
             lr = SEMNoise.random(rng)(area_downsample(hr, scale), rng)
             n = jittered(Normalizer.fit(lr), rng)
             up = upsample(n(lr), scale)
@@ -54,6 +54,7 @@ def batches(data, batch: int, seed: int):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, "src/napari_emdiffuse/models/superres-sem.npz", 60.0)
+    add_noise_arguments(parser)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     net = UNet(UNetConfig(base=args.base, mults=(1, 2, 2, 4), blocks=1, attention=True, patch=2,
@@ -61,7 +62,7 @@ def main():
     meta = {"task": "superres", "script": "training/train_superres.py", "scales": list(SCALES),
             "labels": {str(s): i for i, s in enumerate(SCALES)},
             "description": "Joint denoising and x2/x4 super-resolution of short-dwell SEM (EMDiffuse-r)."}
-    fit(net, batches(args.data, args.batch, args.seed), meta, args)
+    fit(net, batches(args.data, args.batch, args.seed, args.min_contrast), meta, args)
 
 
 if __name__ == "__main__":
