@@ -7,7 +7,11 @@ consistent with training: this is what the reference's shortened DDPM schedules 
 
 Sampling starts from the condition plus noise, ``x = cond + sigma_max * n`` (as ResShift starts from the degraded
 image): with sigma_max well above the degradation the network cannot tell the difference, and the chain needs
-far fewer steps than starting from pure noise at sigma = 80. The last step returns ``D(x, sigma_end)``.
+far fewer steps than starting from pure noise at sigma = 80. "Well above" matters: the start carries the
+condition's own noise, and at sigma = 1 the network sees the same noise pattern in the start and in the condition
+and keeps it as structure (strong SEM noise came through almost untouched): denoising and super-resolution start
+at 3 or more.
+The last step returns ``D(x, sigma_end)``.
 
 Samplers are small generators over a *denoiser* ``denoiser(x, sigma)``, itself a generator that yields once
 per unit of work (a batch of tiles) and returns the denoised estimate. ``x0 = yield from denoiser(x, sigma)`` passes

@@ -25,7 +25,7 @@ FORMAT = "napari-emdiffuse-model"
 META_KEY = "__meta__"
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models"
 TASKS = ("denoise", "superres", "isotropic")
-SAMPLING_DEFAULTS = {"steps": 6, "sampler": "euler_ancestral", "eta": 1.0, "sigma_max": 1.0, "sigma_end": 0.02}
+SAMPLING_DEFAULTS = {"steps": 6, "sampler": "euler_ancestral", "eta": 1.0, "sigma_max": 3.0, "sigma_end": 0.02}
 
 
 _listeners: list = []
