@@ -6,8 +6,8 @@ Volume ``fibsem_iso10nm_a_250.tif`` (10 nm in z, y and x) is used in all three o
 looks alike along each axis, so every axis can play z. Every factor R from 2 to 10 and every slice j between two
 kept slices is a label of one model; R = 4 and R = 6 (the common serial-section ratios) get most of the training.
 The model is residual: it diffuses the difference between the slice and the motion-compensated interpolation of
-its two neighbours (``core/flow.py``), which is small and learnt much faster than the slice itself. Volume ``b`` is held out for the benchmark
-(``benchmarks/isotropic_quality.py``).
+its two neighbours (``core/flow.py``), which is small and learnt much faster than the slice itself. Volume ``b``
+is held out for the benchmark (``benchmarks/isotropic_quality.py``).
 """
 
 from __future__ import annotations
