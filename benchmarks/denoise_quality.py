@@ -133,17 +133,17 @@ def main():
                                                                   "sampling": model.sampling}, indent=1))
         return
     defaults = dict(model.sampling)
-    grid = [
-        {"sampler": "euler_ancestral", "steps": 6, "sigma_end": 0.02},
-        {"sampler": "euler_ancestral", "steps": 6, "sigma_end": 0.05},
-        {"sampler": "euler_ancestral", "steps": 6, "sigma_end": 0.1},
-        {"sampler": "euler_ancestral", "steps": 4, "sigma_end": 0.1},
-        {"sampler": "euler_ancestral", "steps": 8, "sigma_end": 0.1},
-        {"sampler": "euler_ancestral", "steps": 6, "sigma_end": 0.05, "sigma_max": 0.5},
-        {"sampler": "euler_ancestral", "steps": 6, "sigma_end": 0.05, "eta": 0.0},
-        {"sampler": "dpmpp_2m_sde", "steps": 6, "sigma_end": 0.05},
-        {"sampler": "dpmpp_2m_sde", "steps": 6, "sigma_end": 0.1},
-        {"sampler": "dpmpp_2m_sde", "steps": 16, "sigma_end": 0.02},
+    grid = [  # around the defaults: where the last step jumps to the estimate, and how much noise each step adds
+        {"steps": 3, "sigma_end": 0.15},
+        {"steps": 3, "sigma_end": 0.5},
+        {"steps": 3, "sigma_end": 0.8},
+        {"steps": 3, "sigma_end": 1.2},
+        {"steps": 3, "sigma_end": 1.8},
+        {"steps": 4, "sigma_end": 1.2},
+        {"steps": 1, "sigma_end": 3.0},
+        {"steps": 3, "sigma_end": 1.2, "eta": 0.5},
+        {"steps": 3, "sigma_end": 0.8, "sampler": "dpmpp_2m_sde"},
+        {"steps": 16, "sigma_end": 0.02, "sampler": "dpmpp_2m_sde"},
     ]
     for option in grid:
         model.sampling.update(defaults)

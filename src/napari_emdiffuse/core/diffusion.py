@@ -11,7 +11,10 @@ far fewer steps than starting from pure noise at sigma = 80. "Well above" matter
 condition's own noise, and at sigma = 1 the network sees the same noise pattern in the start and in the condition
 and keeps it as structure (strong SEM noise came through almost untouched): denoising and super-resolution start
 at 3 or more.
-The last step returns ``D(x, sigma_end)``.
+The last step returns ``D(x, sigma_end)``: the lower sigma_end, the more sampled fine texture each sample keeps.
+For denoising, texture that the input does not determine is guessed, and it costs fidelity: on real SEM a
+sigma_end near 1 (the estimate of what remains at that level) beats 0.15 on PSNR, SSIM and FSIM at once, while
+the K samples still differ where the model is unsure.
 
 Samplers are small generators over a *denoiser* ``denoiser(x, sigma)``, itself a generator that yields once
 per unit of work (a batch of tiles) and returns the denoised estimate. ``x0 = yield from denoiser(x, sigma)`` passes
