@@ -50,7 +50,6 @@ def main():
     parser.add_argument("--model", default=None)
     parser.add_argument("--figure", type=Path, default=None,
                         help="save a side-by-side PNG crop: LR, bicubic, BM3D+bicubic, ours, truth (keep out of git)")
-    parser.add_argument("--no-speed", action="store_true")
     args = parser.parse_args()
 
     slices = tifffile.imread(args.data / "fibsem_5nm_slices_27x768x1024.tif")[22:22 + args.limit]
@@ -100,15 +99,6 @@ def main():
                 args.figure.parent.mkdir(parents=True, exist_ok=True)
                 imsave(args.figure, np.concatenate([p[crop] for p in panels], axis=1), check_contrast=False)
 
-    if not args.no_speed:
-        from napari_emdiffuse.core.io import read_tiff
-
-        big = read_tiff(args.data / "sem_noisy_1600.tif").data.astype(np.float32)
-        lr = area_downsample(big, 2).astype(np.uint16)
-        t = time.perf_counter()
-        drive(superres(lr, args.model, Settings(samples=2), scale=2))
-        results["speed_800_to_1600_x2_K2_seconds"] = time.perf_counter() - t
-        print(f"\nspeed: 800x800 -> 1600x1600 at x2, K = 2: {results['speed_800_to_1600_x2_K2_seconds']:.1f} s")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "superres_quality.json").write_text(json.dumps(results, indent=1))
 

@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser, output: str, minutes: float) 
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", type=int, default=32)
     parser.add_argument("--init", default=None, help="start from the weights of this model (name or file)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes that make training batches (0: in the training process); a GPU needs several")
+    parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--log-sigma", type=float, nargs=2, default=(-1.2, 1.2), metavar=("MEAN", "STD"),
                         help="training noise levels: log sigma ~ N(MEAN, STD); centre them on the sampler's range")
 
@@ -67,8 +71,37 @@ def init_from(net, model: str) -> None:
     print(f"initialised {len(shared)}/{len(own)} tensors from {model}", flush=True)
 
 
-def fit(net, batches, meta: dict, args) -> None:
-    """Train with checkpoints every 5 minutes (atomic writes), then save the final averaged weights."""
+def _produce(make_batches, seed: int, queue) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one core per worker: the workers together fill the machine
+    for x0, cond, label in make_batches(seed):
+        queue.put((x0.numpy(), cond.numpy(), None if label is None else label.numpy()))
+
+
+def parallel_batches(make_batches, seed: int, workers: int):
+    """Batches from ``workers`` processes, each running ``make_batches(seed)`` with its own seed."""
+    import multiprocessing
+
+    import torch
+
+    context = multiprocessing.get_context("fork")  # started now, before the training process touches the GPU
+    queue = context.Queue(maxsize=4 * workers)
+    for i in range(workers):
+        context.Process(target=_produce, args=(make_batches, seed * 1000 + i, queue), daemon=True).start()
+
+    def receive():
+        while True:
+            x0, cond, label = queue.get()
+            yield torch.from_numpy(x0), torch.from_numpy(cond), None if label is None else torch.from_numpy(label)
+
+    return receive()
+
+
+def fit(net, make_batches, meta: dict, args) -> None:
+    """Train on ``make_batches(seed)`` with checkpoints (atomic writes), then save the final averaged weights."""
+    from napari_emdiffuse.core.tasks import pick_device
+
     if args.init:
         init_from(net, args.init)
         meta["init"] = str(args.init)
@@ -80,8 +113,11 @@ def fit(net, batches, meta: dict, args) -> None:
     def checkpoint(ema, step):
         save_model(ema, {**meta, "training": {**meta["training"], "step": step}}, args.output)
 
+    batches = (parallel_batches(make_batches, args.seed, args.workers) if args.workers
+               else make_batches(args.seed))
     job = train(net, batches, iterations=args.iterations, minutes=args.minutes, lr=args.lr, seed=args.seed,
-                report_every=50, checkpoint_minutes=5, log_sigma=tuple(args.log_sigma))
+                device=pick_device(args.device), report_every=50, checkpoint_minutes=args.checkpoint_minutes,
+                log_sigma=tuple(args.log_sigma))
     while True:
         try:
             p = next(job)

@@ -72,7 +72,7 @@ def main():
     meta = {"task": "denoise", "script": "training/train_denoise.py",
             "description": "Short-dwell SEM denoising (EMDiffuse-n); trained on a real SEM pair and FIB-SEM/ssTEM "
                            "images with simulated SEM noise."}
-    fit(net, batches(args.data, args.batch, args.seed, args.real_fraction, args.min_contrast), meta, args)
+    fit(net, lambda seed: batches(args.data, args.batch, seed, args.real_fraction, args.min_contrast), meta, args)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,8 @@ def main():
     meta = {"task": "isotropic", "script": "training/train_isotropic.py", "labels": LABELS,
             "factors": list(FACTORS), "mode": "isotropic training data", "residual": True, "start": "motion",
             "description": "vEMDiffuse-i: slices between serial sections, trained on 10 nm isotropic FIB-SEM."}
-    batches = interpolation_batches(oriented, FACTORS, args.batch, args.patch, args.seed, factor_weights(),
-                                    jitter=0.03, residual="motion")
-    fit(net, batches, meta, args)
+    fit(net, lambda seed: interpolation_batches(oriented, FACTORS, args.batch, args.patch, seed, factor_weights(),
+                                                jitter=0.03, residual="motion"), meta, args)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def main():
     meta = {"task": "superres", "script": "training/train_superres.py", "scales": list(SCALES),
             "labels": {str(s): i for i, s in enumerate(SCALES)},
             "description": "Joint denoising and x2/x4 super-resolution of short-dwell SEM (EMDiffuse-r)."}
-    fit(net, batches(args.data, args.batch, args.seed, args.min_contrast), meta, args)
+    fit(net, lambda seed: batches(args.data, args.batch, seed, args.min_contrast), meta, args)
 
 
 if __name__ == "__main__":
