@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from napari_emdiffuse.core.normalize import InputError
-from napari_emdiffuse.core.tasks import Progress, Settings, denoise, drive, uncertainty_score
+from napari_emdiffuse.core.tasks import Progress, Settings, denoise, drive, predictive_spread, uncertainty_score
 
 
 def run_denoise(image, model, **kwargs):
@@ -25,6 +25,21 @@ def test_denoise_returns_image_in_input_dtype_with_uncertainty_and_metadata(tiny
     assert all(isinstance(p, Progress) for p in progress)
     dones = [p.done for p in progress]
     assert dones == sorted(dones) and progress[-1].done == progress[-1].total
+
+
+def test_predictive_spread_adds_the_predicted_difficulty_to_the_spread_between_samples():
+    samples = np.array([[[0.2, 0.5]], [[0.4, 0.5]]])  # (K = 2, 1, 2): one pixel differs, one does not
+    assert np.allclose(predictive_spread(samples, None), [[0.1, 0.0]])  # population std
+    phis = np.array([[[0.0, 0.3]], [[0.0, 0.4]]])
+    assert np.allclose(predictive_spread(samples, phis), [[0.1, np.sqrt((0.09 + 0.16) / 2)]])
+    assert predictive_spread(samples, phis).dtype == np.float32
+
+
+def test_uncertainty_is_at_least_the_difficulty_and_the_spread_between_samples(tiny_model, em_pair):
+    _, noisy = em_pair
+    two = run_denoise(noisy, tiny_model, samples=2, seed=1, difficulty=True)[0]
+    assert np.all(two.uncertainty >= two.difficulty - 1e-6)  # mean of phi^2 >= (mean phi)^2
+    assert np.mean(two.uncertainty > two.difficulty + 1e-4) > 0.5  # and the samples differ
 
 
 def test_same_seed_same_result_and_other_seed_other_sample(tiny_model, em_pair):

@@ -241,7 +241,8 @@ class RestoreWidget(JobWidget):
         form.addRow("Model", self.model_picker)
         self.add_task_controls(form)
         self.samples = self._spin(form, "Samples", 1, 16, 2, "samples",
-                                  "Number of samples K; their mean is the result and their spread the uncertainty.")
+                                  "Number of samples K; their mean is the result, their spread (with the spread the "
+                                  "model predicts for each) the uncertainty.")
         self.steps = self._spin(form, "Steps", 0, 200, 0, "steps",
                                 "Sampling steps per sample (network evaluations); 0 uses the model's default.")
         self.steps.setSpecialValueText("model default")

@@ -94,8 +94,8 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: int 
               norm: Normalizer | None = None) -> Generator[Progress, None, Restoration]:
     """Reconstruct the R - 1 slices between each pair of acquired slices of ``volume`` (z, y, x).
 
-    The uncertainty (std across samples) is zero on the acquired slices; the score and verdict are computed on the
-    generated slices only.
+    The uncertainty (``tasks.predictive_spread``) is zero on the acquired slices; the score and verdict are computed
+    on the generated slices only.
     """
     settings = settings or Settings()
     factor = check_factor(factor)
