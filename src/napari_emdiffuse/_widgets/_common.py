@@ -32,12 +32,13 @@ if TYPE_CHECKING:
 
 
 def uncertainty_colormap(name: str = "emdiffuse_uncertainty"):
-    """Transparent where certain, yellow towards the threshold, solid red above it (contrast limits 0..2*threshold)."""
+    """Transparent up to half the threshold, blue to yellow towards it, solid red above it (contrast limits
+    0..2*threshold): every prediction has some spread, only what approaches the threshold should catch the eye."""
     from napari.utils.colormaps import Colormap
 
-    colors = [[0.0, 0.0, 0.4, 0.0], [0.1, 0.5, 1.0, 0.35], [1.0, 0.9, 0.0, 0.8], [1.0, 0.0, 0.0, 1.0],
-              [1.0, 0.0, 0.0, 1.0]]
-    return Colormap(colors=colors, controls=[0.0, 0.25, 0.4999, 0.5, 1.0], name=name)
+    colors = [[0.1, 0.5, 1.0, 0.0], [0.1, 0.5, 1.0, 0.0], [0.1, 0.5, 1.0, 0.35], [1.0, 0.9, 0.0, 0.8],
+              [1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0]]
+    return Colormap(colors=colors, controls=[0.0, 0.25, 0.375, 0.4999, 0.5, 1.0], name=name)
 
 
 SCOPES = (("Whole layer", "layer"), ("Current slice", "slice"), ("Current view", "view"),
