@@ -283,7 +283,8 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
         raise InputError(f"Expected {'a volume of at least 2 slices' if task.axial > 1 else 'a 2D image or 3D volume'}"
                          f", got the shape {data.shape}.")
     check_image(read_window(data, (slice(0, 2),) * (data.ndim - 1) + (slice(None),)))  # dtype, RGB
-    model_path = str(resolve(model or default_model(task.name), task.name))
+    model_path = str(resolve(model or default_model(task.name, str(task.factor) if task.lateral > 1 else None),
+                             task.name))
     model_info = load_model(model_path, task=task.name)
     shape3 = (1,) * (3 - data.ndim) + tuple(data.shape)
     default_chunk = (1, max(64, DEFAULT_LATERAL_CHUNK // task.lateral), max(64, DEFAULT_LATERAL_CHUNK // task.lateral))

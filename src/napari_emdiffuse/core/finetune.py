@@ -111,7 +111,8 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | No
     image, aligned, reg = prepare_pair(task, np.asarray(image), np.asarray(target), scale)
     factor = scale if task == "superres" else 1
     dev = pick_device(device)
-    base_model = load_model(base or default_model(task), device=dev, task=task)
+    base_model = load_model(base or default_model(task, str(scale) if task == "superres" else None), device=dev,
+                            task=task)
     label = None
     if base_model.meta.get("labels"):
         label = int(base_model.meta["labels"].get(str(scale), -1))

@@ -182,15 +182,17 @@ class PlaneJob:
     where: str  # for progress messages, e.g. " slice 3/40"
 
 
-def prepare(image, model, settings: Settings, task: str, norm: Normalizer | None = None):
-    """Check the input, pick the device, load the model and fit the normalisation (unless given, e.g. for a chunk
-    of a larger volume, whose percentiles must be the whole volume's)."""
+def prepare(image, model, settings: Settings, task: str, norm: Normalizer | None = None,
+            variant: str | None = None):
+    """Check the input, pick the device, load the model (default: the bundled one for ``task`` and ``variant``) and
+    fit the normalisation (unless given, e.g. for a chunk of a larger volume, whose percentiles must be the whole
+    volume's)."""
     from .models import Model, default_model, load_model
 
     image = check_image(image)
     device = pick_device(settings.device)
     if not isinstance(model, Model):  # a name or file; fine-tuning passes the model it is training
-        model = load_model(model or default_model(task), device=device, task=task)
+        model = load_model(model or default_model(task, variant), device=device, task=task)
     return image, device, model, norm or Normalizer.fit(image)
 
 
@@ -265,7 +267,7 @@ def restore(image, model, settings: Settings, task: str,
     several settings (e.g. the scale factor ``"2"`` of a super-resolution model).
     """
     started = time.perf_counter()
-    image, device, model, norm = prepare(image, model, settings, task, norm)
+    image, device, model, norm = prepare(image, model, settings, task, norm, variant)
     label = model_label(model, variant)
     planes = image[None] if image.ndim == 2 else image
 
