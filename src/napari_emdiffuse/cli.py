@@ -132,14 +132,14 @@ def _restore(args, job_factory, lateral_factor: int = 1, axial_factor: int = 1) 
             raise CLIError(f"{path} exists; use --overwrite to replace it.")
         if path.resolve() == args.input.resolve():
             raise CLIError("An output would overwrite the input; choose another name.")
-    if args.uncertainty is not None and args.samples < 2:
-        raise CLIError("An uncertainty map needs at least 2 samples (--samples 2).")
     image = read_tiff(args.input)
     pixel = list(image.scale)
     pixel[-2:] = [s / lateral_factor for s in pixel[-2:]]
     if axial_factor > 1 and len(pixel) > 2:
         pixel[-3] /= axial_factor
     result = drive(job_factory(image.data, args.model, _settings(args)), _progress_bar(args.quiet or args.json))
+    if args.uncertainty is not None and result.uncertainty is None:
+        raise CLIError("This model gives no uncertainty from one sample; use --samples 2 or more.")
     written = []
     try:  # all outputs or none
         for path, data in ((args.output, result.image), (args.uncertainty, result.uncertainty),

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -42,6 +44,20 @@ def test_uncertainty_is_at_least_the_difficulty_and_the_spread_between_samples(t
     assert np.mean(two.uncertainty > two.difficulty + 1e-4) > 0.5  # and the samples differ
 
 
+def test_one_sample_gives_the_predicted_spread_as_uncertainty_unless_the_model_has_no_difficulty_head(
+        tiny_model, em_pair):
+    from napari_emdiffuse.core.models import load_model
+    from napari_emdiffuse.core.network import UNet
+
+    _, noisy = em_pair
+    one = run_denoise(noisy, tiny_model, samples=1, seed=1, difficulty=True)[0]
+    assert np.allclose(one.uncertainty, one.difficulty, atol=1e-6) and one.info["reliable"] is not None
+    model = load_model(tiny_model)
+    headless = dataclasses.replace(model, net=UNet(dataclasses.replace(model.net.config, difficulty_head=False)))
+    result = drive(denoise(noisy, headless, Settings(samples=1)))
+    assert result.uncertainty is None and result.info["reliable"] is None
+
+
 def test_same_seed_same_result_and_other_seed_other_sample(tiny_model, em_pair):
     _, noisy = em_pair
     a, _ = run_denoise(noisy, tiny_model, seed=5)
@@ -73,7 +89,7 @@ def test_stacks_small_and_odd_images_keep_shape_and_dtype(tiny_model, shape, dty
     result, _ = run_denoise(image, tiny_model, samples=1, tile=64)
     assert result.image.shape == image.shape and result.image.dtype == image.dtype
     assert np.isfinite(result.image.astype(np.float64)).all()
-    assert result.uncertainty is None and result.info["reliable"] is None
+    assert result.uncertainty.shape == image.shape  # one sample: the spread the model predicts (phi)
 
 
 def test_tiles_smaller_than_the_image_give_a_seamless_result(tiny_model, em_pair):

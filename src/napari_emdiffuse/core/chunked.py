@@ -264,7 +264,7 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
     ``overwrite``.
     """
     from .models import default_model, load_model, resolve
-    from .tasks import pick_device, summarise
+    from .tasks import gives_uncertainty, pick_device, summarise
 
     started = time.perf_counter()
     settings = settings or Settings()
@@ -292,7 +292,7 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
     if len(chunk) != 3 or min(chunk) < 1:
         raise InputError("The chunk must be three positive sizes (z, y, x).")
     halo = int(halo if halo is not None else math.ceil(settings.tile / task.lateral))
-    maps = ("image",) + (("uncertainty",) if settings.samples > 1 else ()) + (
+    maps = ("image",) + (("uncertainty",) if gives_uncertainty(model_info, settings) else ()) + (
         ("difficulty",) if settings.difficulty else ())
     run = {"task": task.name, "factor": task.factor, "model": model_info.name, "model_path": model_path,
            "input": source if isinstance(source, str) else None, "input_shape": list(data.shape),
@@ -331,7 +331,7 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
                      output=str(output), maps=list(maps), chunks=total, resumed_chunks=total - len(pending),
                      **({"scale": task.factor} if task.lateral > 1 else {}),
                      **({"factor": task.factor} if task.axial > 1 else {}))
-    if settings.samples > 1:
+    if "uncertainty" in maps:
         counts = sum(root[f"{RUN_GROUP}/histogram"][iz].sum(axis=(0, 1)) for iz in range(grid[0]))
         score, flagged = histogram_summary(counts, settings.threshold)
         info.update(uncertainty_score=score, reliable=score <= settings.threshold, flagged_fraction=flagged)

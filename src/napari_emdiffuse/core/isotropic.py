@@ -26,7 +26,17 @@ from collections.abc import Generator, Iterator, Sequence
 import numpy as np
 
 from .normalize import InputError, Normalizer
-from .tasks import PlaneJob, Progress, Restoration, Settings, model_label, prepare, sample_planes, summarise
+from .tasks import (
+    PlaneJob,
+    Progress,
+    Restoration,
+    Settings,
+    gives_uncertainty,
+    model_label,
+    prepare,
+    sample_planes,
+    summarise,
+)
 
 FACTORS = tuple(range(2, 11))
 LABELS = {f"{r}:{j}": i for i, (r, j) in enumerate((r, j) for r in FACTORS for j in range(1, r))}
@@ -130,7 +140,7 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: int 
         full[generated] = np.stack(planes)
         return full
 
-    uncertainty = with_zeros(stds) if settings.samples > 1 else None
+    uncertainty = with_zeros(stds) if gives_uncertainty(model, settings) else None
     difficulty = with_zeros(phis) if settings.difficulty and phis[0] is not None else None
     info = summarise("isotropic", model, settings, device, uncertainty[generated] if uncertainty is not None else None,
                      tile, notes, started, factor=factor)

@@ -58,7 +58,7 @@ class Progress:
 @dataclass
 class Restoration:
     image: np.ndarray  # in the input's dtype and intensity range
-    uncertainty: np.ndarray | None  # float32 predictive std (predictive_spread), normalised [0, 1] units; None with one sample
+    uncertainty: np.ndarray | None  # float32 predictive_spread, normalised [0, 1] units; see gives_uncertainty
     difficulty: np.ndarray | None  # float32 phi, normalised units, when asked for
     info: dict = field(default_factory=dict)
 
@@ -140,6 +140,11 @@ def sample_plane(model, cond: np.ndarray, start: np.ndarray, settings: Settings,
         phis = difficulty_in_image_units(denoiser.first_log_phi[..., :h, :w], sigmas[0]).numpy()
     phi = phis.mean(0)[0] if settings.difficulty and phis is not None else None
     return samples.mean(0)[0], predictive_spread(samples, phis)[0], phi, denoiser.notes
+
+
+def gives_uncertainty(model, settings: Settings) -> bool:
+    """Two samples or more, or one from a model that predicts its own spread (a difficulty head)."""
+    return settings.samples > 1 or model.net.config.difficulty_head
 
 
 def predictive_spread(samples: np.ndarray, phis: np.ndarray | None) -> np.ndarray:
@@ -280,7 +285,7 @@ def restore(image, model, settings: Settings, task: str,
                                                               settings, device, task)
     squeeze = (lambda a: a[0]) if image.ndim == 2 else (lambda a: a)  # noqa: E731
     restored = norm.inverse(squeeze(np.stack(means)))
-    uncertainty = squeeze(np.stack(stds)).astype(np.float32) if settings.samples > 1 else None
+    uncertainty = squeeze(np.stack(stds)).astype(np.float32) if gives_uncertainty(model, settings) else None
     difficulty = squeeze(np.stack(phis)).astype(np.float32) if settings.difficulty and phis[0] is not None else None
     info = summarise(task, model, settings, device, uncertainty, tile, notes, started)
     return Restoration(restored, uncertainty, difficulty, info)
