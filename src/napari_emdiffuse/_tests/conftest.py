@@ -35,6 +35,12 @@ def tiny_superres(models_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_superres_x2(models_dir):
+    """A x2-only super-resolution model, like the bundled one: x4 runs as two x2 steps."""
+    return make_tiny_model(models_dir, "superres", "tiny-sr-x2", labels={"2": 0}, scales=[2])
+
+
+@pytest.fixture(scope="session")
 def tiny_isotropic(models_dir):
     from napari_emdiffuse.core.isotropic import LABELS
 

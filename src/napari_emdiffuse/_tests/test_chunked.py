@@ -93,15 +93,18 @@ def test_chunked_denoise_equals_in_memory_and_writes_ome_zarr(tmp_path, tiny_mod
     assert out.attrs["emdiffuse"]["result"]["uncertainty_score"] == info["uncertainty_score"]
 
 
-def test_chunked_superres_and_isotropic_equal_in_memory(tmp_path, tiny_superres, tiny_isotropic, volume):
+def test_chunked_superres_and_isotropic_equal_in_memory(tmp_path, tiny_superres, tiny_superres_x2, tiny_isotropic,
+                                                       volume):
     source = write_zarr(tmp_path / "in.zarr", volume[:, :40, :44], (1, 16, 16))
     norm = fit_normalizer(open_volume(source).data)
     for task, model, job in ((ChunkedTask("superres", 2), tiny_superres, lambda v: superres(v, tiny_superres,
                               SETTINGS, scale=2, norm=norm)),
+                             (ChunkedTask("superres", 4), tiny_superres_x2, lambda v: superres(  # two x2 steps
+                                 v, tiny_superres_x2, SETTINGS, scale=4, norm=norm)),
                              (ChunkedTask("isotropic", 2), tiny_isotropic, lambda v: isotropic(v, tiny_isotropic,
                               SETTINGS, factor=2, norm=norm))):
         whole = drive(job(volume[:, :40, :44]))
-        output = tmp_path / f"{task.name}.zarr"
+        output = tmp_path / f"{task.name}{task.factor}.zarr"
         drive(restore_volume(source, output, task, model, SETTINGS, chunk=(1, 20, 24)))
         image = zarr.open_group(str(output), mode="r")["0"][...]
         assert image.shape == whole.image.shape

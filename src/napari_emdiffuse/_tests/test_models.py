@@ -5,15 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_emdiffuse.core.models import (
-    ModelFileError,
-    default_model,
-    list_models,
-    load_model,
-    read_metadata,
-    resolve,
-    save_model,
-)
+from napari_emdiffuse.core.models import ModelFileError, list_models, load_model, read_metadata, save_model
 from napari_emdiffuse.core.network import UNet, UNetConfig
 
 
@@ -80,13 +72,3 @@ def test_user_models_are_listed_and_found_by_name(tmp_path, monkeypatch):
     assert "u1" in names and "junk" not in names
     assert load_model("u1").name == "u1"
     assert [e for e in list_models() if e.bundled], "the package ships at least one model"
-
-
-def test_the_default_model_for_a_variant_is_the_most_specialised_bundled_one_serving_it():
-    x2, x4 = default_model("superres", "2"), default_model("superres", "4")
-    assert "2" in read_metadata(resolve(x2))["labels"] and "4" in read_metadata(resolve(x4))["labels"]
-    assert len(read_metadata(resolve(x2))["labels"]) <= len(read_metadata(resolve(x4))["labels"])
-    assert x2 != x4  # the bundled x2 specialist (x4 stays with the model trained for both)
-    assert default_model("denoise", None) == default_model("denoise")
-    with pytest.raises(ModelFileError, match="No bundled model"):
-        default_model("superres", "3")

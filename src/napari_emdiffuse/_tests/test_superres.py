@@ -4,7 +4,7 @@ import tifffile
 
 from napari_emdiffuse.cli import main
 from napari_emdiffuse.core.io import read_tiff
-from napari_emdiffuse.core.normalize import InputError
+from napari_emdiffuse.core.normalize import InputError, Normalizer
 from napari_emdiffuse.core.simulate import area_downsample
 from napari_emdiffuse.core.tasks import Settings, drive, superres, upsample
 
@@ -17,6 +17,21 @@ def test_superres_output_is_scale_times_larger_in_input_dtype(tiny_superres, em_
     assert result.image.shape == (50 * scale, 70 * scale) and result.image.dtype == np.uint8
     assert result.uncertainty.shape == result.image.shape
     assert result.info["scale"] == scale and "uncertainty_score" in result.info
+
+
+def test_x4_with_a_x2_model_is_two_x2_steps_with_both_uncertainties(tiny_superres_x2, em_pair):
+    _, noisy = em_pair
+    lr = noisy[:24, :40]
+    progress = []
+    result = drive(superres(lr, tiny_superres_x2, Settings(steps=1), scale=4), progress.append)
+    first = drive(superres(lr, tiny_superres_x2, Settings(steps=1), scale=2))
+    second = drive(superres(first.image, tiny_superres_x2, Settings(steps=1), scale=2, norm=Normalizer.fit(lr)))
+    assert np.array_equal(result.image, second.image) and result.image.shape == (96, 160)
+    assert result.info["scale"] == 4 and result.info["passes"] == 2
+    assert np.all(result.uncertainty >= second.uncertainty - 1e-6)  # the first step's adds in quadrature
+    assert result.info["uncertainty_score"] > 0
+    dones = [p.done for p in progress]
+    assert dones == sorted(dones) and progress[-1].done == progress[-1].total == 100
 
 
 def test_superres_of_a_stack_works_slice_by_slice(tiny_superres):
@@ -59,3 +74,5 @@ def test_bundled_superres_model_beats_bicubic_on_synthetic_em():
     bicubic = upsample(lr, 2)
     mse = lambda a: np.mean((a - clean) ** 2)  # noqa: E731
     assert mse(result.image) < mse(bicubic)
+    lr4 = SEMNoise(electrons=150, read=0.01)(area_downsample(clean, 4), np.random.default_rng(0))
+    assert mse(drive(superres(lr4, None, Settings(), scale=4)).image) < mse(upsample(lr4, 4))

@@ -17,19 +17,6 @@ class SuperresWidget(RestoreWidget):
         for factor in SUPERRES_SCALES:
             self.scale.addItem(f"×{factor}", factor)
         form.addRow("Scale", self.scale)
-        self.scale.currentIndexChanged.connect(self._default_model_for_scale)
-        self._default_model_for_scale()
-
-    def _default_model_for_scale(self) -> None:
-        """Follow the scale with the bundled model made for it, unless the user picked one of their own."""
-        from ..core.models import ModelFileError, default_model, list_models
-
-        bundled = {e.name for e in list_models(self.task) if e.bundled}
-        if self.model_picker.currentText() in bundled | {""}:
-            try:
-                self.model_picker.setCurrentText(default_model(self.task, str(self.scale.currentData())))
-            except ModelFileError:
-                pass  # no bundled model serves this scale: running says so
 
     def make_job(self, data, model, settings):
         return superres(data, model, settings, scale=self.scale.currentData())

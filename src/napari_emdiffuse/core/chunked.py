@@ -264,7 +264,7 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
     ``overwrite``.
     """
     from .models import default_model, load_model, resolve
-    from .tasks import gives_uncertainty, pick_device, summarise
+    from .tasks import gives_uncertainty, pick_device, summarise, superres_steps
 
     started = time.perf_counter()
     settings = settings or Settings()
@@ -283,15 +283,17 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
         raise InputError(f"Expected {'a volume of at least 2 slices' if task.axial > 1 else 'a 2D image or 3D volume'}"
                          f", got the shape {data.shape}.")
     check_image(read_window(data, (slice(0, 2),) * (data.ndim - 1) + (slice(None),)))  # dtype, RGB
-    model_path = str(resolve(model or default_model(task.name, str(task.factor) if task.lateral > 1 else None),
-                             task.name))
+    model_path = str(resolve(model or default_model(task.name), task.name))
     model_info = load_model(model_path, task=task.name)
     shape3 = (1,) * (3 - data.ndim) + tuple(data.shape)
     default_chunk = (1, max(64, DEFAULT_LATERAL_CHUNK // task.lateral), max(64, DEFAULT_LATERAL_CHUNK // task.lateral))
     chunk = tuple(int(c) for c in (chunk or default_chunk))
     if len(chunk) != 3 or min(chunk) < 1:
         raise InputError("The chunk must be three positive sizes (z, y, x).")
-    halo = int(halo if halo is not None else math.ceil(settings.tile / task.lateral))
+    if halo is None:  # one tile of each step's output grid, in input pixels
+        steps = superres_steps(model_info, task.factor) if task.name == "superres" else (1,)
+        halo = sum(math.ceil(settings.tile / math.prod(steps[:i + 1])) for i in range(len(steps)))
+    halo = int(halo)
     maps = ("image",) + (("uncertainty",) if gives_uncertainty(model_info, settings) else ()) + (
         ("difficulty",) if settings.difficulty else ())
     run = {"task": task.name, "factor": task.factor, "model": model_info.name, "model_path": model_path,

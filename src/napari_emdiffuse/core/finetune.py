@@ -111,13 +111,13 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | No
     image, aligned, reg = prepare_pair(task, np.asarray(image), np.asarray(target), scale)
     factor = scale if task == "superres" else 1
     dev = pick_device(device)
-    base_model = load_model(base or default_model(task, str(scale) if task == "superres" else None), device=dev,
-                            task=task)
+    base_model = load_model(base or default_model(task), device=dev, task=task)
     label = None
     if base_model.meta.get("labels"):
         label = int(base_model.meta["labels"].get(str(scale), -1))
         if label < 0:
-            raise InputError(f"The model '{base_model.name}' does not support x{scale}.")
+            raise InputError(f"The model '{base_model.name}' has no x{scale} variant (it makes x4 as two x2 steps): "
+                             "fine-tune it on a x2 pair.")
     norm = Normalizer.fit(image)
     (train_in, train_out), (val_in, val_out) = split_validation(image, aligned, factor)
     cond = norm(train_in) if factor == 1 else upsample(norm(train_in), factor)

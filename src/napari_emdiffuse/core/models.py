@@ -161,16 +161,10 @@ def resolve(name_or_path: str | os.PathLike, task: str | None = None) -> Path:
     raise ModelFileError(f"No model named '{name_or_path}' (available: {known}).")
 
 
-def default_model(task: str, variant: str | None = None) -> str:
-    """The bundled model for ``task``; for a ``variant`` (e.g. the scale ``"2"``), the most specialised one that
-    serves it (fewest labels), since a model trained for one setting can beat one that shares its capacity."""
+def default_model(task: str) -> str:
     bundled = [e for e in list_models(task) if e.bundled]
-    if variant is not None:
-        labels = {e.name: read_metadata(e.path).get("labels") for e in bundled}
-        bundled = sorted((e for e in bundled if not labels[e.name] or variant in labels[e.name]),
-                         key=lambda e: len(labels[e.name] or ()) or float("inf"))
     if not bundled:
-        raise ModelFileError(f"No bundled model for the task '{task}'" + (f" and {variant}." if variant else "."))
+        raise ModelFileError(f"No bundled model for the task '{task}'.")
     return bundled[0].name
 
 
