@@ -66,6 +66,22 @@ def test_finetune_saves_an_improved_model_into_the_registry(pair, tiny_model, us
         assert result.path is None and not user_dir.exists()
 
 
+def test_a_x2_model_is_finetuned_for_x4_on_both_of_its_steps(tiny_superres_x2, tmp_path, monkeypatch):
+    import napari_emdiffuse.core.finetune as ft
+
+    seen = []
+    original = ft.pair_batches
+    monkeypatch.setattr(ft, "pair_batches", lambda pairs, *a: seen.append(pairs) or original(pairs, *a))
+    clean = synthetic_em((640, 768), seed=8)
+    lr = area_downsample(clean, 4) + np.random.default_rng(0).normal(0, 0.05, (160, 192))
+    result = drive(finetune("superres", lr, clean, base=tiny_superres_x2, scale=4, iterations=4,
+                            output=tmp_path / "x4.npz"))
+    (first, middle), (middle_up, full) = seen[0]
+    assert first.shape == middle.shape  # the input to the target's x2 average
+    assert middle_up.shape == full.shape == (2 * middle.shape[0], 2 * middle.shape[1])  # and from it to the target
+    assert np.isfinite(result.val_psnr_before)
+
+
 def test_finetune_that_cannot_improve_keeps_the_base_model(pair, tiny_model, user_dir):
     result = drive(finetune("denoise", *pair, base=tiny_model, iterations=3, lr=0.0))
     assert not result.improved and result.path is None and result.model_name == "tiny"

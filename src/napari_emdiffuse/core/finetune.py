@@ -70,17 +70,20 @@ def split_validation(image: np.ndarray, target: np.ndarray, factor: int, fractio
     return (take(image, 0, cut), take(target, 0, cut, factor)), (take(image, cut, n), take(target, cut, n, factor))
 
 
-def pair_batches(cond: np.ndarray, target: np.ndarray, batch: int, seed: int, label: int | None):
-    """Random augmented patches of an aligned (condition on the output grid, target) pair, in model space."""
+def pair_batches(pairs: list[tuple[np.ndarray, np.ndarray]], batch: int, seed: int, label: int | None):
+    """Random augmented patches of aligned (condition on the output grid, target) pairs, in model space; each patch
+    from a pair drawn in proportion to its area."""
     import torch
 
     from .train import augment, to_model_space
 
     rng = np.random.default_rng(seed)
-    patch = min(PATCH, cond.shape[0] // 16 * 16, cond.shape[1] // 16 * 16)
+    patch = min(PATCH, *(n // 16 * 16 for cond, _ in pairs for n in cond.shape))
+    areas = np.array([cond.size for cond, _ in pairs], float)
     while True:
         xs, cs = [], []
         for _ in range(batch):
+            cond, target = pairs[rng.choice(len(pairs), p=areas / areas.sum())]
             y = rng.integers(0, cond.shape[0] - patch + 1)
             x = rng.integers(0, cond.shape[1] - patch + 1)
             c, t = augment(rng, cond[y:y + patch, x:x + patch], target[y:y + patch, x:x + patch])
@@ -99,7 +102,8 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | No
     The result is saved to ``output`` if given, else into the user's model folder as ``name``.
     """
     from .models import Model, default_model, install_model, load_model, save_model
-    from .tasks import Progress, Settings, denoise, pick_device, superres, upsample
+    from .simulate import area_downsample
+    from .tasks import Progress, Settings, denoise, pick_device, superres, superres_steps, upsample
     from .train import train
 
     if task not in ("denoise", "superres"):
@@ -112,16 +116,19 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | No
     factor = scale if task == "superres" else 1
     dev = pick_device(device)
     base_model = load_model(base or default_model(task), device=dev, task=task)
+    steps = superres_steps(base_model, scale) if task == "superres" else (1,)
     label = None
     if base_model.meta.get("labels"):
-        label = int(base_model.meta["labels"].get(str(scale), -1))
+        label = int(base_model.meta["labels"].get(str(steps[0]), -1))
         if label < 0:
-            raise InputError(f"The model '{base_model.name}' has no x{scale} variant (it makes x4 as two x2 steps): "
-                             "fine-tune it on a x2 pair.")
+            raise InputError(f"The model '{base_model.name}' does not support x{scale}.")
     norm = Normalizer.fit(image)
     (train_in, train_out), (val_in, val_out) = split_validation(image, aligned, factor)
-    cond = norm(train_in) if factor == 1 else upsample(norm(train_in), factor)
-    target01 = norm(train_out)
+    if steps == (2, 2):  # a x2 model making x4 in two steps learns both: to the target's x2 average, and from it
+        middle = norm(area_downsample(train_out, 2))
+        pairs = [(upsample(norm(train_in), 2), middle), (upsample(middle, 2), norm(train_out))]
+    else:
+        pairs = [(norm(train_in) if factor == 1 else upsample(norm(train_in), factor), norm(train_out))]
     val_truth = norm(val_out)
 
     def validate(net) -> Generator:
@@ -144,7 +151,7 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | No
             best.update(psnr=psnr, state=copy.deepcopy(ema.state_dict()), step=step)
 
     history = []
-    job = train(net, pair_batches(cond, target01, batch, seed, label), iterations=iterations, minutes=minutes, lr=lr,
+    job = train(net, pair_batches(pairs, batch, seed, label), iterations=iterations, minutes=minutes, lr=lr,
                 ema_decay=0.995, seed=seed, device=dev, report_every=5, warmup=20,
                 checkpoint_minutes=validate_every_minutes)
     finished = False
