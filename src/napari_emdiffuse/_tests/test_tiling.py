@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from napari_emdiffuse.core.tasks import drive
-from napari_emdiffuse.core.tiling import TiledDenoiser, pad_to, tile_plan, tile_starts
+from napari_emdiffuse.core.tiling import NoiseField, TiledDenoiser, pad_to, tile_plan, tile_starts
 
 
 @settings(max_examples=80, deadline=None)
@@ -49,3 +49,11 @@ def test_fused_tiles_leave_no_seams():
     # away from the image border, tiles with 16 px of blended overlap match the untiled result
     interior = (slice(None), slice(None), slice(8, -8), slice(8, -8))
     assert (tiled - whole)[interior].abs().max() < 0.05 * whole.abs().max()
+
+
+def test_samples_come_in_antithetic_pairs_and_one_sample_keeps_its_noise():
+    three = NoiseField(3, 3, 40, 50)()
+    assert torch.equal(three[1], -three[0])  # the pair's mean cancels the noise's first-order effect
+    assert not torch.equal(three[2], three[0]) and not torch.equal(three[2], -three[0])
+    assert torch.equal(NoiseField(3, 1, 40, 50)()[0], three[0])
+    assert abs(float(three[2].std()) - 1) < 0.05
