@@ -154,7 +154,7 @@ def predictive_spread(samples: np.ndarray, phis: np.ndarray | None) -> np.ndarra
     deviation, at the first and noisiest step: the spread of the whole posterior), so by the law of total variance
     the prediction's variance is the variance between the samples plus the mean phi^2. A few-step sampler draws
     samples that differ far less than the posterior does; phi restores the missing spread, which makes the map
-    follow the actual error (real SEM pair, 16 x 16 patches: Spearman 0.36 -> 0.45) at the error's own scale.
+    follow the actual error (real SEM pair, 16 x 16 patches: Spearman 0.36 -> 0.44) at the error's own scale.
     Population variance between samples, as the paper's threshold assumes. Without phi: the samples' std alone.
     """
     variance = samples.var(0)
