@@ -187,16 +187,22 @@ class PlaneJob:
     where: str  # for progress messages, e.g. " slice 3/40"
 
 
+def task_model(model, task: str, device):
+    """``model`` (a name, a file or None for the bundled default) loaded onto ``device``; a loaded Model as it is
+    (fine-tuning passes the model it is training)."""
+    from .models import Model, default_model, load_model
+
+    if isinstance(model, Model):
+        return model
+    return load_model(model or default_model(task), device=device, task=task)
+
+
 def prepare(image, model, settings: Settings, task: str, norm: Normalizer | None = None):
     """Check the input, pick the device, load the model and fit the normalisation (unless given, e.g. for a chunk
     of a larger volume, whose percentiles must be the whole volume's)."""
-    from .models import Model, default_model, load_model
-
     image = check_image(image)
     device = pick_device(settings.device)
-    if not isinstance(model, Model):  # a name or file; fine-tuning passes the model it is training
-        model = load_model(model or default_model(task), device=device, task=task)
-    return image, device, model, norm or Normalizer.fit(image)
+    return image, device, task_model(model, task, device), norm or Normalizer.fit(image)
 
 
 def sample_planes(model, jobs, count: int, out_shape: tuple[int, int], settings: Settings, device,
@@ -327,13 +333,10 @@ def superres(image, model: str | None = None, settings: Settings | None = None,
     without a x4 variant (the bundled one) makes x4 as two x2 steps, the second restoring the first's output: on
     held-out FIB-SEM that beat the direct x4 of a model trained for both (strong noise: 21.75 vs 20.87 dB).
     """
-    from .models import Model, default_model, load_model
-
     settings = settings or Settings()
     if scale not in SUPERRES_SCALES:
         raise InputError(f"The super-resolution factor must be 2 or 4, not {scale}.")
-    if not isinstance(model, Model):
-        model = load_model(model or default_model("superres"), device=pick_device(settings.device), task="superres")
+    model = task_model(model, "superres", pick_device(settings.device))  # its variants decide how x4 is made
     if superres_steps(model, scale) == (2, 2):
         return (yield from _superres_in_two_steps(image, model, settings, norm))
 
