@@ -2,7 +2,7 @@
 
 Membranes and organelles run obliquely through a volume, so between two acquired slices they move as well as
 change. Interpolating along that motion, instead of straight across z, puts them close to where they are in the
-missing slices (on 10 nm FIB-SEM with every 4th slice kept: about +0.8 dB PSNR over linear interpolation and far
+missing slices (on 10 nm FIB-SEM with every 4th slice kept: about +1.0 dB PSNR over linear interpolation and far
 less blur, see ``benchmarks/isotropic_quality.py``); the diffusion model then only adds what motion cannot explain.
 
 Torch only (batched, runs where the model runs). Every step is local: a fixed, small pyramid and box windows, so a
@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 RADIUS = 16  # half-width of the window over which motion is assumed constant (pixels, at every pyramid level)
+RADII = (8, 16, 32)  # the windows of the flow estimates motion_interpolation averages over
 LEVELS = 3  # pyramid levels: motion up to about RADIUS * 2 ** (LEVELS - 1) pixels
 WARPS = 3  # Lucas-Kanade iterations per level
 
@@ -82,7 +83,11 @@ def motion_interpolation(below: np.ndarray, above: np.ndarray, fractions) -> np.
 
     A point at ``p`` in ``below`` is at ``p + v`` in ``above`` and, moving steadily, at ``p + s v`` at fraction
     ``s``: the plane there blends ``below`` sampled at ``p - s v`` and ``above`` at ``p + (1 - s) v``, weighted by
-    closeness. Shapes as for linear interpolation: one pair (y, x) with fractions (k,) gives (k, y, x); n pairs
+    closeness. One flow estimate is confidently wrong where the sections change a lot or have little texture, so
+    the result is the mean over several: windows of each size in ``RADII``, estimated from below and from above.
+    Where they agree it is as sharp as one; where they disagree, a blend rather than a wrong guess (on 10 nm
+    FIB-SEM, +0.18 dB at R = 4 and +0.25 dB at R = 6 over one estimate with a 16-pixel window).
+    Shapes as for linear interpolation: one pair (y, x) with fractions (k,) gives (k, y, x); n pairs
     (n, y, x) with fractions (n, k) give (n, k, y, x). float32.
     """
     import torch
@@ -92,11 +97,13 @@ def motion_interpolation(below: np.ndarray, above: np.ndarray, fractions) -> np.
         a = torch.tensor(np.asarray(above, np.float32))
         single = b.ndim == 2
         b, a = (t.reshape((-1, 1) + t.shape[-2:]) for t in (b, a))
-        s = torch.tensor(np.asarray(fractions, np.float32)).reshape(len(b), -1)
-        flow = lucas_kanade(b, a)
-        planes = []
-        for i in range(s.shape[1]):
-            t = s[:, i].view(-1, 1, 1, 1)
-            planes.append((1 - t) * warp(b, -t * flow) + t * warp(a, (1 - t) * flow))
-        out = torch.cat(planes, dim=1).numpy()
+        s = torch.tensor(np.asarray(fractions, np.float32)).reshape(len(b), -1, 1, 1)
+        total = torch.zeros((len(b), s.shape[1]) + b.shape[-2:])
+        for radius in RADII:
+            for first, second, t in ((b, a, s), (a, b, 1 - s)):
+                flow = lucas_kanade(first, second, radius)
+                for i in range(s.shape[1]):
+                    ti = t[:, i:i + 1]
+                    total[:, i:i + 1] += (1 - ti) * warp(first, -ti * flow) + ti * warp(second, (1 - ti) * flow)
+        out = (total / (2 * len(RADII))).numpy()
     return out[0] if single else out
