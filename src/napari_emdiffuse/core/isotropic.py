@@ -164,7 +164,7 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
     example (robustness to other volumes' contrast). With ``residual`` (``"linear"`` or ``"motion"``) the target is
     the slice minus that interpolation (for models with ``"residual": true`` and that ``"start"`` in their metadata).
     With ``cache`` that interpolation is computed once per plane pair, over the whole planes as in reconstruction,
-    and kept: for many epochs over one small volume (self-supervised training), where it would otherwise take half
+    and kept: for many epochs over one small volume (self-supervised training), where it would otherwise take most
     of every step's time.
     """
     import torch
@@ -265,7 +265,8 @@ def self_supervised(volume, factor: int, minutes: float = 10.0, *, seed: int = 0
     torch.manual_seed(seed)
     net = UNet(UNetConfig(cond_channels=2, num_labels=len(LABELS), **SELF_SUPERVISED_NETWORK))
     planes = lateral_volumes(norm(volume))
-    # whole-plane starts pay off while each plane pair is met many times: on volumes of up to ~1000 planes of 64k px
+    # whole-plane starts pay off while each plane pair is met many times (volumes of a few hundred 256² planes);
+    # on bigger ones each example's start is computed on its own patch
     cache = sum((len(v) - factor) * (factor - 1) * v[0].size for v in planes) <= CACHE_PIXELS
     batches = interpolation_batches(planes, [factor], batch, patch, seed, multiple=net.config.multiple,
                                     residual="motion", cache=cache)
