@@ -65,16 +65,17 @@ def decimate(volume: np.ndarray, factor: int) -> np.ndarray:
 STARTS = ("linear", "motion")
 
 
-def between(below: np.ndarray, above: np.ndarray, fractions, start: str = "linear") -> np.ndarray:
+def between(below: np.ndarray, above: np.ndarray, fractions, start: str = "linear", device=None) -> np.ndarray:
     """Interpolated planes at ``fractions`` (0 = below, 1 = above) of the way between slices ``below`` and ``above``.
 
     One pair (y, x) with fractions (k,) gives (k, y, x); n pairs (n, y, x) with fractions (n, k) give
-    (n, k, y, x). ``start`` is ``"linear"`` (straight across) or ``"motion"`` (along the estimated motion).
+    (n, k, y, x). ``start`` is ``"linear"`` (straight across) or ``"motion"`` (along the estimated motion, computed
+    on the torch ``device`` given, e.g. the model's).
     """
     if start == "motion":
         from .flow import motion_interpolation
 
-        return motion_interpolation(below, above, fractions)
+        return motion_interpolation(below, above, fractions, device)
     if start != "linear":
         raise InputError(f"Unknown interpolation {start!r}: use one of {', '.join(STARTS)}.")
     t = np.asarray(fractions, np.float32)[..., None, None]
@@ -123,7 +124,7 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: int 
         for g in range(gaps):
             above = norm(volume[g + 1])
             cond = np.stack([below, above])
-            starts = between(below, above, fractions, start)
+            starts = between(below, above, fractions, start, device)
             for j in range(1, factor):
                 yield PlaneJob(cond, starts[j - 1], labels[j - 1], f" gap {g + 1}/{gaps}, slice {j}/{factor - 1}")
             below = above
