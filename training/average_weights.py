@@ -14,8 +14,6 @@ import time
 
 from napari_emdiffuse.core.models import load_model, save_model
 
-KEPT_OUT = ("format", "version", "network")  # written by save_model itself
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,11 +27,10 @@ def main():
         raise SystemExit("The two models must be the same network for the same task.")
     a, b = first.net.state_dict(), second.net.state_dict()
     first.net.load_state_dict({k: (1 - args.weight) * a[k] + args.weight * b[k] for k in a})
-    meta = {k: v for k, v in first.meta.items() if k not in KEPT_OUT}
-    meta["training"] = {"average": {"weight of the second": args.weight, "first": first.meta.get("training"),
-                                    "second": second.meta.get("training")},
-                        "script": "training/average_weights.py", "date": time.strftime("%Y-%m-%d")}
-    print(f"saved {save_model(first.net, meta, args.output)}")
+    training = {"average": {"weight of the second": args.weight, "first": first.meta.get("training"),
+                            "second": second.meta.get("training")},
+                "script": "training/average_weights.py", "date": time.strftime("%Y-%m-%d")}
+    print(f"saved {save_model(first.net, {**first.meta, 'training': training}, args.output)}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def main():
     chosen = {k: v for k, v in vars(args).items() if k != "model" and v is not None}
     meta["sampling"] = {**meta.get("sampling", {}), **chosen}
     net = load_model(args.model).net
-    save_model(net, {k: v for k, v in meta.items() if k not in ("format", "version", "network")}, args.model)
+    save_model(net, meta, args.model)
     print(f"{args.model}: sampling defaults {meta['sampling']}")
 
 

@@ -173,7 +173,7 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | No
         path = None
         if improved:
             net.load_state_dict(best["state"])
-            meta = {k: v for k, v in base_model.meta.items() if k not in ("format", "version", "network", "name")}
+            meta = {k: v for k, v in base_model.meta.items() if k != "name"}
             meta["finetune"] = {
                 "base": base_model.name, "val_psnr_before": before, "val_psnr_after": best["psnr"],
                 "step": best["step"], "completed": finished, "shift": list(reg.shift),

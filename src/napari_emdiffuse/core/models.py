@@ -113,11 +113,14 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 
 def save_model(net, meta: dict, path: str | os.PathLike) -> Path:
-    """Write weights (float16) and metadata atomically: a crash never leaves a half-written model file."""
+    """Write weights (float16) and metadata atomically: a crash never leaves a half-written model file.
+
+    ``meta`` may be another model's metadata as read: the file format and the network description are always
+    this writer's and this network's."""
     path = Path(path)
     if path.suffix != ".npz":
         path = path.with_suffix(".npz")
-    meta = {"format": FORMAT, "version": 1, **meta, "network": net.config.to_dict()}
+    meta = {**meta, "format": FORMAT, "version": 1, "network": net.config.to_dict()}
     if meta.get("task") not in TASKS:
         raise ValueError(f"task must be one of {TASKS}")
     arrays = {k: v.detach().cpu().to(dtype=_storage_dtype(v)).numpy() for k, v in net.state_dict().items()}
@@ -245,5 +248,4 @@ def import_model(path: str | os.PathLike, name: str | None = None) -> Path:
     meta, _ = _read(path)
     name = name or Path(path).stem
     model = _load_cached(str(path.resolve()), path.stat().st_mtime_ns, path.stat().st_size, "cpu")
-    return install_model(model.net, {k: v for k, v in meta.items() if k not in ("format", "version", "network")},
-                         name)
+    return install_model(model.net, meta, name)
