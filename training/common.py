@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+import torch
 
 from napari_emdiffuse.core.models import save_model
 from napari_emdiffuse.core.network import count_parameters
@@ -60,12 +61,22 @@ def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def init_from(net, model: str) -> None:
-    """Copy every weight whose name and shape match from another model (e.g. denoising into super-resolution)."""
+    """Copy every weight whose name and shape match from another model (e.g. denoising into super-resolution).
+
+    A weight with more input channels here (a condition channel added, e.g. the isotropic start) gets the source's
+    in its leading channels and zeros in the new ones: the network starts out computing what the source did.
+    """
     from napari_emdiffuse.core.models import load_model
 
     source = load_model(model).net.state_dict()
     own = net.state_dict()
     shared = {k: v.float() for k, v in source.items() if k in own and own[k].shape == v.shape}
+    for k, v in source.items():
+        mine = own.get(k)
+        if k not in shared and mine is not None and mine.ndim > 1 and mine.shape[0] == v.shape[0] \
+                and mine.shape[2:] == v.shape[2:] and mine.shape[1] > v.shape[1]:
+            shared[k] = torch.zeros_like(mine)
+            shared[k][:, : v.shape[1]] = v.float()
     own.update(shared)
     net.load_state_dict(own)
     print(f"initialised {len(shared)}/{len(own)} tensors from {model}", flush=True)

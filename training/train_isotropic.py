@@ -40,13 +40,13 @@ def main():
     volume = tifffile.imread(args.data / "fibsem_iso10nm_a_250.tif")
     volume = Normalizer.fit(volume)(volume)
     oriented = [np.ascontiguousarray(np.moveaxis(volume, axis, 0)) for axis in range(3)]
-    net = UNet(UNetConfig(cond_channels=2, base=args.base, mults=(1, 2, 2, 4), blocks=1, attention=True, patch=2,
+    net = UNet(UNetConfig(cond_channels=3, base=args.base, mults=(1, 2, 2, 4), blocks=1, attention=True, patch=2,
                           num_labels=len(LABELS)))
     meta = {"task": "isotropic", "script": "training/train_isotropic.py", "labels": LABELS,
             "factors": list(FACTORS), "mode": "isotropic training data", "residual": True, "start": "motion",
             "description": "vEMDiffuse-i: slices between serial sections, trained on 10 nm isotropic FIB-SEM."}
     fit(net, lambda seed: interpolation_batches(oriented, FACTORS, args.batch, args.patch, seed, factor_weights(),
-                                                jitter=0.03, residual="motion"), meta, args)
+                                                jitter=0.03, residual="motion", start_condition=True), meta, args)
 
 
 if __name__ == "__main__":

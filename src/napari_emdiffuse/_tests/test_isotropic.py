@@ -11,6 +11,7 @@ from napari_emdiffuse.core.isotropic import (
     isotropic,
     label_of,
     lateral_volumes,
+    sees_start,
     self_supervised,
 )
 from napari_emdiffuse.core.normalize import InputError
@@ -125,11 +126,26 @@ def test_training_starts_kept_over_whole_planes_match_those_of_the_patches():
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-3)  # kept in float16
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_the_start_can_be_a_third_condition_channel(cache):
+    rng = np.random.default_rng(4)
+    volume = np.cumsum(rng.normal(0, 0.05, (24, 40, 40)), axis=0).astype(np.float32)
+    plain = interpolation_batches([volume], [4], batch=6, patch=40, seed=2)
+    seen = interpolation_batches([volume], [4], batch=6, patch=40, seed=2, residual="linear", cache=cache,
+                                 start_condition=True)
+    (target, cond, _), (residual, cond3, _) = next(plain), next(seen)
+    assert cond3.shape == (6, 3, 48, 48) and torch.equal(cond3[:, :2], cond)
+    # the third channel is the interpolation the model corrects (padded to the network's multiple of 16):
+    # it and the residual add up to the slice
+    np.testing.assert_allclose((residual + cond3[:, 2:]).numpy(), target.numpy(), atol=2e-3)
+
+
 def test_self_supervised_learns_from_lateral_planes_of_the_volume_alone(volume):
     vol = np.random.default_rng(1).random((6, 48, 48)).astype(np.float32)
     assert [v.shape for v in lateral_volumes(vol)] == [(48, 6, 48), (48, 6, 48)]
     model = drive(self_supervised(vol, 4, minutes=0.03, batch=2, patch=32))
     assert model.meta["labels"] == {f"4:{j}": LABELS[f"4:{j}"] for j in (1, 2, 3)}
+    assert sees_start(model.net)  # reconstruction below hands it the start as its third channel
     result = drive(isotropic(vol, model, Settings(samples=2, steps=1), factor=4))
     assert result.image.shape == (21, 48, 48) and np.array_equal(result.image[::4], vol)
     with pytest.raises(InputError, match="more than 4 planes"):

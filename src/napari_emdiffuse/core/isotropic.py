@@ -5,7 +5,8 @@ slices: the acquired slices stay at every R-th position and each of the R - 1 sl
 sampled, conditioned on its two neighbours (two channels). The model's label says which slice of which gap, as
 ``"R:j"`` (see :func:`label_of`), so one model serves every factor and position it was trained for. Sampling starts
 from an interpolation of the two neighbours plus noise, as denoising starts from the noisy image: the model's
-``"start"`` says which, ``"linear"`` or ``"motion"`` (along the structures' motion, see :mod:`.flow`).
+``"start"`` says which, ``"linear"`` or ``"motion"`` (along the structures' motion, see :mod:`.flow`); a network
+with three condition channels (:func:`sees_start`) is given that start too.
 
 - **vEMDiffuse-i**: the model was trained on an isotropic volume (every orientation of it: an isotropic volume
   looks the same along z, y and x), decimated along the axis of interpolation.
@@ -55,6 +56,15 @@ def check_factor(factor: int) -> int:
 
 def output_slices(z: int, factor: int) -> int:
     return (z - 1) * factor + 1
+
+
+def sees_start(net) -> bool:
+    """Whether a residual network is given its start (the interpolation it corrects) as a third condition channel.
+
+    Without it the network sees only the two neighbours and must redo the flow estimation to know what the start
+    got wrong; with it, it sees the start's ghosts and blur directly.
+    """
+    return net.config.cond_channels == 3
 
 
 def decimate(volume: np.ndarray, factor: int) -> np.ndarray:
@@ -118,14 +128,15 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: int 
     gaps = len(volume) - 1
     fractions = np.arange(1, factor) / factor
     start = model.meta.get("start", "linear")
+    with_start = sees_start(model.net)
 
     def jobs() -> Iterator[PlaneJob]:
         below = norm(volume[0])
         for g in range(gaps):
             above = norm(volume[g + 1])
-            cond = np.stack([below, above])
             starts = between(below, above, fractions, start, device)
             for j in range(1, factor):
+                cond = np.stack([below, above, starts[j - 1]] if with_start else [below, above])
                 yield PlaneJob(cond, starts[j - 1], labels[j - 1], f" gap {g + 1}/{gaps}, slice {j}/{factor - 1}")
             below = above
 
@@ -154,7 +165,8 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: int 
 
 def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int], batch: int, patch: int,
                           seed: int = 0, weights: Sequence[float] | None = None, jitter: float = 0.0,
-                          multiple: int = 16, residual: str | None = None, cache: bool = False):
+                          multiple: int = 16, residual: str | None = None, cache: bool = False,
+                          start_condition: bool = False):
     """Endless training batches ``(x0, cond, label)`` in model space.
 
     Each volume is normalised to [0, 1] and oriented with the axis to interpolate across first. An example takes
@@ -166,7 +178,8 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
     the slice minus that interpolation (for models with ``"residual": true`` and that ``"start"`` in their metadata).
     With ``cache`` that interpolation is computed once per plane pair, over the whole planes as in reconstruction,
     and kept: for many epochs over one small volume (self-supervised training), where it would otherwise take most
-    of every step's time.
+    of every step's time. ``start_condition`` adds that interpolation to the condition as a third channel (models
+    for which :func:`sees_start` holds).
     """
     import torch
 
@@ -225,6 +238,8 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
                 below, above = np.stack([c[0] for c in cs]), np.stack([c[1] for c in cs])
                 starts = list(between(below, above, fractions, residual)[:, 0])
             x0 = x0 - to_model_space(starts)
+            if start_condition:
+                cs = [np.concatenate([c, s[None]]) for c, s in zip(cs, starts)]
         yield x0, to_model_space(cs), torch.tensor(ls)
 
 
@@ -265,13 +280,13 @@ def self_supervised(volume, factor: int, minutes: float = 10.0, *, seed: int = 0
     norm = Normalizer.fit(volume)
     dev = pick_device(device)
     torch.manual_seed(seed)
-    net = UNet(UNetConfig(cond_channels=2, num_labels=len(LABELS), **SELF_SUPERVISED_NETWORK))
+    net = UNet(UNetConfig(cond_channels=3, num_labels=len(LABELS), **SELF_SUPERVISED_NETWORK))
     planes = lateral_volumes(norm(volume))
     # whole-plane starts pay off while each plane pair is met many times (volumes of a few hundred 256² planes);
     # on bigger ones each example's start is computed on its own patch
     cache = sum((len(v) - factor) * (factor - 1) * v[0].size for v in planes) <= CACHE_PIXELS
     batches = interpolation_batches(planes, [factor], batch, patch, seed, multiple=net.config.multiple,
-                                    residual="motion", cache=cache)
+                                    residual="motion", cache=cache, start_condition=True)
     log_sigma = training_log_sigma(*SELF_SUPERVISED_TRAINING_SIGMAS)
     net = yield from train(net, batches, minutes=minutes, lr=1e-3, ema_decay=0.995, seed=seed, device=dev,
                            warmup=50, checkpoint_minutes=float("inf"), log_sigma=log_sigma)
