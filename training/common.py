@@ -64,7 +64,8 @@ def init_from(net, model: str) -> None:
     """Copy every weight whose name and shape match from another model (e.g. denoising into super-resolution).
 
     A weight with more input channels here (a condition channel added, e.g. the isotropic start) gets the source's
-    in its leading channels and zeros in the new ones: the network starts out computing what the source did.
+    in its leading channels and zeros in the new ones: the network starts out computing what the source did (the
+    stem's pixel-unshuffle keeps each image channel's block together, so a channel added last stays last).
     """
     from napari_emdiffuse.core.models import load_model
 
