@@ -19,7 +19,7 @@ import tifffile
 import torch
 from common import add_arguments, fit
 
-from napari_emdiffuse.core.isotropic import FACTORS, LABELS, interpolation_batches
+from napari_emdiffuse.core.isotropic import FACTORS, LABELS, interpolation_batches, sees_start
 from napari_emdiffuse.core.network import UNet, UNetConfig
 from napari_emdiffuse.core.normalize import Normalizer
 
@@ -46,7 +46,8 @@ def main():
             "factors": list(FACTORS), "mode": "isotropic training data", "residual": True, "start": "motion",
             "description": "vEMDiffuse-i: slices between serial sections, trained on 10 nm isotropic FIB-SEM."}
     fit(net, lambda seed: interpolation_batches(oriented, FACTORS, args.batch, args.patch, seed, factor_weights(),
-                                                jitter=0.03, residual="motion", start_condition=True), meta, args)
+                                                jitter=0.03, residual="motion",
+                                                start_condition=sees_start(net)), meta, args)
 
 
 if __name__ == "__main__":

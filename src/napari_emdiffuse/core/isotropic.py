@@ -286,7 +286,7 @@ def self_supervised(volume, factor: int, minutes: float = 10.0, *, seed: int = 0
     # on bigger ones each example's start is computed on its own patch
     cache = sum((len(v) - factor) * (factor - 1) * v[0].size for v in planes) <= CACHE_PIXELS
     batches = interpolation_batches(planes, [factor], batch, patch, seed, multiple=net.config.multiple,
-                                    residual="motion", cache=cache, start_condition=True)
+                                    residual="motion", cache=cache, start_condition=sees_start(net))
     log_sigma = training_log_sigma(*SELF_SUPERVISED_TRAINING_SIGMAS)
     net = yield from train(net, batches, minutes=minutes, lr=1e-3, ema_decay=0.995, seed=seed, device=dev,
                            warmup=50, checkpoint_minutes=float("inf"), log_sigma=log_sigma)
