@@ -34,6 +34,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="model name (see `emdiffuse models`) or .npz file")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="of the network's evaluations; auto: bfloat16 on CPUs that compute it natively (about "
+                             "twice as fast), float32 elsewhere")
     parser.add_argument("--tile", type=int, default=256, help="tile size in pixels (smaller uses less memory)")
     parser.add_argument("--threshold", type=float, default=0.12, help="uncertainty score above which to warn")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -116,7 +119,8 @@ def _settings(args):
     from .core.tasks import Settings
 
     return Settings(samples=args.samples, steps=args.steps, seed=args.seed, tile=args.tile, device=args.device,
-                    threshold=args.threshold, sampler=args.sampler, eta=args.eta, difficulty=args.difficulty is not None)
+                    precision=args.precision, threshold=args.threshold, sampler=args.sampler, eta=args.eta,
+                    difficulty=args.difficulty is not None)
 
 
 def _restore(args, job_factory, lateral_factor: int = 1, axial_factor: int = 1) -> dict:
@@ -186,7 +190,7 @@ def _summary(info: dict, as_json: bool) -> None:
         print(f"emdiffuse: note: {note}", file=sys.stderr)
     if as_json:
         keys = ("uncertainty_score", "threshold", "reliable", "seconds", "model", "samples", "steps", "seed",
-                "flagged_fraction", "device")
+                "flagged_fraction", "device", "precision")
         print(json.dumps({k: info.get(k) for k in keys}))
     elif info.get("reliable") is not None:
         print(f"{verdict(info['uncertainty_score'], info['threshold'])} ({info['seconds']:.1f} s)")

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from napari_emdiffuse.core.normalize import InputError
-from napari_emdiffuse.core.tasks import Progress, Settings, denoise, drive, predictive_spread, uncertainty_score
+from napari_emdiffuse.core.tasks import (Progress, Settings, denoise, drive, pick_precision, predictive_spread,
+                                         uncertainty_score)
 
 
 def run_denoise(image, model, **kwargs):
@@ -112,6 +113,29 @@ def test_bad_settings_are_refused():
         Settings(samples=0)
     with pytest.raises(InputError):
         Settings(tile=64, overlap=64)
+    with pytest.raises(InputError):
+        Settings(precision="float16")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bfloat16_only_on_cpus_that_compute_it_natively(monkeypatch, native):
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert pick_precision("auto", torch.device("cpu")) == ("bfloat16" if native else "float32")
+    assert pick_precision("float32", torch.device("cpu")) == "float32"
+    assert pick_precision("bfloat16", torch.device("cpu")) == "bfloat16"  # emulated elsewhere: slow, not wrong
+
+
+def test_bfloat16_evaluations_stay_within_a_grey_level_of_float32(tiny_model, em_pair):
+    _, noisy = em_pair
+    single, _ = run_denoise(noisy, tiny_model, samples=2, seed=2, precision="float32")
+    half, _ = run_denoise(noisy, tiny_model, samples=2, seed=2, precision="bfloat16")
+    assert (single.info["precision"], half.info["precision"]) == ("float32", "bfloat16")
+    difference = np.abs(single.image.astype(int) - half.image.astype(int))
+    assert 0 < difference.max() <= 1  # it did run in bfloat16, and the output did not move by more than rounding
+    assert np.abs(single.uncertainty - half.uncertainty).max() < 0.01
 
 
 def test_cancelling_the_generator_stops_the_work(tiny_model, em_pair):

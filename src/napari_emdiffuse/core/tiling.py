@@ -115,13 +115,14 @@ class TiledDenoiser:
     Sample k is evaluated in its own mirror orientation (``FLIPS``): the network's small orientation biases then
     differ between samples, so the mean of the samples is also a geometric self-ensemble (at no extra cost) and
     the spread between samples includes that model uncertainty.
+    With ``dtype`` (e.g. bfloat16) the network runs under autocast to it; the blending stays in float32.
     The difficulty map (phi) of the first, noisiest call is kept in ``self.first_log_phi``. When the device runs
     out of memory, the batch and then the tile size are halved and the evaluation is repeated (noted in ``notes``).
     """
 
     def __init__(self, net, cond: torch.Tensor, tile: int, overlap: int, batch: int, device: torch.device,
-                 label: int | None = None, origin: tuple[int, int] = (0, 0)):
-        self.net, self.device, self.batch = net, device, max(1, batch)
+                 label: int | None = None, origin: tuple[int, int] = (0, 0), dtype: torch.dtype | None = None):
+        self.net, self.device, self.batch, self.dtype = net, device, max(1, batch), dtype
         self.cond, self.label, self.overlap, self.origin = cond, label, overlap, origin
         self.first_log_phi: torch.Tensor | None = None
         self.notes: list[str] = []
@@ -170,7 +171,8 @@ class TiledDenoiser:
             ct = ct.to(self.device).contiguous(memory_format=torch.channels_last)
             sig = torch.full((len(chunk),), sigma, device=self.device)
             label = None if self.label is None else torch.full((len(chunk),), self.label, device=self.device)
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(self.device.type, self.dtype or torch.float32,
+                                                        enabled=self.dtype is not None):
                 d, _, lp = precondition(self.net, xt, ct, sig, label)
             d = d.float().cpu()
             for i, (k, y, xx) in enumerate(chunk):
