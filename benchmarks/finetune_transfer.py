@@ -1,6 +1,6 @@
 """Transfer by fine-tuning: a degradation the bundled denoiser never saw, one image pair, at most 10 minutes.
 
-    python benchmarks/finetune_transfer.py ../shared/data/em [--minutes 10]
+    python benchmarks/finetune_transfer.py ../shared/data/em [--minutes 10] [--precision float32]
 
 The unseen degradation: very low dose (8 electrons per pixel), a wider beam (blur sigma 1.2 px) and scan-line
 offsets (every line shifted by its own random amount, a common artefact of fast scanning that the bundled
@@ -44,6 +44,7 @@ def main():
     parser.add_argument("data", type=Path, nargs="?", default=Path("../shared/data/em"))
     parser.add_argument("--minutes", type=float, default=9.5, help="training budget; validation adds seconds")
     parser.add_argument("--base", default=None, help="model to fine-tune (default: the bundled denoiser)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"))
     args = parser.parse_args()
 
     slices = tifffile.imread(args.data / "fibsem_5nm_slices_27x768x1024.tif")
@@ -56,13 +57,13 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         result = drive(finetune("denoise", pair_in, pair_target, base=args.base, minutes=args.minutes,
-                                output=Path(tmp) / "tuned.npz", seed=0), lambda p: None)
+                                output=Path(tmp) / "tuned.npz", seed=0, precision=args.precision), lambda p: None)
         seconds = time.perf_counter() - started
         print(result.message)
         tuned = str(result.path) if result.improved else args.base
-        outputs = {"noisy": lambda noisy: noisy}
+        outputs, settings = {"noisy": lambda noisy: noisy}, Settings(precision=args.precision)
         for label, model in (("bundled", args.base), ("fine-tuned", tuned)):
-            outputs[label] = lambda noisy, model=model: drive(denoise(noisy, model, Settings())).image
+            outputs[label] = lambda noisy, model=model: drive(denoise(noisy, model, settings)).image
         rows = {}
         for label, restore in outputs.items():
             scores = [metrics(restore(noisy), clean) for noisy, clean in tests]
@@ -76,8 +77,9 @@ def main():
           f"{result.registration.residual:.2f} px")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "finetune_transfer.json").write_text(json.dumps({
-        "rows": rows, "minutes": seconds / 60, "steps": result.steps, "val_psnr_before": result.val_psnr_before,
-        "val_psnr_after": result.val_psnr_after, "shift": list(result.registration.shift)}, indent=1))
+        "rows": rows, "precision": args.precision, "minutes": seconds / 60, "steps": result.steps,
+        "val_psnr_before": result.val_psnr_before, "val_psnr_after": result.val_psnr_after,
+        "shift": list(result.registration.shift)}, indent=1))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ def main():
     parser.add_argument("--factors", default="4,6")
     parser.add_argument("--model", default=None, help="model name or file (default: the bundled one)")
     parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"))
     parser.add_argument("--self-supervised", action="store_true", help="also train and test vEMDiffuse-a (R = 4)")
     parser.add_argument("--minutes", type=float, default=10.0, help="vEMDiffuse-a training budget")
     parser.add_argument("--sweep", action="store_true", help="compare sampling settings (SWEEP)")
@@ -108,7 +109,7 @@ def main():
                     m = dataclasses.replace(model, sampling={**model.sampling, "steps": steps,
                                                              "sigma_max": sigma_max, "sigma_end": sigma_end})
                 started = time.perf_counter()
-                res = drive(isotropic(kept, m, Settings(samples=args.samples), factor=factor))
+                res = drive(isotropic(kept, m, Settings(samples=args.samples, precision=args.precision), factor=factor))
                 entry[key] = {**score(res.image, truth, factor, args.every), "seconds": time.perf_counter() - started,
                               "uncertainty_score": res.info["uncertainty_score"], "sampling": m.sampling}
                 print(factor, key, {k: round(v, 4) for k, v in entry[key].items() if isinstance(v, float)},

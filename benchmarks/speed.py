@@ -3,7 +3,8 @@
     python benchmarks/speed.py denoise ../shared/data/em     # sem_noisy_1600.tif: 1600 x 1600 (2.56 megapixels)
     python benchmarks/speed.py superres ../shared/data/em    # that image area-averaged to 800 x 800, x2 -> 1600 x 1600
     python benchmarks/speed.py isotropic                     # 32 synthetic slices of 256 x 256 at R = 4: 93 generated
-    options: [--device auto|cpu|cuda|mps] [--samples 2] [--steps N] [--model NAME] [--repeat N]
+    options: [--device auto|cpu|cuda|mps] [--precision auto|float32|bfloat16] [--samples 2] [--steps N]
+             [--model NAME] [--repeat N]
 
 Prints one JSON line per run: seconds (model loading included), megapixels of output per second, the peak resident
 memory of the process and, on a GPU, the peak GPU memory. The first run on a GPU includes its warm-up (context,
@@ -44,13 +45,14 @@ def main():
     parser.add_argument("task", choices=("denoise", "superres", "isotropic"))
     parser.add_argument("data", type=Path, nargs="?", default=Path("../shared/data/em"))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"))
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--model", default=None)
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
 
-    settings = Settings(samples=args.samples, steps=args.steps, device=args.device)
+    settings = Settings(samples=args.samples, steps=args.steps, device=args.device, precision=args.precision)
     for run in range(args.repeat):
         image, work = job(args.task, args.data, args.model, settings)
         start = time.perf_counter()
@@ -62,6 +64,7 @@ def main():
             "seconds": round(seconds, 2), "output_megapixels_per_second": round(megapixels / seconds, 3),
             "peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),  # KiB on Linux
             "samples": args.samples, "steps": result.info["steps"], "device": result.info["device"],
+            "precision": result.info["precision"],
             "model": result.info["model"], "threads": torch.get_num_threads(), "cpu": platform.processor(),
         }
         if result.info["device"].startswith("cuda"):

@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser, output: str, minutes: float) 
     parser.add_argument("--base", type=int, default=32)
     parser.add_argument("--init", default=None, help="start from the weights of this model (name or file)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
+    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                        help="bfloat16: about 1.65x the steps per minute on CPUs that compute it natively")
     parser.add_argument("--workers", type=int, default=0,
                         help="processes that make training batches (0: in the training process); a GPU needs several")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
@@ -129,7 +131,7 @@ def fit(net, make_batches, meta: dict, args) -> None:
                else make_batches(args.seed))
     job = train(net, batches, iterations=args.iterations, minutes=args.minutes, lr=args.lr, seed=args.seed,
                 device=pick_device(args.device), report_every=50, checkpoint_minutes=args.checkpoint_minutes,
-                log_sigma=tuple(args.log_sigma))
+                log_sigma=tuple(args.log_sigma), precision=args.precision)
     while True:
         try:
             p = next(job)

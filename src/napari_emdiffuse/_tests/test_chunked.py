@@ -157,8 +157,8 @@ def test_local_cluster_of_two_processes_matches_in_memory_and_a_killed_run_resum
     whole = drive(denoise(np.concatenate([volume] * 2), tiny_model, settings, norm=norm))
     output = tmp_path / "out.zarr"
     command = [sys.executable, "-m", "napari_emdiffuse", "denoise", source, "-o", str(output), "--model", tiny_model,
-               "--seed", "3", "--tile", "64", "--precision", "float32", "--chunk", "1,24,24", "--scheduler", "local", "--workers", "2",
-               "--quiet"]
+               "--seed", "3", "--tile", "64", "--precision", "float32", "--chunk", "1,24,24", "--scheduler", "local",
+               "--workers", "2", "--quiet"]
     total = 6 * 3 * 4
 
     def done_count():

@@ -94,3 +94,27 @@ def test_training_reduces_the_difficulty_aware_loss():
         loss.backward()
         opt.step()
     assert mean_loss() < before - 0.3
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_training_loop_learns_in_either_precision_and_keeps_float32_weights(precision):
+    from napari_emdiffuse.core.train import train
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    x0 = torch.sin(4 * xx + 3 * yy)[None, None].repeat(8, 1, 1, 1) * 0.8
+    cond = x0 + 0.3 * torch.randn(x0.shape, generator=gen)
+    net = UNet(UNetConfig(base=8, mults=(1, 2), patch=2))
+
+    def mean_loss(model):
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(123)
+            return np.mean([training_loss(model, x0, cond, generator=g).item() for _ in range(20)])
+
+    before = mean_loss(net)
+    batches = iter(lambda: (x0, cond, None), None)
+    trained = drive(train(net, batches, iterations=150, lr=2e-3, warmup=10, ema_decay=0.9,
+                                   precision=precision))
+    assert all(p.dtype == torch.float32 for p in trained.parameters())
+    assert mean_loss(trained) < before - 0.3

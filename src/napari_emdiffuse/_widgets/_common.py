@@ -257,7 +257,7 @@ class RestoreWidget(JobWidget):
         self.precision = QComboBox(objectName="precision")
         self.precision.addItems(["auto", "float32", "bfloat16"])
         self.precision.setToolTip("Arithmetic of the network. auto: bfloat16 on CPUs that compute it natively "
-                                  "(about twice as fast, results within a grey level), float32 elsewhere.")
+                                  "(1.45x as fast, results within a grey level), float32 elsewhere.")
         form.addRow("Precision", self.precision)
         self.threshold = QDoubleSpinBox(objectName="threshold", decimals=3, minimum=0.001, maximum=1.0,
                                         singleStep=0.01, value=UNCERTAINTY_THRESHOLD)
@@ -413,7 +413,7 @@ class RestoreWidget(JobWidget):
         meta = {k: info[k] for k in ("uncertainty_score", "threshold", "reliable", "model", "samples", "steps",
                                      "seed")}
         meta.update(source=layer.name, task=self.task, sampler=info["sampler"], seconds=info["seconds"],
-                    device=info["device"], precision=info["precision"])
+                    device=info.get("device"), precision=info.get("precision"))
         scale, translate = self.output_grid(layer)
         if start is not None:
             translate = tuple(t + s * first for t, s, first in zip(translate, layer.scale, start))
@@ -429,10 +429,12 @@ class RestoreWidget(JobWidget):
             self.viewer.add_image(result.difficulty, name=f"{layer.name}_difficulty", colormap="magma",
                                   visible=False, **common)
         self.layer_picker.setCurrentText(layer.name)  # new layers get selected; keep the input for the next run
+        how = ", ".join(info[k] for k in ("device", "precision") if info.get(k))  # absent from older Zarr runs
+        done = f"Done in {info['seconds']:.1f} s" + (f" ({how})" if how else "")
         if info["reliable"] is None:
-            text = f"Done in {info['seconds']:.1f} s (one sample: no uncertainty)."
+            text = f"{done}; one sample: no uncertainty."
         else:
             flagged = 100 * info["flagged_fraction"]
-            text = (f"Done in {info['seconds']:.1f} s. {verdict(info['uncertainty_score'], info['threshold'])} "
+            text = (f"{done}. {verdict(info['uncertainty_score'], info['threshold'])} "
                     f"({flagged:.2f}% of pixels above {info['threshold']:.2f}).")
         self.status.setText(" ".join([text, *(f"Note: {n}." for n in info.get("notes", []))]))

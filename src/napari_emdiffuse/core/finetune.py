@@ -96,14 +96,16 @@ def pair_batches(pairs: list[tuple[np.ndarray, np.ndarray]], batch: int, seed: i
 def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | None = None, name: str | None = None,
              scale: int = 2, minutes: float | None = None, iterations: int | None = None, seed: int = 0,
              output: str | Path | None = None, batch: int = 4, lr: float = 1e-4, device: str = "auto",
-             validate_every_minutes: float = 2.0) -> Generator:
+             precision: str = "auto", validate_every_minutes: float = 2.0) -> Generator:
     """Fine-tune ``base`` (default: the bundled model of ``task``) on one image pair; see the module docstring.
 
-    The result is saved to ``output`` if given, else into the user's model folder as ``name``.
+    The result is saved to ``output`` if given, else into the user's model folder as ``name``. ``precision`` of
+    the training steps (see :func:`~.tasks.pick_precision`): bfloat16 where it is native takes 1.65x the steps in
+    the budget, which fine-tunes further (``benchmarks/finetune_transfer.py``).
     """
     from .models import Model, default_model, install_model, load_model, save_model
     from .simulate import area_downsample
-    from .tasks import Progress, Settings, denoise, pick_device, superres, superres_steps, upsample
+    from .tasks import Progress, Settings, denoise, pick_device, pick_precision, superres, superres_steps, upsample
     from .train import train
 
     if task not in ("denoise", "superres"):
@@ -134,7 +136,7 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | No
     def validate(net) -> Generator:
         """Validation PSNR of ``net`` on the strip kept aside; yields the restoration's progress (cancellable)."""
         candidate = Model(net=net, meta=base_model.meta, name=base_model.name, sampling=base_model.sampling)
-        settings = Settings(samples=2, seed=seed, device=dev.type)
+        settings = Settings(samples=2, seed=seed, device=dev.type, precision=precision)
         job = denoise(val_in, candidate, settings) if task == "denoise" else superres(val_in, candidate, settings,
                                                                                          scale)
         result = yield from job
@@ -153,7 +155,7 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | No
     history = []
     job = train(net, pair_batches(pairs, batch, seed, label), iterations=iterations, minutes=minutes, lr=lr,
                 ema_decay=0.995, seed=seed, device=dev, report_every=5, warmup=20,
-                checkpoint_minutes=validate_every_minutes)
+                checkpoint_minutes=validate_every_minutes, precision=pick_precision(precision, dev))
     finished = False
     try:
         while True:

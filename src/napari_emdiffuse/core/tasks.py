@@ -107,8 +107,8 @@ def native_bfloat16_cpu() -> bool:
 def pick_precision(name: str, device) -> str:
     """The precision of the network's evaluations on ``device``: ``"float32"`` or ``"bfloat16"``.
 
-    ``auto`` is bfloat16 only on CPUs that compute it natively, where it nearly halves the time (2-core EPYC,
-    denoising 1600 x 1600: 13.1 -> 7.2 s) for a change far below the models' error (real SEM pair: 32.071 ->
+    ``auto`` is bfloat16 only on CPUs that compute it natively, where it cuts the time by a third (2-core EPYC,
+    denoising 1600 x 1600: 12.6 -> 8.7 s) for a change far below the models' error (real SEM pair: 32.071 ->
     32.070 dB); float32 everywhere else, GPUs included (not measured there). The choice depends on the machine
     alone, so the same seed still gives the same result on it. Sampling itself always runs in float32.
     """

@@ -44,13 +44,15 @@ class TrainProgress:
 def train(net: torch.nn.Module, batches: Iterator[Batch], *, iterations: int | None = None,
           minutes: float | None = None, lr: float = 2e-4, ema_decay: float = 0.999, seed: int = 0,
           device: str | torch.device = "cpu", report_every: int = 10, warmup: int = 200,
-          checkpoint_minutes: float = 10.0,
-          log_sigma: tuple[float, float] = (-1.2, 1.2)) -> Generator[TrainProgress, None, torch.nn.Module]:
+          checkpoint_minutes: float = 10.0, log_sigma: tuple[float, float] = (-1.2, 1.2),
+          precision: str = "float32") -> Generator[TrainProgress, None, torch.nn.Module]:
     """Train ``net`` on ``(x0, cond, label)`` batches in model space until ``iterations`` or ``minutes`` run out.
 
     AdamW with a short warm-up and cosine decay over the budget, gradient clipping, and an exponential moving
     average of the weights (what is returned and checkpointed: it samples much better than the raw weights).
-    ``log_sigma``: the training noise levels, see :func:`training_loss`.
+    ``log_sigma``: the training noise levels, see :func:`training_loss`. ``precision`` ``"bfloat16"`` runs the
+    network under autocast (weights, optimiser and averages stay float32): 1.6-1.7x the steps per minute on a
+    CPU with native bfloat16 (see :func:`~.tasks.pick_precision`).
     """
     if iterations is None and minutes is None:
         raise ValueError("give iterations or minutes")
@@ -76,7 +78,8 @@ def train(net: torch.nn.Module, batches: Iterator[Batch], *, iterations: int | N
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * cosine
         x0, cond = (t.to(device).contiguous(memory_format=torch.channels_last) for t in (x0, cond))
-        loss = training_loss(net, x0, cond, None if label is None else label.to(device), gen, log_sigma=log_sigma)
+        with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bfloat16"):
+            loss = training_loss(net, x0, cond, None if label is None else label.to(device), gen, log_sigma=log_sigma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
