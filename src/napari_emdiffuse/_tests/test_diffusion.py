@@ -114,7 +114,6 @@ def test_training_loop_learns_in_either_precision_and_keeps_float32_weights(prec
 
     before = mean_loss(net)
     batches = iter(lambda: (x0, cond, None), None)
-    trained = drive(train(net, batches, iterations=150, lr=2e-3, warmup=10, ema_decay=0.9,
-                                   precision=precision))
+    trained = drive(train(net, batches, iterations=150, lr=2e-3, warmup=10, ema_decay=0.9, precision=precision))
     assert all(p.dtype == torch.float32 for p in trained.parameters())
     assert mean_loss(trained) < before - 0.3
