@@ -413,7 +413,7 @@ class RestoreWidget(JobWidget):
         meta = {k: info[k] for k in ("uncertainty_score", "threshold", "reliable", "model", "samples", "steps",
                                      "seed")}
         meta.update(source=layer.name, task=self.task, sampler=info["sampler"], seconds=info["seconds"],
-                    device=info.get("device"), precision=info.get("precision"))
+                    device=info["device"], precision=info.get("precision", "float32"))
         scale, translate = self.output_grid(layer)
         if start is not None:
             translate = tuple(t + s * first for t, s, first in zip(translate, layer.scale, start))
@@ -429,8 +429,8 @@ class RestoreWidget(JobWidget):
             self.viewer.add_image(result.difficulty, name=f"{layer.name}_difficulty", colormap="magma",
                                   visible=False, **common)
         self.layer_picker.setCurrentText(layer.name)  # new layers get selected; keep the input for the next run
-        how = ", ".join(info[k] for k in ("device", "precision") if info.get(k))  # absent from older Zarr runs
-        done = f"Done in {info['seconds']:.1f} s" + (f" ({how})" if how else "")
+        # Zarr runs from before the precision choice ran in float32
+        done = f"Done in {info['seconds']:.1f} s ({info['device']}, {info.get('precision', 'float32')})"
         if info["reliable"] is None:
             text = f"{done}; one sample: no uncertainty."
         else:

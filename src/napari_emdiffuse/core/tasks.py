@@ -48,8 +48,7 @@ class Settings:
             raise InputError("The tile overlap must be smaller than the tile.")
         if min(self.origin) < 0:
             raise InputError("The origin of a chunk cannot be negative.")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"Unknown precision '{self.precision}' (use {', '.join(PRECISIONS)}).")
+        check_precision(self.precision)
 
 
 @dataclass
@@ -96,6 +95,12 @@ def pick_device(name: str = "auto"):
     return torch.device(name)
 
 
+def check_precision(name: str) -> str:
+    if name not in PRECISIONS:
+        raise InputError(f"Unknown precision '{name}' (use {', '.join(PRECISIONS)}).")
+    return name
+
+
 def native_bfloat16_cpu() -> bool:
     """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX); elsewhere bfloat16 is emulated."""
     import torch
@@ -114,9 +119,7 @@ def pick_precision(name: str, device) -> str:
     """
     import torch
 
-    if name not in PRECISIONS:
-        raise InputError(f"Unknown precision '{name}' (use {', '.join(PRECISIONS)}).")
-    if name == "auto":
+    if check_precision(name) == "auto":
         return "bfloat16" if device.type == "cpu" and native_bfloat16_cpu() else "float32"
     if name == "bfloat16" and (device.type == "mps" or device.type == "cuda" and not torch.cuda.is_bf16_supported()):
         raise InputError(f"bfloat16 is not available on this {device.type.upper()} device; use float32.")
