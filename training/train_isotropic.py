@@ -35,6 +35,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, "src/napari_emdiffuse/models/isotropic-fibsem.npz", 80.0)
     parser.add_argument("--patch", type=int, default=128)
+    parser.add_argument("--flow-device", default="cpu",
+                        help="where batches' motion-compensated starts are estimated: cuda lets a few batch-making "
+                             "processes keep a GPU busy (on the CPU they are the bottleneck)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     volume = tifffile.imread(args.data / "fibsem_iso10nm_a_250.tif")
@@ -47,7 +50,8 @@ def main():
             "description": "vEMDiffuse-i: slices between serial sections, trained on 10 nm isotropic FIB-SEM."}
     fit(net, lambda seed: interpolation_batches(oriented, FACTORS, args.batch, args.patch, seed, factor_weights(),
                                                 jitter=0.03, residual="motion",
-                                                start_condition=sees_start(net)), meta, args)
+                                                start_condition=sees_start(net), device=args.flow_device),
+        meta, args)
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: int 
 def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int], batch: int, patch: int,
                           seed: int = 0, weights: Sequence[float] | None = None, jitter: float = 0.0,
                           multiple: int = 16, residual: str | None = None, cache: bool = False,
-                          start_condition: bool = False):
+                          start_condition: bool = False, device=None):
     """Endless training batches ``(x0, cond, label)`` in model space.
 
     Each volume is normalised to [0, 1] and oriented with the axis to interpolate across first. An example takes
@@ -179,7 +179,7 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
     With ``cache`` that interpolation is computed once per plane pair, over the whole planes as in reconstruction,
     and kept: for many epochs over one small volume (self-supervised training), where it would otherwise take most
     of every step's time. ``start_condition`` adds that interpolation to the condition as a third channel (models
-    for which :func:`sees_start` holds).
+    for which :func:`sees_start` holds). ``device`` is where that interpolation is computed (default: the CPU).
     """
     import torch
 
@@ -202,7 +202,7 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
         if (i, z, factor) not in kept:
             v = usable[i]
             fractions = np.arange(1, factor) / factor
-            kept[i, z, factor] = between(v[z], v[z + factor], fractions, residual).astype(np.float16)
+            kept[i, z, factor] = between(v[z], v[z + factor], fractions, residual, device).astype(np.float16)
         return kept[i, z, factor]
 
     while True:
@@ -236,7 +236,7 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
         if residual:
             if not cache:
                 below, above = np.stack([c[0] for c in cs]), np.stack([c[1] for c in cs])
-                starts = list(between(below, above, fractions, residual)[:, 0])
+                starts = list(between(below, above, fractions, residual, device)[:, 0])
             x0 = x0 - to_model_space(starts)
             if start_condition:
                 cs = [np.concatenate([c, s[None]]) for c, s in zip(cs, starts)]
