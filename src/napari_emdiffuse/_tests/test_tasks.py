@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 
 from napari_emdiffuse.core.normalize import InputError
-from napari_emdiffuse.core.tasks import (Progress, Settings, denoise, drive, pick_precision, predictive_spread,
-                                         uncertainty_score)
+from napari_emdiffuse.core.tasks import (
+    Progress,
+    Settings,
+    denoise,
+    drive,
+    pick_precision,
+    predictive_spread,
+    uncertainty_score,
+)
 
 
 def run_denoise(image, model, **kwargs):
