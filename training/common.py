@@ -62,16 +62,18 @@ def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
                              "noise is simulated (core.simulate.in_detector_range): lower = relatively noisier")
 
 
-def init_from(net, model: str) -> None:
+def init_from(net, model: str) -> dict:
     """Copy every weight whose name and shape match from another model (e.g. denoising into super-resolution).
 
     A weight with more input channels here (a condition channel added, e.g. the isotropic start) gets the source's
     in its leading channels and zeros in the new ones: the network starts out computing what the source did (the
     stem's pixel-unshuffle keeps each image channel's block together, so a channel added last stays last).
+    Returns the source's metadata.
     """
     from napari_emdiffuse.core.models import load_model
 
-    source = load_model(model).net.state_dict()
+    loaded = load_model(model)
+    source = loaded.net.state_dict()
     own = net.state_dict()
     shared = {k: v.float() for k, v in source.items() if k in own and own[k].shape == v.shape}
     for k, v in source.items():
@@ -83,6 +85,7 @@ def init_from(net, model: str) -> None:
     own.update(shared)
     net.load_state_dict(own)
     print(f"initialised {len(shared)}/{len(own)} tensors from {model}", flush=True)
+    return loaded.meta
 
 
 def _produce(make_batches, seed: int, queue) -> None:
@@ -117,8 +120,11 @@ def fit(net, make_batches, meta: dict, args) -> None:
     from napari_emdiffuse.core.tasks import pick_device
 
     if args.init:
-        init_from(net, args.init)
+        source = init_from(net, args.init)
         meta["init"] = str(args.init)
+        if source["task"] == meta["task"] and "sampling" in source:
+            # measured for the weights being continued: a better start than the generic defaults until re-swept
+            meta["sampling"] = source["sampling"]
     print(f"parameters: {count_parameters(net):,}", flush=True)
     meta = {**meta, "name": args.output.stem,
             "training": {"script": meta.pop("script"), "args": {k: str(v) for k, v in vars(args).items()},
