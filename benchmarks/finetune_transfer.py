@@ -28,7 +28,7 @@ from _common import metrics, to_uint8  # noqa: E402
 from napari_emdiffuse.core.finetune import finetune  # noqa: E402
 from napari_emdiffuse.core.register import shift_image  # noqa: E402
 from napari_emdiffuse.core.simulate import SEMNoise  # noqa: E402
-from napari_emdiffuse.core.tasks import Settings, denoise, drive  # noqa: E402
+from napari_emdiffuse.core.tasks import PRECISIONS, Settings, denoise, drive  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -44,7 +44,7 @@ def main():
     parser.add_argument("data", type=Path, nargs="?", default=Path("../shared/data/em"))
     parser.add_argument("--minutes", type=float, default=9.5, help="training budget; validation adds seconds")
     parser.add_argument("--base", default=None, help="model to fine-tune (default: the bundled denoiser)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"))
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     args = parser.parse_args()
 
     slices = tifffile.imread(args.data / "fibsem_5nm_slices_27x768x1024.tif")

@@ -25,7 +25,7 @@ from _common import fsim, psnr, ssim, to_uint8
 
 from napari_emdiffuse.core.isotropic import decimate, flicker, interpolate, isotropic, self_supervised
 from napari_emdiffuse.core.models import load_model, save_model
-from napari_emdiffuse.core.tasks import Settings, drive
+from napari_emdiffuse.core.tasks import PRECISIONS, Settings, drive
 
 RESULTS = Path(__file__).parent / "results"
 # (steps, sigma_max, sigma_end): one step from high noise is the regression estimate E[slice | neighbours]
@@ -71,7 +71,7 @@ def main():
     parser.add_argument("--factors", default="4,6")
     parser.add_argument("--model", default=None, help="model name or file (default: the bundled one)")
     parser.add_argument("--samples", type=int, default=2)
-    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"))
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--self-supervised", action="store_true", help="also train and test vEMDiffuse-a (R = 4)")
     parser.add_argument("--minutes", type=float, default=10.0, help="vEMDiffuse-a training budget")
     parser.add_argument("--sweep", action="store_true", help="compare sampling settings (SWEEP)")

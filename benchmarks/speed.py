@@ -26,7 +26,7 @@ import torch
 from napari_emdiffuse.core.io import read_tiff
 from napari_emdiffuse.core.isotropic import isotropic
 from napari_emdiffuse.core.simulate import area_downsample, synthetic_em
-from napari_emdiffuse.core.tasks import Settings, denoise, drive, superres
+from napari_emdiffuse.core.tasks import PRECISIONS, Settings, denoise, drive, superres
 
 
 def job(task: str, data: Path, model: str | None, settings: Settings):
@@ -45,7 +45,7 @@ def main():
     parser.add_argument("task", choices=("denoise", "superres", "isotropic"))
     parser.add_argument("data", type=Path, nargs="?", default=Path("../shared/data/em"))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"))
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--model", default=None)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .core.tasks import PRECISIONS
 
 
 class CLIError(Exception):
@@ -34,7 +35,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="model name (see `emdiffuse models`) or .npz file")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="of the network's evaluations; auto: bfloat16 on CPUs that compute it natively (1.45x "
                              "as fast), float32 elsewhere")
     parser.add_argument("--tile", type=int, default=256, help="tile size in pixels (smaller uses less memory)")
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--scale", type=int, default=2, choices=[2, 4])
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    finetune.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
+    finetune.add_argument("--precision", default="auto", choices=PRECISIONS)
     finetune.add_argument("--overwrite", action="store_true")
     finetune.add_argument("--json", action="store_true")
     return parser

@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.tasks import UNCERTAINTY_THRESHOLD, Settings, verdict
+from ..core.tasks import PRECISIONS, UNCERTAINTY_THRESHOLD, Settings, verdict
 
 if TYPE_CHECKING:
     import napari
@@ -255,7 +255,7 @@ class RestoreWidget(JobWidget):
         self.device.addItems(["auto", "cpu", "cuda", "mps"])
         form.addRow("Device", self.device)
         self.precision = QComboBox(objectName="precision")
-        self.precision.addItems(["auto", "float32", "bfloat16"])
+        self.precision.addItems(PRECISIONS)
         self.precision.setToolTip("Arithmetic of the network. auto: bfloat16 on CPUs that compute it natively "
                                   "(1.45x as fast, results within a grey level), float32 elsewhere.")
         form.addRow("Precision", self.precision)
@@ -413,7 +413,7 @@ class RestoreWidget(JobWidget):
         meta = {k: info[k] for k in ("uncertainty_score", "threshold", "reliable", "model", "samples", "steps",
                                      "seed")}
         meta.update(source=layer.name, task=self.task, sampler=info["sampler"], seconds=info["seconds"],
-                    device=info["device"], precision=info.get("precision", "float32"))
+                    device=info["device"], precision=info["precision"])
         scale, translate = self.output_grid(layer)
         if start is not None:
             translate = tuple(t + s * first for t, s, first in zip(translate, layer.scale, start))
@@ -429,8 +429,7 @@ class RestoreWidget(JobWidget):
             self.viewer.add_image(result.difficulty, name=f"{layer.name}_difficulty", colormap="magma",
                                   visible=False, **common)
         self.layer_picker.setCurrentText(layer.name)  # new layers get selected; keep the input for the next run
-        # Zarr runs from before the precision choice ran in float32
-        done = f"Done in {info['seconds']:.1f} s ({info['device']}, {info.get('precision', 'float32')})"
+        done = f"Done in {info['seconds']:.1f} s ({info['device']}, {info['precision']})"
         if info["reliable"] is None:
             text = f"{done}; one sample: no uncertainty."
         else:
