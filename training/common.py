@@ -92,8 +92,8 @@ def _produce(make_batches, seed: int, queue) -> None:
     import torch
 
     torch.set_num_threads(1)  # one core per worker: the workers together fill the machine
-    for x0, cond, label in make_batches(seed):
-        queue.put((x0.numpy(), cond.numpy(), None if label is None else label.numpy()))
+    for batch in make_batches(seed):
+        queue.put(tuple(None if t is None else t.numpy() for t in batch))
 
 
 def parallel_batches(make_batches, seed: int, workers: int):
@@ -109,8 +109,7 @@ def parallel_batches(make_batches, seed: int, workers: int):
 
     def receive():
         while True:
-            x0, cond, label = queue.get()
-            yield torch.from_numpy(x0), torch.from_numpy(cond), None if label is None else torch.from_numpy(label)
+            yield tuple(None if a is None else torch.from_numpy(a) for a in queue.get())
 
     return receive()
 

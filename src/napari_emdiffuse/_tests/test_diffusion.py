@@ -96,6 +96,26 @@ def test_training_reduces_the_difficulty_aware_loss():
     assert mean_loss() < before - 0.3
 
 
+def test_examples_that_do_not_learn_difficulty_still_train_the_estimate_but_not_phi():
+    class Outputs(torch.nn.Module):  # returns its parameters: the loss's gradient with respect to F and log phi
+        def __init__(self):
+            super().__init__()
+            self.f = torch.nn.Parameter(torch.zeros(4, 1, 8, 8))
+            self.log_phi = torch.nn.Parameter(torch.zeros(4, 1, 8, 8))
+
+        def forward(self, x, cond, noise_level, label):
+            return self.f, self.log_phi
+
+    net = Outputs()
+    x0 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    learns = torch.tensor([True, False, True, False])
+    training_loss(net, x0, x0, generator=torch.Generator().manual_seed(1), learns_difficulty=learns).backward()
+    f_moves = net.f.grad.abs().flatten(1).sum(1)
+    phi_moves = net.log_phi.grad.abs().flatten(1).sum(1)
+    assert bool((f_moves > 0).all())
+    assert bool((phi_moves[learns] > 0).all()) and bool((phi_moves[~learns] == 0).all())
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_training_loop_learns_in_either_precision_and_keeps_float32_weights(precision):
     from napari_emdiffuse.core.train import train

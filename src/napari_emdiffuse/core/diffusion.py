@@ -69,7 +69,8 @@ def training_log_sigma(sigma_end: float, sigma_max: float) -> tuple[float, float
 
 def training_loss(net, x0: torch.Tensor, cond: torch.Tensor, label: torch.Tensor | None = None,
                   generator: torch.Generator | None = None, beta: float = 0.5,
-                  log_sigma: tuple[float, float] = (-1.2, 1.2)) -> torch.Tensor:
+                  log_sigma: tuple[float, float] = (-1.2, 1.2),
+                  learns_difficulty: torch.Tensor | None = None) -> torch.Tensor:
     """Difficulty-aware denoising loss.
 
     With ``e = F - F_target`` (the EDM-weighted error), the per-pixel loss is the Gaussian negative log-likelihood
@@ -78,6 +79,9 @@ def training_loss(net, x0: torch.Tensor, cond: torch.Tensor, label: torch.Tensor
     (Seitzer et al., 2022) multiplies by ``phi^(2 beta)`` (no gradient through it) to keep fitting them.
     Without a difficulty head this is the plain EDM loss. ``log_sigma`` (mean, std of log sigma) says which noise
     levels training spends its steps on: a model whose sampler only visits sigma in [0.15, 1] learns faster there.
+    ``learns_difficulty`` (one bool per example, default all): where False, the example trains the estimate (weighted
+    by phi as usual) but not phi. For targets that are themselves noisy acquisitions (a long-dwell image), whose
+    error is mostly the target's own noise: no model can predict it, and phi fitted to it stops predicting errors.
     """
     sigma = sample_training_sigmas(x0.shape[0], generator, *log_sigma).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
@@ -89,6 +93,8 @@ def training_loss(net, x0: torch.Tensor, cond: torch.Tensor, label: torch.Tensor
     if log_phi is None:
         return err2.mean()
     log_phi = log_phi.clamp(-7.0, 3.0)
+    if learns_difficulty is not None:
+        log_phi = torch.where(learns_difficulty.to(log_phi.device).reshape(-1, 1, 1, 1), log_phi, log_phi.detach())
     nll = 0.5 * err2 * torch.exp(-2 * log_phi) + log_phi
     return (nll * torch.exp(2 * beta * log_phi).detach()).mean()
 

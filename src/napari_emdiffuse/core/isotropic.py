@@ -299,7 +299,6 @@ def self_supervised(volume, factor: int, minutes: float = 10.0, *, seed: int = 0
                  sampling=sampling)
 
 
-
 def isotropic_self_supervised(volume, factor: int = 4, minutes: float = 10.0, settings: Settings | None = None,
                               norm: Normalizer | None = None) -> Generator[Progress, None, Restoration]:
     """vEMDiffuse-a end to end: learn from ``volume`` for ``minutes``, then reconstruct it; one progress stream.

@@ -138,7 +138,6 @@ def drive(job: Generator, on_progress: Callable[[Progress], None] | None = None)
             on_progress(item)
 
 
-
 def sample_plane(model, cond: np.ndarray, start: np.ndarray, settings: Settings, device, tile: int, batch: int,
                  label: int | None = None) -> Generator[int, None, tuple]:
     """Draw ``settings.samples`` samples for one plane, conditioned on ``cond`` (C, H, W) in normalised units.
@@ -347,7 +346,6 @@ def denoise(image, model: str | None = None, settings: Settings | None = None,
     """EMDiffuse-n: restore a noisy (short-dwell) acquisition; the noisy image is both condition and start."""
     return (yield from restore(image, model, settings or Settings(), "denoise", lambda plane: (plane[None], plane),
                                norm=norm))
-
 
 
 def upsample(plane: np.ndarray, factor: int) -> np.ndarray:

@@ -13,7 +13,9 @@ import torch
 
 from .diffusion import training_loss
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # target x0, condition, label (or None)
+# (target x0, condition, label or None) and optionally a fourth item: which examples teach the difficulty head,
+# one bool each (see training_loss)
+Batch = tuple[torch.Tensor | None, ...]
 
 
 def augment(rng: np.random.Generator, *arrays: np.ndarray) -> list[np.ndarray]:
@@ -73,13 +75,14 @@ def train(net: torch.nn.Module, batches: Iterator[Batch], *, iterations: int | N
         return max(parts)
 
     while used() < 1.0:
-        x0, cond, label = next(batches)
+        x0, cond, label, *learns_difficulty = next(batches)
         cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(used(), 1.0)))
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * cosine
         x0, cond = (t.to(device).contiguous(memory_format=torch.channels_last) for t in (x0, cond))
         with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bfloat16"):
-            loss = training_loss(net, x0, cond, None if label is None else label.to(device), gen, log_sigma=log_sigma)
+            loss = training_loss(net, x0, cond, None if label is None else label.to(device), gen, log_sigma=log_sigma,
+                                 learns_difficulty=learns_difficulty[0] if learns_difficulty else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
