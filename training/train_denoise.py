@@ -12,7 +12,8 @@ Training pairs come from two sources:
 The real pair's long-dwell image is itself noisy: its examples train the estimate but not the difficulty head phi
 (``learns_difficulty`` in ``core.diffusion.training_loss``). Fitted to that unpredictable noise, phi forgot that dark,
 shot-noise-heavy pixels are harder (uncertainty Spearman on the held-out half 0.485 -> 0.32 after a GPU stage with
-half its examples from the pair); without that, a CPU stage of the same kind kept 0.49.
+half its examples from the pair); with phi kept out of them, a CPU stage of that kind (85 min, about half as many
+examples) was at 0.48-0.51 at its 10- to 40-minute checkpoints and ended at 0.45 (not a controlled comparison).
 Held out everywhere: the bottom half of the real pair, FIB-SEM 5 nm slices 22-26, the whole FIB-SEM volume ``b``.
 """
 

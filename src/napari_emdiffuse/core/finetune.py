@@ -103,6 +103,7 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | No
     the training steps (see :func:`~.tasks.pick_precision`): bfloat16 where it is native takes 1.65x the steps in
     the budget, which fine-tunes further (``benchmarks/finetune_transfer.py``).
     """
+    from .diffusion import training_log_sigma
     from .models import Model, default_model, install_model, load_model, save_model
     from .simulate import area_downsample
     from .tasks import Progress, Settings, denoise, pick_device, pick_precision, superres, superres_steps, upsample
@@ -153,9 +154,12 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | No
             best.update(psnr=psnr, state=copy.deepcopy(ema.state_dict()), step=step)
 
     history = []
+    # the noise levels the base model's sampler visits: steps spent elsewhere do not change what users get
+    log_sigma = training_log_sigma(base_model.sampling["sigma_end"], base_model.sampling["sigma_max"])
     job = train(net, pair_batches(pairs, batch, seed, label), iterations=iterations, minutes=minutes, lr=lr,
                 ema_decay=0.995, seed=seed, device=dev, report_every=5, warmup=20,
-                checkpoint_minutes=validate_every_minutes, precision=pick_precision(precision, dev))
+                checkpoint_minutes=validate_every_minutes, log_sigma=log_sigma,
+                precision=pick_precision(precision, dev))
     finished = False
     try:
         while True:
