@@ -3,11 +3,13 @@
     python benchmarks/isotropic_quality.py ../shared/data/em                    # bundled model, R = 4 and 6
     python benchmarks/isotropic_quality.py ../shared/data/em --self-supervised --factors 4  # vEMDiffuse-a, 10 min
     python benchmarks/isotropic_quality.py ../shared/data/em --sweep --gaps 8   # sampling settings
+    python benchmarks/isotropic_quality.py ../shared/data/em --inverted --out isotropic_inverted.json
 
 The volume (10 nm isotropic, not used in training) keeps every R-th slice; the slices between are reconstructed
 and compared with the truth on the generated slices only (PSNR, SSIM, FSIM per slice, averaged), against linear
 and cubic interpolation along z and motion-compensated interpolation (the models' start, without the model).
-Flicker: mean |difference| of neighbouring output slices over the truth's.
+Flicker: mean |difference| of neighbouring output slices over the truth's. ``--inverted`` tests the other contrast
+convention (membranes bright: 255 minus the volume), in which FIB-SEM volumes also come.
 An XZ view (input, linear, reconstruction, truth) is written next to the results (not committed: real data).
 """
 
@@ -77,12 +79,16 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="compare sampling settings (SWEEP)")
     parser.add_argument("--gaps", type=int, default=0, help="evaluate on the first N gaps only (0: all)")
     parser.add_argument("--every", type=int, default=1, help="score every n-th generated slice (speed)")
+    parser.add_argument("--inverted", action="store_true", help="the volume in the other contrast convention")
     parser.add_argument("--out", default="isotropic_quality.json")
     parser.add_argument("--save-model", type=Path, default=None,
                         help="keep the vEMDiffuse-a model (then: --model FILE --sweep compares its sampling)")
     args = parser.parse_args()
     truth_full = tifffile.imread(args.data / args.volume)
-    report = {"volume": args.volume, "samples": args.samples, "gaps": args.gaps or "all", "factors": {}}
+    if args.inverted:
+        truth_full = 255 - truth_full
+    report = {"volume": args.volume, "inverted": args.inverted, "samples": args.samples, "gaps": args.gaps or "all",
+              "factors": {}}
     trained = load_model(args.model or "isotropic-fibsem") if not args.self_supervised or args.model else None
     for factor in [int(f) for f in args.factors.split(",")]:
         acquired = decimate(truth_full, factor)

@@ -140,6 +140,19 @@ def test_the_start_can_be_a_third_condition_channel(cache):
     np.testing.assert_allclose((residual + cond3[:, 2:]).numpy(), target.numpy(), atol=2e-3)
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_inverted_examples_are_the_same_examples_in_the_other_contrast(cache):
+    rng = np.random.default_rng(6)
+    volume = 0.5 + np.cumsum(rng.normal(0, 0.05, (24, 40, 40)), axis=0).astype(np.float32)
+    plain, inverted = (interpolation_batches([volume], [4], batch=6, patch=40, seed=1, residual="motion",
+                                             cache=cache, start_condition=True, invert=p) for p in (0.0, 1.0))
+    for _ in range(2):  # model space is symmetric about mid-grey: 1 - v there is -v, the motion start included
+        (x0, cond, label), (x0_inv, cond_inv, label_inv) = next(plain), next(inverted)
+        assert torch.equal(label, label_inv) and np.abs(x0.numpy()).max() > 0.01
+        np.testing.assert_allclose(cond_inv.numpy(), -cond.numpy(), atol=1e-5)
+        np.testing.assert_allclose(x0_inv.numpy(), -x0.numpy(), atol=2e-3 if not cache else 1e-5)
+
+
 def test_self_supervised_learns_from_lateral_planes_of_the_volume_alone(volume):
     vol = np.random.default_rng(1).random((6, 48, 48)).astype(np.float32)
     assert [v.shape for v in lateral_volumes(vol)] == [(48, 6, 48), (48, 6, 48)]

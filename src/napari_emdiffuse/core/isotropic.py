@@ -166,7 +166,7 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: int 
 def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int], batch: int, patch: int,
                           seed: int = 0, weights: Sequence[float] | None = None, jitter: float = 0.0,
                           multiple: int = 16, residual: str | None = None, cache: bool = False,
-                          start_condition: bool = False, device=None):
+                          start_condition: bool = False, invert: float = 0.0, device=None):
     """Endless training batches ``(x0, cond, label)`` in model space.
 
     Each volume is normalised to [0, 1] and oriented with the axis to interpolate across first. An example takes
@@ -179,7 +179,10 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
     With ``cache`` that interpolation is computed once per plane pair, over the whole planes as in reconstruction,
     and kept: for many epochs over one small volume (self-supervised training), where it would otherwise take most
     of every step's time. ``start_condition`` adds that interpolation to the condition as a third channel (models
-    for which :func:`sees_start` holds). ``device`` is where that interpolation is computed (default: the CPU).
+    for which :func:`sees_start` holds). ``invert`` is the probability that an example is shown in the other
+    contrast convention (membranes bright instead of dark, as FIB-SEM comes from either detector set-up); the
+    interpolation of the inverted planes is the inverted interpolation, so cached ones serve both.
+    ``device`` is where that interpolation is computed (default: the CPU).
     """
     import torch
 
@@ -220,6 +223,8 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
             window = np.pad(window, pad, mode="symmetric")
             if jitter:
                 window = window * (1 + rng.normal(0, jitter)) + rng.normal(0, jitter)
+            if rng.random() < invert:
+                window = 1 - window
             planes = [window[0], window[j], window[factor]] + ([window[-1]] if residual and cache else [])
             if rng.random() < 0.5:  # the other direction along the axis: slice j becomes slice R - j
                 planes[0], planes[2], j = planes[2], planes[0], factor - j
