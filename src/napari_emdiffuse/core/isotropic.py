@@ -189,6 +189,7 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
     from .train import augment, to_model_space
 
     rng = np.random.default_rng(seed)
+    contrast = np.random.default_rng([seed, 1])  # its own stream: which examples are drawn does not depend on invert
     p = None if weights is None else np.asarray(weights, float) / np.sum(weights)
     usable = [v for v in volumes if v.shape[0] > max(factors)]
     if not usable:
@@ -223,7 +224,7 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
             window = np.pad(window, pad, mode="symmetric")
             if jitter:
                 window = window * (1 + rng.normal(0, jitter)) + rng.normal(0, jitter)
-            if rng.random() < invert:
+            if contrast.random() < invert:
                 window = 1 - window
             planes = [window[0], window[j], window[factor]] + ([window[-1]] if residual and cache else [])
             if rng.random() < 0.5:  # the other direction along the axis: slice j becomes slice R - j
