@@ -52,7 +52,8 @@ def main():
                           num_labels=len(LABELS)))
     meta = {"task": "isotropic", "script": "training/train_isotropic.py", "labels": LABELS,
             "factors": list(FACTORS), "mode": "isotropic training data", "residual": True, "start": "motion",
-            "description": "vEMDiffuse-i: slices between serial sections, trained on 10 nm isotropic FIB-SEM."}
+            "description": "vEMDiffuse-i: slices between serial sections, trained on 10 nm isotropic FIB-SEM"
+                           + (" in both contrast conventions (membranes dark or bright)." if args.invert else ".")}
     fit(net, lambda seed: interpolation_batches(oriented, FACTORS, args.batch, args.patch, seed, factor_weights(),
                                                 jitter=0.03, residual="motion", cache=args.cache_starts,
                                                 start_condition=sees_start(net), invert=args.invert,
