@@ -38,7 +38,7 @@ def test_a_lazy_layer_starts_on_the_current_view_of_the_current_slice(zarr_layer
     assert tuple(out.translate) == pytest.approx((60.0, 100.0, 0.0))  # placed on the slice it came from
     assert isinstance(layer.data, da.Array)  # the input stays lazy
     widget.scope.setCurrentIndex(widget.scope.findData("view"))
-    viewer.camera.center, viewer.camera.zoom = (60.0, 100.0 + 48 * 4.0, 40 * 4.0), 50.0
+    viewer.scene.camera.center, viewer.scene.camera.zoom = (60.0, 100.0 + 48 * 4.0, 40 * 4.0), 50.0
     qtbot.waitUntil(lambda: layer.corner_pixels[1, -1] - layer.corner_pixels[0, -1] < 79, timeout=5_000)
     z, y, x = widget.region(layer)
     assert (z.start, z.stop) == (2, 3) and y.start <= 48 < y.stop and x.start <= 40 < x.stop

@@ -42,7 +42,7 @@ def test_big_stacks_open_memory_mapped(tmp_path, monkeypatch):
 
     monkeypatch.setattr(io, "MEMMAP_ABOVE_BYTES", 1000)
     path = tmp_path / "big.tif"
-    tifffile.imwrite(path, np.ones((4, 64, 64), np.uint8))
+    tifffile.imwrite(path, np.ones((4, 64, 64), np.uint8), photometric="minisblack")
     assert isinstance(read_tiff(path).data, np.memmap)
 
 
@@ -60,6 +60,13 @@ def test_write_refuses_to_overwrite_by_default(tmp_path):
     with pytest.raises(InputError, match="exists"):
         write_tiff(path, np.ones((4, 4), np.uint8))
     assert read_tiff(path).data.max() == 0
+
+
+def test_a_stack_of_three_slices_in_a_non_imagej_dtype_is_written_as_grey_planes_not_rgb(tmp_path):
+    data = np.arange(3 * 8 * 8, dtype=np.int16).reshape(3, 8, 8)
+    path = write_tiff(tmp_path / "x.tif", data)
+    assert tifffile.TiffFile(path).pages[0].photometric == tifffile.PHOTOMETRIC.MINISBLACK
+    assert np.array_equal(read_tiff(path).data, data)
 
 
 def _valid_tiff_bytes() -> bytes:

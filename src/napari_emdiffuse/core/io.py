@@ -117,5 +117,6 @@ def write_tiff(path: str | os.PathLike, data: np.ndarray, scale: tuple[float, ..
         kwargs["metadata"] = {"unit": "nm", **({"spacing": scale[-3]} if data.ndim == 3 and len(scale) >= 3 else {})}
     imagej = data.dtype in (np.uint8, np.uint16, np.float32) and data.ndim <= 3
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, data, imagej=imagej, **(kwargs if imagej else {}))
+        # grey-level planes: without photometric, tifffile would store a stack of 3 or 4 planes as RGB(A)
+        tifffile.imwrite(tmp, data, imagej=imagej, **(kwargs if imagej else {"photometric": "minisblack"}))
     return path
