@@ -9,6 +9,15 @@ zarr = pytest.importorskip("zarr")
 da = pytest.importorskip("dask.array")
 
 
+def chunks_in_progress() -> int:
+    """How many of this process's threads are restoring a chunk right now."""
+    import sys
+    import traceback
+
+    return sum(any(f.name == "process_block" for f in traceback.extract_stack(frame))
+               for frame in sys._current_frames().values())
+
+
 @pytest.fixture
 def zarr_layer(make_napari_viewer, tmp_path, tiny_model, monkeypatch):
     """A viewer with a zarr-backed (dask) 3D layer and the Denoise widget docked, the tiny model chosen."""
@@ -66,8 +75,10 @@ def test_cancelling_a_zarr_run_keeps_finished_chunks_and_adds_nothing(zarr_layer
     widget.scope.setCurrentIndex(widget.scope.findData("zarr"))
     widget.zarr_path.setText(str(tmp_path / "out.zarr"))
     widget.run_button.click()
-    qtbot.waitUntil(lambda: (tmp_path / "out.zarr").exists(), timeout=30_000)
+    qtbot.waitUntil(lambda: chunks_in_progress() > 0, timeout=30_000)
     widget.cancel_button.click()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=10_000)
     assert [layer.name for layer in viewer.layers] == ["em"]
     assert "resume" in widget.status.text()
+    # nothing goes on computing (or writing) in the background once the run is reported cancelled
+    assert chunks_in_progress() == 0

@@ -169,3 +169,24 @@ def test_bundled_model_removes_noise_and_its_uncertainty_rises_with_the_noise(em
               .info["uncertainty_score"] for e in (200, 30, 3)]
     assert scores[1] > scores[0] * 1.2  # far fewer electrons (the strong end of what it was trained on): less sure
     assert scores[2] > scores[0]  # 3 electrons, far outside its training: still less sure than at 200
+
+
+def test_a_job_cancelled_from_its_progress_callback_is_cleaned_up_before_the_caller_sees_the_exception():
+    cleaned = []
+
+    def job():
+        try:
+            for i in range(10):
+                yield i
+        finally:
+            cleaned.append(True)
+
+    def cancel_at_3(i):
+        if i == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            drive(job(), cancel_at_3)
+        finally:
+            assert cleaned == [True]

@@ -27,6 +27,7 @@ def test_denoise_widget_adds_result_and_uncertainty_layers(make_napari_viewer, q
     widget = dock_denoise(viewer)
     assert isinstance(widget, DenoiseWidget)
     assert widget.layer_picker.currentText() == "noisy"  # the selected layer is preselected
+    _, other = viewer.window.add_plugin_dock_widget("napari-emdiffuse", "Super-resolution")
     widget.model_picker.setCurrentText("tiny")
     widget.steps.setValue(2)
     widget.seed.setValue(7)
@@ -46,6 +47,10 @@ def test_denoise_widget_adds_result_and_uncertainty_layers(make_napari_viewer, q
     assert unc.data.max() > 0
     assert "reliable" in widget.status.text() and run.isEnabled()
     np.testing.assert_array_equal(viewer.layers["noisy"].data, noisy)  # input untouched
+    # this widget keeps its input; the others move to the new output, and never offer a map as an input
+    assert widget.layer_picker.currentText() == "noisy" and other.layer_picker.currentText() == "noisy_denoised"
+    offered = [other.layer_picker.itemText(i) for i in range(other.layer_picker.count())]
+    assert offered == ["noisy", "noisy_denoised"]
 
 
 def start_long_run(viewer, qtbot, name: str):
@@ -134,6 +139,8 @@ def test_finetune_widget_prefills_from_two_selected_layers_and_trains(make_napar
     _, widget = viewer.window.add_plugin_dock_widget("napari-emdiffuse", "Fine-tune")
     assert isinstance(widget, FinetuneWidget)
     viewer.layers.selection = {slow, fast}
+    assert widget.input_picker.currentText() == "fast" and widget.target_picker.currentText() == "slow"
+    viewer.layers.selection.active = slow  # one layer selected afterwards: the pair stays as it was
     assert widget.input_picker.currentText() == "fast" and widget.target_picker.currentText() == "slow"
     widget.base.setCurrentIndex(widget.base.findData(tiny_model))
     widget.minutes.setValue(0.1)

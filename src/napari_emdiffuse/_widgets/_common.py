@@ -51,23 +51,32 @@ def full_resolution(layer):
     return layer.data[0] if layer.multiscale else layer.data
 
 
-class LayerPicker(QComboBox):
-    """Image layers of the viewer, kept in sync with it; starts on the selected image layer."""
+MAPS = ("uncertainty", "difficulty")  # a layer's ``metadata["map"]``: our per-pixel maps, never an input
 
-    def __init__(self, viewer: napari.viewer.Viewer, parent=None):
+
+class LayerPicker(QComboBox):
+    """Grey-level image layers of the viewer (not our maps), kept in sync with it.
+
+    With ``follow_selection`` it moves to the layer the user selects (a task widget's one input); without, it is set
+    by its widget (the fine-tuning pair, which comes from two selected layers).
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer, parent=None, follow_selection: bool = True):
         super().__init__(parent)
         self.viewer = viewer
         viewer.layers.events.inserted.connect(self.refresh)
         viewer.layers.events.removed.connect(self.refresh)
         viewer.layers.events.moved.connect(self.refresh)
-        viewer.layers.selection.events.active.connect(self._follow_selection)
         self.refresh()
-        self._follow_selection()
+        if follow_selection:
+            viewer.layers.selection.events.active.connect(self._follow_selection)
+            self._follow_selection()
 
     def _images(self):
         from napari.layers import Image
 
-        return [layer for layer in self.viewer.layers if isinstance(layer, Image) and not layer.rgb]
+        return [layer for layer in self.viewer.layers
+                if isinstance(layer, Image) and not layer.rgb and layer.metadata.get("map") not in MAPS]
 
     def refresh(self, event=None):
         current = self.currentText()
@@ -187,6 +196,9 @@ class JobWidget(QWidget):
         self.worker.returned.connect(on_result)
         self.worker.errored.connect(self._on_error)
         self.worker.aborted.connect(self._on_aborted)
+        # a cancelled worker drops its generator without closing it: close the job right there, in the worker's
+        # thread, so that its clean-up (e.g. stopping a chunked run's tasks) runs now and off the GUI thread
+        self.worker.aborted.connect(job.close, Qt.ConnectionType.DirectConnection)
         self.worker.finished.connect(lambda: self._set_running(False))
         self.worker.start()
 
@@ -422,12 +434,13 @@ class RestoreWidget(JobWidget):
         self.viewer.add_image(result.image, name=name, contrast_limits=layer.contrast_limits, **common)
         if result.uncertainty is not None:
             t = info["threshold"]
+            map_meta = {**meta, "map": "uncertainty", "flagged_fraction": info["flagged_fraction"]}
             self.viewer.add_image(result.uncertainty, name=f"{layer.name}_uncertainty", colormap=uncertainty_colormap(),
                                   contrast_limits=(0.0, 2 * t), blending="translucent", opacity=0.8,
-                                  **{**common, "metadata": {**meta, "flagged_fraction": info["flagged_fraction"]}})
+                                  **{**common, "metadata": map_meta})
         if result.difficulty is not None:
             self.viewer.add_image(result.difficulty, name=f"{layer.name}_difficulty", colormap="magma",
-                                  visible=False, **common)
+                                  visible=False, **{**common, "metadata": {**meta, "map": "difficulty"}})
         self.layer_picker.setCurrentText(layer.name)  # new layers get selected; keep the input for the next run
         done = f"Done in {info['seconds']:.1f} s ({info['device']}, {info['precision']})"
         if info["reliable"] is None:

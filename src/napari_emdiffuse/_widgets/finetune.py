@@ -64,9 +64,9 @@ class FinetuneWidget(JobWidget):
         for factor in SUPERRES_SCALES:
             self.scale.addItem(f"×{factor}", factor)
         form.addRow("Scale", self.scale)
-        self.input_picker = LayerPicker(viewer)
+        self.input_picker = LayerPicker(viewer, follow_selection=False)
         self.input_picker.setObjectName("input_picker")
-        self.target_picker = LayerPicker(viewer)
+        self.target_picker = LayerPicker(viewer, follow_selection=False)
         self.target_picker.setObjectName("target_picker")
         form.addRow("Input (fast)", self.input_picker)
         form.addRow("Target (slow)", self.target_picker)

@@ -326,7 +326,6 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
             with dask_client(scheduler, workers) as client:
                 yield from _run_blocks(client, pending, job, finished, total, notes)
     finally:
-        _CANCELLED.add(run_id)  # stop in-process tasks still running after a cancel or an error
         _IN_PROCESS_SOURCES.pop(run_id, None)
     device = pick_device(settings.device)
     info = summarise(task.name, model_info, settings, device, None, settings.tile, notes, started,
@@ -359,6 +358,9 @@ def _run_blocks(client, blocks: list[Block], job: ChunkJob, finished: int, total
                 time.sleep(0.2)  # no busy loop; still a yield (a chance to cancel) every 0.2 s
             yield Progress(finished, total, f"{job.task.name}: {finished} of {total} chunks done")
     finally:
+        # after a cancel or an error: in-process tasks stop at their next tile, before the cluster closes (which
+        # waits for them), so no thread goes on computing or writing once the run has ended
+        _CANCELLED.add(job.run_id)
         client.cancel(futures)
 
 

@@ -128,14 +128,21 @@ def pick_precision(name: str, device) -> str:
 
 
 def drive(job: Generator, on_progress: Callable[[Progress], None] | None = None):
-    """The synchronous shell: run a job to the end and return its result."""
-    while True:
-        try:
-            item = next(job)
-        except StopIteration as stop:
-            return stop.value
-        if on_progress is not None:
-            on_progress(item)
+    """The synchronous shell: run a job to the end and return its result.
+
+    When ``on_progress`` raises (to cancel) or the user interrupts, the job is closed at once, so its clean-up
+    (e.g. a chunked run stopping its tasks) runs before the exception goes on.
+    """
+    try:
+        while True:
+            try:
+                item = next(job)
+            except StopIteration as stop:
+                return stop.value
+            if on_progress is not None:
+                on_progress(item)
+    finally:
+        job.close()
 
 
 def sample_plane(model, cond: np.ndarray, start: np.ndarray, settings: Settings, device, tile: int, batch: int,
