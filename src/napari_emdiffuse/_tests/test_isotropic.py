@@ -215,3 +215,29 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     widget.run_button.click()
     qtbot.waitUntil(lambda: "sections_isotropic" in viewer.layers and widget.worker is None, timeout=90_000)
     assert viewer.layers["sections_isotropic"].data.shape == (16, 24, 40)
+
+
+@pytest.mark.slow
+def test_sample_volume_is_a_fair_demo_the_bundled_model_beats_linear_interpolation_on_it():
+    from napari_emdiffuse._sample_data import anisotropic_volume
+
+    (truth, truth_kw, _), (acquired, acquired_kw, _) = anisotropic_volume()
+    assert np.array_equal(acquired, truth[::4]) and acquired_kw["scale"] == (40.0, 10.0, 10.0)
+    kept, fine = acquired[:3], truth[:9]  # two gaps keep the test short
+    result = drive(isotropic(kept, None, Settings(), factor=4)).image
+    generated = [z for z in range(len(fine)) if z % 4]
+
+    def error(v):
+        return np.mean((v[generated].astype(np.float32) - fine[generated]) ** 2)
+
+    assert error(result) < 0.8 * error(interpolate(kept, 4))
+
+
+def test_sample_volume_opens_over_its_truth_and_is_what_the_widget_starts_on(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-emdiffuse", "anisotropic_volume")
+    truth, acquired = viewer.layers["isotropic_truth"], viewer.layers["anisotropic_volume"]
+    assert not truth.visible and viewer.layers.selection.active is acquired
+    np.testing.assert_allclose(acquired.extent.world[:, 0], truth.extent.world[:, 0])  # same z range
+    _, widget = viewer.window.add_plugin_dock_widget("napari-emdiffuse", "Isotropic reconstruction")
+    assert widget.layer_picker.currentText() == "anisotropic_volume"
