@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     iso.add_argument("--self-supervised", action="store_true",
                      help="no isotropic model: learn from the input volume itself first (vEMDiffuse-a)")
     iso.add_argument("--train-minutes", type=float, default=10.0, help="training budget with --self-supervised")
+    iso.add_argument("--save-model", metavar="NAME", default=None,
+                     help="with --self-supervised: keep the learnt model in your models under NAME, e.g. to learn "
+                          "on a TIFF crop and then process a whole Zarr volume with --model NAME")
     models = sub.add_parser("models", help="list, remove, export or import models")
     models.add_argument("--json", action="store_true")
     action = models.add_mutually_exclusive_group()
@@ -171,7 +174,8 @@ def _restore_chunked(args, factor: int) -> dict:
         raise CLIError("With a Zarr output the uncertainty is stored inside it (uncertainty/0); leave out "
                        "--uncertainty and --difficulty.")
     if getattr(args, "self_supervised", False):
-        raise CLIError("Self-supervised training needs the volume in memory; use a TIFF input.")
+        raise CLIError("Self-supervised training needs the volume in memory: learn on a TIFF crop of it with "
+                       "--self-supervised --save-model NAME, then process the Zarr volume with --model NAME.")
     if args.output.resolve() == args.input.resolve():
         raise CLIError("The output would overwrite the input; choose another name.")
     job = restore_volume(args.input, args.output, ChunkedTask(args.command, factor), args.model, _settings(args),
@@ -270,10 +274,13 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.self_supervised and args.model:
                 raise CLIError("--self-supervised trains its own model; leave out --model.")
+            if args.save_model and not args.self_supervised:
+                raise CLIError("--save-model keeps a model learnt with --self-supervised; add that option.")
 
             def job(image, model, settings):
                 if args.self_supervised:
-                    return isotropic_self_supervised(image, args.factor, args.train_minutes, settings)
+                    return isotropic_self_supervised(image, args.factor, args.train_minutes, settings,
+                                                     save_as=args.save_model)
                 return isotropic(image, model, settings, factor=args.factor)
 
             _summary(_restore(args, job, axial_factor=args.factor), args.json)

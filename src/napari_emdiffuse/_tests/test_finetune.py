@@ -3,7 +3,7 @@ import pytest
 
 from napari_emdiffuse.cli import main
 from napari_emdiffuse.core.finetune import finetune, prepare_pair
-from napari_emdiffuse.core.models import list_models, load_model, on_models_changed
+from napari_emdiffuse.core.models import ModelFileError, list_models, load_model, on_models_changed
 from napari_emdiffuse.core.normalize import InputError
 from napari_emdiffuse.core.register import register_pair, shift_image
 from napari_emdiffuse.core.simulate import SEMNoise, area_downsample, synthetic_em
@@ -64,6 +64,15 @@ def test_finetune_saves_an_improved_model_into_the_registry(pair, tiny_model, us
         assert "liver" in [e.name for e in list_models("denoise")]
     else:
         assert result.path is None and not user_dir.exists()
+
+
+def test_a_taken_name_is_refused_before_any_training(pair, tiny_model, user_dir):
+    user_dir.mkdir()
+    (user_dir / "liver.npz").write_bytes(b"someone's model")
+    progress = []
+    with pytest.raises(ModelFileError, match="exists already"):
+        drive(finetune("denoise", *pair, base=tiny_model, name="liver", iterations=30), progress.append)
+    assert progress == [] and (user_dir / "liver.npz").read_bytes() == b"someone's model"
 
 
 def test_a_x2_model_is_finetuned_for_x4_on_both_of_its_steps(tiny_superres_x2, tmp_path, monkeypatch):

@@ -165,6 +165,25 @@ def test_self_supervised_learns_from_lateral_planes_of_the_volume_alone(volume):
         drive(self_supervised(vol[:, :4, :4], 4, minutes=0.01))
 
 
+def test_a_learnt_model_is_kept_and_reconstructs_more_of_the_acquisition_without_learning_again(tmp_path,
+                                                                                                monkeypatch):
+    from napari_emdiffuse.core.isotropic import isotropic_self_supervised
+    from napari_emdiffuse.core.models import ModelFileError, list_models
+
+    monkeypatch.setenv("EMDIFFUSE_MODELS_DIR", str(tmp_path))
+    vol = (np.random.default_rng(1).random((6, 48, 48)) * 255).astype(np.uint8)
+    settings = Settings(samples=1, steps=1, precision="float32")
+    learnt = drive(isotropic_self_supervised(vol, 4, minutes=0.03, settings=settings, save_as="block7-R4"))
+    assert "the learnt model is saved as 'block7-R4'" in learnt.info["notes"]
+    assert "block7-R4" in [e.name for e in list_models("isotropic")]
+    again = drive(isotropic(vol, "block7-R4", settings, factor=4))  # e.g. on other chunks of the volume
+    assert np.abs(again.image.astype(int) - learnt.image).max() <= 1  # the same model (stored in float16)
+    progress = []
+    with pytest.raises(ModelFileError, match="exists already"):  # refused before ten minutes of learning
+        drive(isotropic_self_supervised(vol, 4, minutes=10, save_as="block7-R4"), progress.append)
+    assert progress == []
+
+
 def test_cli_writes_the_reconstruction_with_z_pixel_size_divided(tmp_path, tiny_isotropic, volume, capsys):
     import json
 
@@ -185,15 +204,18 @@ def test_cli_writes_the_reconstruction_with_z_pixel_size_divided(tmp_path, tiny_
     assert main(["isotropic", str(src), "-o", str(tmp_path / "x.tif"), "--factor", "4", "--self-supervised",
                  "--model", tiny_isotropic]) == 2
     assert "leave out --model" in capsys.readouterr().err
+    assert main(["isotropic", str(src), "-o", str(tmp_path / "x.tif"), "--factor", "4", "--save-model", "m"]) == 2
+    assert "add that option" in capsys.readouterr().err
 
 
 def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer, qtbot, tiny_isotropic, volume,
-                                                              monkeypatch):
-    import os
+                                                              monkeypatch, tmp_path):
+    import shutil
 
     from napari_emdiffuse._widgets.isotropic import SELF_SUPERVISED, IsotropicWidget
 
-    monkeypatch.setenv("EMDIFFUSE_MODELS_DIR", os.path.dirname(tiny_isotropic))
+    shutil.copy(tiny_isotropic, tmp_path)  # a models folder of this test's own: the learnt model goes there too
+    monkeypatch.setenv("EMDIFFUSE_MODELS_DIR", str(tmp_path))
     viewer = make_napari_viewer()
     sections = viewer.add_image(volume, name="sections", scale=(50.0, 4.0, 4.0), translate=(100.0, 0.0, 8.0))
     _, widget = viewer.window.add_plugin_dock_widget("napari-emdiffuse", "Isotropic reconstruction")
@@ -215,6 +237,10 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     widget.run_button.click()
     qtbot.waitUntil(lambda: "sections_isotropic" in viewer.layers and widget.worker is None, timeout=90_000)
     assert viewer.layers["sections_isotropic"].data.shape == (16, 24, 40)
+    # the learnt model joins the picker, to process more of the acquisition (e.g. all of it into a Zarr file)
+    learnt = [widget.model_picker.itemText(i) for i in range(widget.model_picker.count())
+              if widget.model_picker.itemText(i).startswith("self-supervised-R5-")]
+    assert len(learnt) == 1 and f"saved as '{learnt[0]}'" in widget.status.text()
 
 
 @pytest.mark.slow

@@ -370,6 +370,10 @@ class RestoreWidget(JobWidget):
             show_error(f"No {self.task} model is available.")
             return
         if self.scope.currentData() == "zarr":
+            if not self.needs_model:
+                show_error("Self-supervised learning needs the volume in memory: run it on the current view (the "
+                           "learnt model is saved), then process the whole layer into a Zarr file with that model.")
+                return
             self._run_to_zarr(layer)
             return
         region = self.region(layer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QSpinBox
 
 from ..core.isotropic import FACTORS, isotropic, isotropic_self_supervised
@@ -17,10 +19,11 @@ class IsotropicWidget(RestoreWidget):
 
     def add_task_controls(self, form) -> None:
         self.mode = QComboBox(objectName="mode")
-        self.mode.addItem("Trained on isotropic data (model above)", WITH_MODEL)
+        self.mode.addItem("With the model above (trained on isotropic data, or learnt before)", WITH_MODEL)
         self.mode.addItem("Self-supervised: learn from this volume", SELF_SUPERVISED)
         self.mode.setToolTip("Without isotropic training data, a model learns to interpolate from the volume's own "
-                             "finely sampled y and x axes, then fills in z (vEMDiffuse-a).")
+                             "finely sampled y and x axes, then fills in z (vEMDiffuse-a). The learnt model is "
+                             "saved and joins the model picker, for more of the same acquisition.")
         form.addRow("Mode", self.mode)
         self.minutes = QDoubleSpinBox(objectName="train_minutes", minimum=0.1, maximum=600.0, value=10.0,
                                       decimals=1, suffix=" min")
@@ -45,7 +48,9 @@ class IsotropicWidget(RestoreWidget):
         if data.ndim != 3:
             raise ValueError("Isotropic reconstruction needs a volume (z, y, x); this layer is 2D.")
         if self.mode.currentData() == SELF_SUPERVISED:
-            return isotropic_self_supervised(data, self.factor.value(), self.minutes.value(), settings)
+            factor = self.factor.value()
+            return isotropic_self_supervised(data, factor, self.minutes.value(), settings,
+                                             save_as=f"self-supervised-R{factor}-{time.strftime('%Y%m%d-%H%M%S')}")
         return isotropic(data, model, settings, factor=self.factor.value())
 
     def output_grid(self, layer):

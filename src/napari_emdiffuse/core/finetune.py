@@ -104,7 +104,7 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | No
     the budget, which fine-tunes further (``benchmarks/finetune_transfer.py``).
     """
     from .diffusion import training_log_sigma
-    from .models import Model, default_model, install_model, load_model, save_model
+    from .models import Model, default_model, free_name, install_model, load_model, save_model
     from .simulate import area_downsample
     from .tasks import Progress, Settings, denoise, pick_device, pick_precision, superres, superres_steps, upsample
     from .train import train
@@ -113,6 +113,8 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | No
         raise InputError(f"Fine-tuning supports denoise and superres, not {task}.")
     if minutes is None and iterations is None:
         minutes = 10.0
+    if name and output is None:
+        free_name(name)  # before the training, not after it
     started = time.perf_counter()
     yield Progress(0, 1, "registering the pair")
     image, aligned, reg = prepare_pair(task, np.asarray(image), np.asarray(target), scale)

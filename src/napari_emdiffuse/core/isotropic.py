@@ -306,15 +306,22 @@ def self_supervised(volume, factor: int, minutes: float = 10.0, *, seed: int = 0
 
 
 def isotropic_self_supervised(volume, factor: int = 4, minutes: float = 10.0, settings: Settings | None = None,
-                              norm: Normalizer | None = None) -> Generator[Progress, None, Restoration]:
+                              norm: Normalizer | None = None, save_as: str | None = None
+                              ) -> Generator[Progress, None, Restoration]:
     """vEMDiffuse-a end to end: learn from ``volume`` for ``minutes``, then reconstruct it; one progress stream.
 
     Training progress is reported per mille of the time budget, then the reconstruction's own progress follows.
+    With ``save_as`` the learnt model goes into the user's models under that name as soon as it is learnt (a
+    cancelled reconstruction keeps it): it then reconstructs more of the same acquisition without learning again,
+    e.g. a whole volume chunk by chunk, which needs no more than a crop of it in memory to learn from.
     """
+    from .models import free_name, install_model
     from .train import TrainProgress
 
     settings = settings or Settings()
-    training = self_supervised(volume, factor, minutes, seed=settings.seed, device=settings.device)
+    if save_as:
+        free_name(save_as)  # before the training, not after it
+    training = self_supervised(volume, factor, minutes, seed=settings.seed, device=settings.device, name=save_as)
     while True:
         try:
             p: TrainProgress = next(training)
@@ -323,6 +330,10 @@ def isotropic_self_supervised(volume, factor: int = 4, minutes: float = 10.0, se
             break
         yield Progress(int(1000 * p.fraction), 1000,
                        f"learning from this volume: step {p.step}, loss {p.loss:.3f}")
+    if save_as:
+        install_model(model.net, model.meta, save_as)
     result = yield from isotropic(volume, model, settings, factor, norm)
     result.info.update(mode="self-supervised", train_minutes=minutes)
+    if save_as:
+        result.info["notes"] = [*result.info.get("notes", []), f"the learnt model is saved as '{save_as}'"]
     return result

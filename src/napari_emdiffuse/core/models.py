@@ -209,13 +209,19 @@ def _user_entry(name: str) -> ModelEntry:
     raise ModelFileError(f"No user model named '{name}'.")
 
 
-def install_model(net, meta: dict, name: str, overwrite: bool = False) -> Path:
-    """Save a model into the user's folder under ``name`` and tell the model pickers."""
+def free_name(name: str, overwrite: bool = False) -> Path:
+    """Where a new user model ``name`` goes; an error if the name is taken (check it before a long training)."""
     path = user_models_dir() / f"{name}.npz"
     if path.exists() and not overwrite:
         raise ModelFileError(f"A model named '{name}' exists already; choose another name.")
     if any(e.name == name and e.bundled for e in list_models()):
         raise ModelFileError(f"'{name}' is the name of a bundled model; choose another name.")
+    return path
+
+
+def install_model(net, meta: dict, name: str, overwrite: bool = False) -> Path:
+    """Save a model into the user's folder under ``name`` and tell the model pickers."""
+    path = free_name(name, overwrite)
     save_model(net, {**meta, "name": name}, path)
     models_changed()
     return path
