@@ -241,6 +241,12 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     learnt = [widget.model_picker.itemText(i) for i in range(widget.model_picker.count())
               if widget.model_picker.itemText(i).startswith("self-supervised-R5-")]
     assert len(learnt) == 1 and f"saved as '{learnt[0]}'" in widget.status.text()
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    widget.scope.setCurrentIndex(widget.scope.findData("zarr"))  # learning needs the volume in memory: refused
+    widget.zarr_path.setText(str(tmp_path / "out.zarr"))
+    widget.run_button.click()
+    assert widget.worker is None and "in memory" in shown[0] and not (tmp_path / "out.zarr").exists()
 
 
 @pytest.mark.slow
