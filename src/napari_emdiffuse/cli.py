@@ -1,6 +1,7 @@
 """``emdiffuse``: the same jobs as the napari widgets, for scripts and batch processing.
 
     emdiffuse denoise noisy.tif -o denoised.tif --uncertainty unc.tif --json
+    emdiffuse denoise tiles/*.tif -o restored/ --uncertainty restored/
     emdiffuse isotropic sections.tif -o isotropic.tif --factor 5
     emdiffuse models
 """
@@ -22,12 +23,16 @@ class CLIError(Exception):
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", type=Path, help="input TIFF (2D image or 3D stack), or Zarr/OME-Zarr volume")
+    parser.add_argument("input", type=Path, nargs="+",
+                        help="input TIFF (2D image or 3D stack), or Zarr/OME-Zarr volume; several TIFFs: a batch")
     parser.add_argument("-o", "--output", type=Path, required=True,
                         help="output TIFF (input's dtype and shape), or .zarr: OME-Zarr, processed chunk by chunk "
-                             "(with the uncertainty inside it), resumed if it is an unfinished run")
-    parser.add_argument("--uncertainty", type=Path, help="also write the per-pixel std map (float32, [0, 1] units)")
-    parser.add_argument("--difficulty", type=Path, help="also write the difficulty map phi (float32)")
+                             "(with the uncertainty inside it), resumed if it is an unfinished run; a folder for "
+                             "a batch (or any existing folder): INPUT_<task>.tif files there")
+    parser.add_argument("--uncertainty", type=Path, help="also write the per-pixel std map (float32, [0, 1] units); "
+                                                         "a folder for a batch")
+    parser.add_argument("--difficulty", type=Path, help="also write the difficulty map phi (float32); a folder for a "
+                                                        "batch")
     parser.add_argument("--samples", type=int, default=2, help="samples K; their mean is the output (default 2)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--sampler", choices=["euler_ancestral", "dpmpp_2m_sde"], default=None)
@@ -195,8 +200,8 @@ def _summary(info: dict, as_json: bool) -> None:
     for note in info.get("notes", []):
         print(f"emdiffuse: note: {note}", file=sys.stderr)
     if as_json:
-        keys = ("uncertainty_score", "threshold", "reliable", "seconds", "model", "samples", "steps", "seed",
-                "flagged_fraction", "device", "precision")
+        keys = ("input", "output", "uncertainty_score", "threshold", "reliable", "seconds", "model", "samples",
+                "steps", "seed", "flagged_fraction", "device", "precision")
         print(json.dumps({k: info.get(k) for k in keys}))
     elif info.get("reliable") is not None:
         print(f"{verdict(info['uncertainty_score'], info['threshold'])} ({info['seconds']:.1f} s)")
@@ -255,6 +260,58 @@ def _finetune(args) -> None:
         print(result.message)
 
 
+SUFFIXES = {"denoise": "denoised", "superres": "superres", "isotropic": "isotropic"}
+
+
+def _batch(args) -> list[argparse.Namespace]:
+    """One set of arguments per input. Several inputs (or ``-o`` an existing folder) write into the folder ``-o``
+    (made if needed) as ``INPUT_<task>.tif``, their maps likewise into the folders given."""
+    from .core.zarr_io import is_zarr
+
+    inputs = args.input
+    if len(inputs) == 1 and not (args.output.is_dir() and not is_zarr(args.output)):  # a Zarr store is a folder
+        return [argparse.Namespace(**{**vars(args), "input": inputs[0]})]
+    if any(is_zarr(path) for path in inputs) or is_zarr(args.output):
+        raise CLIError("A batch takes TIFF inputs and writes TIFFs into a folder; process Zarr volumes one by one.")
+    if getattr(args, "save_model", None):
+        raise CLIError("--save-model names one learnt model; give one input with it.")
+    if len({path.stem for path in inputs}) < len(inputs):
+        raise CLIError("Two inputs have the same name; their outputs would overwrite each other.")
+    folders = {"output": args.output, "uncertainty": args.uncertainty, "difficulty": args.difficulty}
+    for folder in folders.values():
+        if folder is not None:
+            if folder.exists() and not folder.is_dir():
+                raise CLIError(f"With several inputs, {folder} must be a folder.")
+            folder.mkdir(parents=True, exist_ok=True)
+    names = {"output": SUFFIXES[args.command], "uncertainty": "uncertainty", "difficulty": "difficulty"}
+    return [argparse.Namespace(**{**vars(args), "input": path,
+                                  **{key: folder / f"{path.stem}_{names[key]}.tif" if folder else None
+                                     for key, folder in folders.items()}})
+            for path in inputs]
+
+
+def _restore_each(args, job_factory, lateral_factor: int = 1, axial_factor: int = 1) -> int:
+    """Restore every input; in a batch an input that fails is reported and the others go on (exit code 2)."""
+    from .core.models import ModelFileError
+    from .core.normalize import InputError
+
+    batch = _batch(args)
+    failed = 0
+    for one in batch:
+        if len(batch) > 1 and not (args.quiet or args.json):
+            print(f"{one.input} -> {one.output}", file=sys.stderr)
+        try:
+            info = _restore(one, job_factory, lateral_factor, axial_factor)
+        except (CLIError, InputError, ModelFileError, MemoryError) as err:
+            if len(batch) == 1 or args.debug:
+                raise
+            print(f"emdiffuse: error: {one.input}: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        _summary({**info, "input": str(one.input), "output": str(one.output)}, args.json)
+    return 2 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .core.models import ModelFileError
@@ -266,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "denoise":
             from .core.tasks import denoise
 
-            _summary(_restore(args, denoise), args.json)
+            return _restore_each(args, denoise)
         elif args.command == "finetune":
             _finetune(args)
         elif args.command == "isotropic":
@@ -283,13 +340,13 @@ def main(argv: list[str] | None = None) -> int:
                                                      save_as=args.save_model)
                 return isotropic(image, model, settings, factor=args.factor)
 
-            _summary(_restore(args, job, axial_factor=args.factor), args.json)
+            return _restore_each(args, job, axial_factor=args.factor)
         elif args.command == "superres":
             from functools import partial
 
             from .core.tasks import superres
 
-            _summary(_restore(args, partial(superres, scale=args.scale), args.scale), args.json)
+            return _restore_each(args, partial(superres, scale=args.scale), args.scale)
         return 0
     except (CLIError, InputError, ModelFileError, MemoryError) as err:
         if args.debug:

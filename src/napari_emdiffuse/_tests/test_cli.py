@@ -62,6 +62,31 @@ def test_existing_output_needs_overwrite(tmp_path, noisy_tif, tiny_model, capsys
     assert read_tiff(out).data.shape == (128, 160)
 
 
+def test_a_batch_writes_each_input_into_the_folder_and_goes_on_past_a_bad_one(tmp_path, noisy_tif, tiny_model,
+                                                                              capsys):
+    second, broken = tmp_path / "second.tif", tmp_path / "broken.tif"
+    tifffile.imwrite(second, tifffile.imread(noisy_tif)[:64])
+    tifffile.imwrite(broken, np.full((9, 9), np.nan, np.float32))
+    out = tmp_path / "restored"
+    code = main(["denoise", str(noisy_tif), str(broken), str(second), "-o", str(out), "--uncertainty", str(out),
+                 "--model", tiny_model, "--steps", "1", "--json"])
+    assert code == 2  # one input failed; the others are done
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert [line["input"] for line in lines] == [str(noisy_tif), str(second)]
+    assert lines[1]["output"] == str(out / "second_denoised.tif")
+    assert "broken.tif" in captured.err and "NaN" in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["noisy_denoised.tif", "noisy_uncertainty.tif",
+                                                     "second_denoised.tif", "second_uncertainty.tif"]
+    assert read_tiff(out / "noisy_denoised.tif").scale == pytest.approx((4.0, 4.0))
+    assert read_tiff(out / "second_denoised.tif").data.shape == (64, 160)
+    same_name = tmp_path / "other" / "noisy.tif"
+    same_name.parent.mkdir()
+    same_name.write_bytes(noisy_tif.read_bytes())
+    assert main(["denoise", str(noisy_tif), str(same_name), "-o", str(out), "--model", tiny_model]) == 2
+    assert "same name" in capsys.readouterr().err
+
+
 def test_models_lists_the_bundled_model(capsys):
     assert main(["models", "--json"]) == 0
     models = json.loads(capsys.readouterr().out)
