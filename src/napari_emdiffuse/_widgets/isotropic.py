@@ -19,10 +19,11 @@ class IsotropicWidget(RestoreWidget):
 
     def add_task_controls(self, form) -> None:
         self.mode = QComboBox(objectName="mode")
-        self.mode.addItem("With the model above (trained on isotropic data, or learnt before)", WITH_MODEL)
+        self.mode.addItem("Use the model above", WITH_MODEL)
         self.mode.addItem("Self-supervised: learn from this volume", SELF_SUPERVISED)
-        self.mode.setToolTip("Without isotropic training data, a model learns to interpolate from the volume's own "
-                             "finely sampled y and x axes, then fills in z (vEMDiffuse-a). The learnt model is "
+        self.mode.setToolTip("The model above: trained on isotropic data (vEMDiffuse-i), or learnt before. "
+                             "Self-supervised: without isotropic training data, a model learns to interpolate from "
+                             "the volume's own finely sampled y and x axes, then fills in z (vEMDiffuse-a); it is "
                              "saved and joins the model picker, for more of the same acquisition.")
         form.addRow("Mode", self.mode)
         self.minutes = QDoubleSpinBox(objectName="train_minutes", minimum=0.1, maximum=600.0, value=10.0,
