@@ -41,7 +41,7 @@ def test_motion_interpolation_follows_structures_that_move_between_slices():
     from scipy.ndimage import gaussian_filter, shift
 
     rng = np.random.default_rng(0)
-    texture = gaussian_filter(rng.random((128, 128)), 2).astype(np.float32)  # room for the widest window (flow.RADII)
+    texture = gaussian_filter(rng.random((256, 256)), 2).astype(np.float32)  # room for the widest window (flow.RADII)
     # a structure drifting 1.5 px in y and -1 px in x per slice: slices 0 and 4 are kept, 1-3 are the truth
     stack = np.stack([shift(texture, (1.5 * z, -1.0 * z), mode="wrap") for z in range(5)])
     inner = (slice(20, -20), slice(20, -20))

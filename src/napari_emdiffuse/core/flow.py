@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 RADIUS = 16  # half-width of the window over which motion is assumed constant (pixels, at every pyramid level)
-RADII = (8, 16, 32)  # the windows of the flow estimates motion_interpolation averages over
+RADII = (4, 8, 16, 32, 64)  # the windows of the flow estimates motion_interpolation averages over
 LEVELS = 3  # pyramid levels: motion up to about RADIUS * 2 ** (LEVELS - 1) pixels
 WARPS = 3  # Lucas-Kanade iterations per level
 
@@ -86,7 +86,8 @@ def motion_interpolation(below: np.ndarray, above: np.ndarray, fractions, device
     closeness. One flow estimate is confidently wrong where the sections change a lot or have little texture, so
     the result is the mean over several: windows of each size in ``RADII``, estimated from below and from above.
     Where they agree it is as sharp as one; where they disagree, a blend rather than a wrong guess (on 10 nm
-    FIB-SEM, +0.18 dB at R = 4 and +0.25 dB at R = 6 over one estimate with a 16-pixel window).
+    FIB-SEM, three windows of 8-32 pixels: +0.18 dB at R = 4 and +0.25 dB at R = 6 over one of 16 pixels; five of
+    4-64 pixels: another +0.02 to +0.12 dB at R = 4 along each axis of both volumes).
     Shapes as for linear interpolation: one pair (y, x) with fractions (k,) gives (k, y, x); n pairs
     (n, y, x) with fractions (n, k) give (n, k, y, x). float32, computed on ``device`` (default: the CPU).
     """
