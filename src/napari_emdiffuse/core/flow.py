@@ -87,7 +87,7 @@ def motion_interpolation(below: np.ndarray, above: np.ndarray, fractions, device
     the result is the mean over several: windows of each size in ``RADII``, estimated from below and from above.
     Where they agree it is as sharp as one; where they disagree, a blend rather than a wrong guess (on 10 nm
     FIB-SEM, three windows of 8-32 pixels: +0.18 dB at R = 4 and +0.25 dB at R = 6 over one of 16 pixels; five of
-    4-64 pixels: another +0.02 to +0.12 dB at R = 4 along each axis of both volumes).
+    4-64 pixels: another +0.06 to +0.14 dB at R = 4 along each axis of both volumes).
     Shapes as for linear interpolation: one pair (y, x) with fractions (k,) gives (k, y, x); n pairs
     (n, y, x) with fractions (n, k) give (n, k, y, x). float32, computed on ``device`` (default: the CPU).
     """
