@@ -290,11 +290,16 @@ def _batch(args) -> list[argparse.Namespace]:
             for path in inputs]
 
 
-def _restore_each(args, job_factory, lateral_factor: int = 1, axial_factor: int = 1) -> int:
-    """Restore every input; in a batch an input that fails is reported and the others go on (exit code 2)."""
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that end a command (or one input of a batch) with a sentence, not a traceback."""
     from .core.models import ModelFileError
     from .core.normalize import InputError
 
+    return CLIError, InputError, ModelFileError, MemoryError
+
+
+def _restore_each(args, job_factory, lateral_factor: int = 1, axial_factor: int = 1) -> int:
+    """Restore every input; in a batch an input that fails is reported and the others go on (exit code 2)."""
     batch = _batch(args)
     failed = 0
     for one in batch:
@@ -302,7 +307,7 @@ def _restore_each(args, job_factory, lateral_factor: int = 1, axial_factor: int 
             print(f"{one.input} -> {one.output}", file=sys.stderr)
         try:
             info = _restore(one, job_factory, lateral_factor, axial_factor)
-        except (CLIError, InputError, ModelFileError, MemoryError) as err:
+        except _user_errors() as err:
             if len(batch) == 1 or args.debug:
                 raise
             print(f"emdiffuse: error: {one.input}: {err}", file=sys.stderr)
@@ -314,9 +319,6 @@ def _restore_each(args, job_factory, lateral_factor: int = 1, axial_factor: int 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .core.models import ModelFileError
-    from .core.normalize import InputError
-
     try:
         if args.command == "models":
             _models(args)
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return _restore_each(args, partial(superres, scale=args.scale), args.scale)
         return 0
-    except (CLIError, InputError, ModelFileError, MemoryError) as err:
+    except _user_errors() as err:
         if args.debug:
             raise
         print(f"emdiffuse: error: {err}", file=sys.stderr)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QSpinBox
 
 from ..core.isotropic import FACTORS, isotropic, isotropic_self_supervised
+from ..core.models import dated_name
 from ._common import RestoreWidget
 
 WITH_MODEL, SELF_SUPERVISED = "model", "self-supervised"
@@ -51,7 +50,7 @@ class IsotropicWidget(RestoreWidget):
         if self.mode.currentData() == SELF_SUPERVISED:
             factor = self.factor.value()
             return isotropic_self_supervised(data, factor, self.minutes.value(), settings,
-                                             save_as=f"self-supervised-R{factor}-{time.strftime('%Y%m%d-%H%M%S')}")
+                                             save_as=dated_name(f"self-supervised-R{factor}"))
         return isotropic(data, model, settings, factor=self.factor.value())
 
     def output_grid(self, layer):

@@ -104,7 +104,7 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | No
     the budget, which fine-tunes further (``benchmarks/finetune_transfer.py``).
     """
     from .diffusion import training_log_sigma
-    from .models import Model, default_model, free_name, install_model, load_model, save_model
+    from .models import Model, dated_name, default_model, free_name, install_model, load_model, save_model
     from .simulate import area_downsample
     from .tasks import Progress, Settings, denoise, pick_device, pick_precision, superres, superres_steps, upsample
     from .train import train
@@ -189,7 +189,7 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | No
                 "seconds": round(time.perf_counter() - started, 1), "date": time.strftime("%Y-%m-%d"),
             }
             meta["description"] = f"{base_model.name} fine-tuned on one image pair ({time.strftime('%Y-%m-%d')})"
-            model_name = name or f"{base_model.name}-finetuned-{time.strftime('%Y%m%d-%H%M%S')}"
+            model_name = name or dated_name(f"{base_model.name}-finetuned")
             if output is not None:
                 path = save_model(net, {**meta, "name": Path(output).stem}, output)
                 model_name = Path(path).stem

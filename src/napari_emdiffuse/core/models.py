@@ -209,6 +209,13 @@ def _user_entry(name: str) -> ModelEntry:
     raise ModelFileError(f"No user model named '{name}'.")
 
 
+def dated_name(prefix: str) -> str:
+    """A name for a model saved without one being given: ``prefix`` and the date and time."""
+    import time
+
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def free_name(name: str, overwrite: bool = False) -> Path:
     """Where a new user model ``name`` goes; an error if the name is taken (check it before a long training)."""
     path = user_models_dir() / f"{name}.npz"
