@@ -40,7 +40,7 @@ def test_denoise_writes_output_and_uncertainty_and_json(tmp_path, noisy_tif, tin
     (lambda p: p.write_text("not an image"), "not a TIFF"),
     (lambda p: tifffile.imwrite(p, np.zeros((20, 20, 3), np.uint8)), "RGB"),
     (lambda p: tifffile.imwrite(p, np.full((9, 9), np.nan, np.float32)), "NaN"),
-    (lambda p: tifffile.imwrite(p, np.zeros((2, 3, 4, 9, 9), np.uint8)), "dimensions"),
+    (lambda p: tifffile.imwrite(p, np.zeros((2, 3, 4, 9, 9), np.uint8), photometric="minisblack"), "dimensions"),
     (lambda p: p.write_bytes(b"II*\x00" + b"\x00" * 20), "could not be read"),
 ])
 def test_bad_input_gives_one_line_error_and_no_output(tmp_path, tiny_model, capsys, make, message):
