@@ -32,8 +32,8 @@ from .tasks import (
     Progress,
     Restoration,
     Settings,
-    gives_uncertainty,
     model_label,
+    new_results,
     prepare,
     sample_planes,
     summarise,
@@ -130,6 +130,9 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: int 
     start = model.meta.get("start", "linear")
     with_start = sees_start(model.net)
 
+    results = new_results(model, settings, (output_slices(len(volume), factor),) + volume.shape[1:], norm)
+    results.image[::factor] = volume  # exactly the acquisition; its maps stay zero: certain, no difficulty
+
     def jobs() -> Iterator[PlaneJob]:
         below = norm(volume[0])
         for g in range(gaps):
@@ -137,28 +140,16 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: int 
             starts = between(below, above, fractions, start, device)
             for j in range(1, factor):
                 cond = np.stack([below, above, starts[j - 1]] if with_start else [below, above])
-                yield PlaneJob(cond, starts[j - 1], labels[j - 1], f" gap {g + 1}/{gaps}, slice {j}/{factor - 1}")
+                yield PlaneJob(cond, starts[j - 1], labels[j - 1], g * factor + j,
+                               f" gap {g + 1}/{gaps}, slice {j}/{factor - 1}")
             below = above
 
-    means, stds, phis, tile, notes = yield from sample_planes(model, jobs(), gaps * (factor - 1), volume.shape[1:],
-                                                              settings, device, "isotropic")
-    out = np.zeros((output_slices(len(volume), factor),) + volume.shape[1:], np.float32)
-    generated = np.ones(len(out), bool)
-    generated[::factor] = False
-    out[generated] = np.stack(means)
-
-    def with_zeros(planes):  # acquired slices: certain, no difficulty
-        full = np.zeros(out.shape, np.float32)
-        full[generated] = np.stack(planes)
-        return full
-
-    uncertainty = with_zeros(stds) if gives_uncertainty(model, settings) else None
-    difficulty = with_zeros(phis) if settings.difficulty and phis[0] is not None else None
-    info = summarise("isotropic", model, settings, device, uncertainty[generated] if uncertainty is not None else None,
-                     tile, notes, started, factor=factor)
-    restored = norm.inverse(out)
-    restored[::factor] = volume  # exactly the acquisition, whatever the dtype's round-off
-    return Restoration(restored, uncertainty, difficulty, info)
+    tile, notes = yield from sample_planes(model, jobs(), gaps * (factor - 1), results, settings, device, "isotropic")
+    uncertainty = results.uncertainty
+    # scored on the generated slices only: a view of them (gap by gap, the acquired slice first), not a copy
+    generated = None if uncertainty is None else uncertainty[:-1].reshape(gaps, factor, *volume.shape[1:])[:, 1:]
+    info = summarise("isotropic", model, settings, device, generated, tile, notes, started, factor=factor)
+    return Restoration(results.image, uncertainty, results.difficulty, info)
 
 
 # --- training examples, shared by the bundled model's training script and the self-supervised mode ---------------

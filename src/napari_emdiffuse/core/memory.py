@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 # Measured on the bundled network (peak RSS growth during one evaluation, tiles of 256-1024 px, batches 1-4):
 # 250-700 bytes per tile pixel, more for small batches; we plan with the upper end.
 BYTES_PER_TILE_PIXEL = 700
@@ -12,9 +14,9 @@ BYTES_PER_IMAGE_PIXEL = 4 * 6
 MIN_TILE = 64
 
 
-def available_bytes(device) -> int:
-    """Memory the run may use: free GPU memory, or the system's available RAM."""
-    if device.type == "cuda":
+def available_bytes(device=None) -> int:
+    """Memory the run may use: free GPU memory, or the system's available RAM (``device`` None: RAM)."""
+    if device is not None and device.type == "cuda":
         import torch
 
         free, _ = torch.cuda.mem_get_info(device)
@@ -53,6 +55,23 @@ def fit_to_memory(height: int, width: int, samples: int, tile: int, batch: int, 
     if (tile, batch) != original:
         note = f"tiles reduced to {tile} px (batch {batch}) to fit in {free / 2**30:.1f} GB of free memory"
     return tile, batch, note
+
+
+def result_bytes(shape: tuple[int, ...], dtype, maps: int) -> int:
+    """RAM for a result held whole: the output in ``dtype`` and ``maps`` float32 maps of ``shape``, plus one map's
+    worth for scoring the uncertainty (its percentile works on a copy)."""
+    return math.prod(shape) * (np.dtype(dtype).itemsize + 4 * (maps + (maps > 0)))
+
+
+def check_result_fits(nbytes: int, budget: float = 0.7) -> None:
+    """Refuse at once, with what to do instead, a result that cannot fit in the free RAM: better than a process
+    killed for memory near the end of a long run (in napari, with every unsaved layer)."""
+    free = available_bytes() * budget
+    if nbytes > free:
+        raise MemoryError(f"The result needs about {nbytes / 2**30:.1f} GB of memory but only {free / 2**30:.1f} GB "
+                          "is free; process the current view or slice, or write the whole result chunk by chunk to "
+                          "a Zarr file (Process: Whole layer to a Zarr file; on the command line, an output ending "
+                          "in .zarr).")
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -221,12 +221,40 @@ def plan_tiles(model, shape: tuple[int, int], settings: Settings, device) -> tup
 
 @dataclass
 class PlaneJob:
-    """One output plane to sample: its condition (C, H, W) and start (H, W), normalised, and the model label."""
+    """One output plane to sample: its condition (C, H, W) and start (H, W), normalised, the model label, and
+    where it goes in the result (its index along z)."""
 
     cond: np.ndarray
     start: np.ndarray
     label: int | None
+    index: int
     where: str  # for progress messages, e.g. " slice 3/40"
+
+
+class PlaneResults:
+    """A job's result, allocated once and filled plane by plane: the output in the input's dtype and range (each
+    plane mapped back by ``norm`` as it arrives) and the float32 maps.
+
+    A stack's result can be many times the input (x4: 16 times, R = 10 along z: 10 times), so it is checked against
+    the free memory before any work, and it is never held twice (per-plane lists stacked at the end had needed
+    about 40 bytes per output voxel; an 8-bit result with its uncertainty map needs 5, 9 while it is scored).
+    """
+
+    def __init__(self, shape: tuple[int, ...], norm: Normalizer, uncertainty: bool, difficulty: bool):
+        from .memory import check_result_fits, result_bytes
+
+        check_result_fits(result_bytes(shape, norm.dtype, uncertainty + difficulty))
+        self.norm = norm
+        self.image = np.zeros(shape, norm.dtype)
+        self.uncertainty = np.zeros(shape, np.float32) if uncertainty else None
+        self.difficulty = np.zeros(shape, np.float32) if difficulty else None
+
+    def put(self, index: int, mean: np.ndarray, std: np.ndarray, phi: np.ndarray | None) -> None:
+        self.image[index] = self.norm.inverse(mean)
+        if self.uncertainty is not None:
+            self.uncertainty[index] = std
+        if self.difficulty is not None:
+            self.difficulty[index] = phi
 
 
 def task_model(model, task: str, device):
@@ -247,17 +275,16 @@ def prepare(image, model, settings: Settings, task: str, norm: Normalizer | None
     return image, device, task_model(model, task, device), norm or Normalizer.fit(image)
 
 
-def sample_planes(model, jobs, count: int, out_shape: tuple[int, int], settings: Settings, device,
+def sample_planes(model, jobs, count: int, results: PlaneResults, settings: Settings, device,
                   task: str) -> Generator[Progress, None, tuple]:
-    """Sample ``count`` planes of ``out_shape`` from the :class:`PlaneJob` iterable ``jobs``.
+    """Sample ``count`` planes from the :class:`PlaneJob` iterable ``jobs`` into ``results``.
 
-    Returns lists of means, stds and phis (one per plane), the tile size used and notes on memory fallbacks.
-    Every plane uses the same seed, so the stochastic detail is coherent from one plane to the next.
+    Returns the tile size used and notes on memory fallbacks. Every plane uses the same seed, so the stochastic
+    detail is coherent from one plane to the next.
     """
-    tile, batch, per_plane, note = plan_tiles(model, out_shape, settings, device)
+    tile, batch, per_plane, note = plan_tiles(model, results.image.shape[-2:], settings, device)
     notes = [note] if note else []
     total, done = per_plane * count, 0
-    means, stds, phis = [], [], []
     yield Progress(0, total, f"{task}: starting on {device.type}")
     try:
         for plane in jobs:
@@ -271,16 +298,14 @@ def sample_planes(model, jobs, count: int, out_shape: tuple[int, int], settings:
                     notes += [n for n in plane_notes if n not in notes]
                     break
                 yield Progress(done, total, f"{task}{plane.where}")
-            means.append(mean)
-            stds.append(std)
-            phis.append(phi)
+            results.put(plane.index, mean, std, phi)
     finally:
         if device.type == "cuda":
             import torch
 
             torch.cuda.empty_cache()
     yield Progress(total, total, f"{task}: done")
-    return means, stds, phis, tile, notes
+    return tile, notes
 
 
 def summarise(task: str, model, settings: Settings, device, uncertainty: np.ndarray | None, tile: int,
@@ -322,20 +347,23 @@ def restore(image, model, settings: Settings, task: str,
     image, device, model, norm = prepare(image, model, settings, task, norm)
     label = model_label(model, variant)
     planes = image[None] if image.ndim == 2 else image
+    results = new_results(model, settings, (len(planes), *out_shape(planes.shape[-2:])), norm)
 
     def jobs():
         for z, plane in enumerate(planes):
             cond, start = condition(norm(plane))
-            yield PlaneJob(cond, start, label, f" slice {z + 1}/{len(planes)}" if len(planes) > 1 else "")
+            yield PlaneJob(cond, start, label, z, f" slice {z + 1}/{len(planes)}" if len(planes) > 1 else "")
 
-    means, stds, phis, tile, notes = yield from sample_planes(model, jobs(), len(planes), out_shape(planes.shape[-2:]),
-                                                              settings, device, task)
-    squeeze = (lambda a: a[0]) if image.ndim == 2 else (lambda a: a)  # noqa: E731
-    restored = norm.inverse(squeeze(np.stack(means)))
-    uncertainty = squeeze(np.stack(stds)).astype(np.float32) if gives_uncertainty(model, settings) else None
-    difficulty = squeeze(np.stack(phis)).astype(np.float32) if settings.difficulty and phis[0] is not None else None
-    info = summarise(task, model, settings, device, uncertainty, tile, notes, started)
-    return Restoration(restored, uncertainty, difficulty, info)
+    tile, notes = yield from sample_planes(model, jobs(), len(planes), results, settings, device, task)
+    squeeze = (lambda a: a if a is None or image.ndim == 3 else a[0])  # noqa: E731
+    info = summarise(task, model, settings, device, squeeze(results.uncertainty), tile, notes, started)
+    return Restoration(squeeze(results.image), squeeze(results.uncertainty), squeeze(results.difficulty), info)
+
+
+def new_results(model, settings: Settings, shape: tuple[int, ...], norm: Normalizer) -> PlaneResults:
+    """The result's arrays for ``model`` run with ``settings``: which maps it gives, of ``shape``."""
+    return PlaneResults(shape, norm, gives_uncertainty(model, settings),
+                        settings.difficulty and model.net.config.difficulty_head)
 
 
 def model_label(model, variant: str | None) -> int | None:
@@ -401,18 +429,26 @@ def _superres_in_two_steps(image, model, settings: Settings, norm: Normalizer | 
     """x4 as x2 twice. Uncertainties add in quadrature (the first step's brought to the final grid)."""
     import dataclasses
 
+    from .memory import check_result_fits, result_bytes
+
     started = time.perf_counter()
-    norm = norm or Normalizer.fit(check_image(image))  # one intensity mapping for both steps
+    image = check_image(image)
+    norm = norm or Normalizer.fit(image)  # one intensity mapping for both steps
+    maps = gives_uncertainty(model, settings) + (settings.difficulty and model.net.config.difficulty_head)
+    grid = image.shape[:-2]
+    check_result_fits(sum(result_bytes((*grid, image.shape[-2] * f, image.shape[-1] * f), image.dtype, maps)
+                          for f in (2, 4)))  # both steps' results, before the first step's work
     first_grid = dataclasses.replace(settings, origin=(settings.origin[0] // 2, settings.origin[1] // 2))
     first = yield from _share_of_progress(superres(image, model, first_grid, 2, norm), 0, 20)
     second = yield from _share_of_progress(superres(first.image, model, settings, 2, norm), 20, 100)
 
-    def combined(a, b):
+    def combined(a, b):  # into b, plane by plane: no temporaries of the final size
         if a is None or b is None:
             return b
-        planes = a[None] if a.ndim == 2 else a
-        up = np.stack([np.clip(upsample(p, 2), 0, None) for p in planes])
-        return np.sqrt(up.reshape(b.shape) ** 2 + b**2).astype(np.float32)
+        for pa, pb in zip(*((a[None], b[None]) if a.ndim == 2 else (a, b))):
+            up = np.clip(upsample(pa, 2), 0, None)
+            np.sqrt(up * up + pb * pb, out=pb)
+        return b
 
     uncertainty = combined(first.uncertainty, second.uncertainty)
     info = summarise("superres", model, settings, pick_device(settings.device), uncertainty, second.info["tile"],
