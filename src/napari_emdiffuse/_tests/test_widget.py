@@ -74,17 +74,26 @@ def test_cancel_stops_quickly_and_adds_nothing(make_napari_viewer, qtbot, user_m
     assert "Cancelled" in widget.status.text() and widget.run_button.isEnabled()
 
 
-def test_errors_reach_the_user_as_a_notification(make_napari_viewer, qtbot, user_models, monkeypatch):
+@pytest.mark.parametrize("data, free_bytes, expected", [
+    (np.full((20, 20), np.nan, np.float32), None, "NaN"),
+    (np.zeros((4, 32, 32), np.uint8), 2**10, "Zarr file"),  # a result that cannot fit in memory: the way out
+])
+def test_errors_reach_the_user_as_a_notification(data, free_bytes, expected, make_napari_viewer, qtbot, user_models,
+                                                 monkeypatch):
+    from napari_emdiffuse.core import memory
+
     shown = []
     monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    if free_bytes is not None:
+        monkeypatch.setattr(memory, "available_bytes", lambda device=None: free_bytes)
     viewer = make_napari_viewer()
-    viewer.add_image(np.full((20, 20), np.nan, np.float32), name="broken")
+    viewer.add_image(data, name="input")
     widget = dock_denoise(viewer)
     widget.model_picker.setCurrentText("tiny")
     widget.run_button.click()
     qtbot.waitUntil(lambda: widget.worker is None and bool(shown), timeout=10_000)
-    assert "NaN" in shown[0] and "Traceback" not in shown[0]
-    assert [layer.name for layer in viewer.layers] == ["broken"]
+    assert expected in shown[0] and "Traceback" not in shown[0]
+    assert [layer.name for layer in viewer.layers] == ["input"]
 
 
 def test_manifest_is_valid_and_importable():
