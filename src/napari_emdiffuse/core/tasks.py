@@ -360,10 +360,14 @@ def restore(image, model, settings: Settings, task: str,
     return Restoration(squeeze(results.image), squeeze(results.uncertainty), squeeze(results.difficulty), info)
 
 
+def result_maps(model, settings: Settings) -> tuple[bool, bool]:
+    """Which maps a run of ``model`` with ``settings`` gives: (uncertainty, difficulty)."""
+    return gives_uncertainty(model, settings), settings.difficulty and model.net.config.difficulty_head
+
+
 def new_results(model, settings: Settings, shape: tuple[int, ...], norm: Normalizer) -> PlaneResults:
-    """The result's arrays for ``model`` run with ``settings``: which maps it gives, of ``shape``."""
-    return PlaneResults(shape, norm, gives_uncertainty(model, settings),
-                        settings.difficulty and model.net.config.difficulty_head)
+    """The result's arrays, of ``shape``, for ``model`` run with ``settings``."""
+    return PlaneResults(shape, norm, *result_maps(model, settings))
 
 
 def model_label(model, variant: str | None) -> int | None:
@@ -434,7 +438,7 @@ def _superres_in_two_steps(image, model, settings: Settings, norm: Normalizer | 
     started = time.perf_counter()
     image = check_image(image)
     norm = norm or Normalizer.fit(image)  # one intensity mapping for both steps
-    maps = gives_uncertainty(model, settings) + (settings.difficulty and model.net.config.difficulty_head)
+    maps = sum(result_maps(model, settings))
     grid = image.shape[:-2]
     check_result_fits(sum(result_bytes((*grid, image.shape[-2] * f, image.shape[-1] * f), image.dtype, maps)
                           for f in (2, 4)))  # both steps' results, before the first step's work
