@@ -47,11 +47,11 @@ class IsotropicWidget(RestoreWidget):
     def make_job(self, data, model, settings):
         if data.ndim != 3:
             raise ValueError("Isotropic reconstruction needs a volume (z, y, x); this layer is 2D.")
+        factor = self.factor.value()
         if self.mode.currentData() == SELF_SUPERVISED:
-            factor = self.factor.value()
             return isotropic_self_supervised(data, factor, self.minutes.value(), settings,
                                              save_as=dated_name(f"self-supervised-R{factor}"))
-        return isotropic(data, model, settings, factor=self.factor.value())
+        return isotropic(data, model, settings, factor=factor)
 
     def output_grid(self, layer):
         """R times finer in z over the same extent: acquired slices stay where they were."""
