@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     superres.add_argument("--scale", type=int, default=2, choices=[2, 4], help="upsampling factor in y and x")
     iso = sub.add_parser("isotropic", help="reconstruct the slices between serial sections (vEMDiffuse-i/-a)")
     _common(iso)
-    iso.add_argument("--factor", type=int, required=True, help="R: z spacing / lateral pixel size (2-10)")
+    iso.add_argument("--factor", type=int, default=None,
+                     help="R: z spacing / lateral pixel size (2-10); default: from the input's voxel size")
     iso.add_argument("--self-supervised", action="store_true",
                      help="no isotropic model: learn from the input volume itself first (vEMDiffuse-a)")
     iso.add_argument("--train-minutes", type=float, default=10.0, help="training budget with --self-supervised")
@@ -133,11 +134,33 @@ def _settings(args):
                     difficulty=args.difficulty is not None)
 
 
-def _restore(args, job_factory, lateral_factor: int = 1, axial_factor: int = 1) -> dict:
+def _z_factor(args, image) -> int:
+    """The volume's z spacing over its pixel size, when its metadata says them (no ``--factor`` given)."""
+    from .core.isotropic import factor_from_voxel
+
+    if image.data.ndim != 3:
+        raise CLIError(f"Isotropic reconstruction needs a volume (z, y, x); {args.input.name} is not one.")
+    factor = factor_from_voxel(image.scale) if image.unit == "nm" else None
+    if factor is None:
+        raise CLIError(f"{args.input.name} does not give a z spacing larger than its pixel size; give the z factor "
+                       "with --factor R.")
+    if not (args.quiet or args.json):
+        print(f"emdiffuse: z factor R = {factor}, from the voxel size {' x '.join(f'{v:g}' for v in image.scale)} "
+              f"nm", file=sys.stderr)
+    return factor
+
+
+def _restore(args, job_factory) -> dict:
+    """Restore one input with ``job_factory(image, args)``; ``args.scale`` / ``args.factor`` enlarge the output."""
     from .core.io import read_tiff, write_tiff
     from .core.tasks import drive
-    from .core.zarr_io import is_zarr
+    from .core.zarr_io import is_zarr, open_volume
 
+    image = None
+    if args.command == "isotropic" and args.factor is None:
+        image = open_volume(args.input) if is_zarr(args.input) else read_tiff(args.input)
+        args.factor = _z_factor(args, image)
+    lateral_factor, axial_factor = getattr(args, "scale", 1), getattr(args, "factor", 1)
     if is_zarr(args.input) or is_zarr(args.output):
         return _restore_chunked(args, max(lateral_factor, axial_factor))
     outputs = [p for p in (args.output, args.uncertainty, args.difficulty) if p is not None]
@@ -146,12 +169,12 @@ def _restore(args, job_factory, lateral_factor: int = 1, axial_factor: int = 1) 
             raise CLIError(f"{path} exists; use --overwrite to replace it.")
         if path.resolve() == args.input.resolve():
             raise CLIError("An output would overwrite the input; choose another name.")
-    image = read_tiff(args.input)
+    image = image or read_tiff(args.input)
     pixel = list(image.scale)
     pixel[-2:] = [s / lateral_factor for s in pixel[-2:]]
     if axial_factor > 1 and len(pixel) > 2:
         pixel[-3] /= axial_factor
-    result = drive(job_factory(image.data, args.model, _settings(args)), _progress_bar(args.quiet or args.json))
+    result = drive(job_factory(image.data, args), _progress_bar(args.quiet or args.json))
     if args.uncertainty is not None and result.uncertainty is None:
         raise CLIError("This model gives no uncertainty from one sample; use --samples 2 or more.")
     written = []
@@ -298,7 +321,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return CLIError, InputError, ModelFileError, MemoryError
 
 
-def _restore_each(args, job_factory, lateral_factor: int = 1, axial_factor: int = 1) -> int:
+def _restore_each(args, job_factory) -> int:
     """Restore every input; in a batch an input that fails is reported and the others go on (exit code 2)."""
     batch = _batch(args)
     failed = 0
@@ -306,7 +329,7 @@ def _restore_each(args, job_factory, lateral_factor: int = 1, axial_factor: int 
         if len(batch) > 1 and not (args.quiet or args.json):
             print(f"{one.input} -> {one.output}", file=sys.stderr)
         try:
-            info = _restore(one, job_factory, lateral_factor, axial_factor)
+            info = _restore(one, job_factory)
         except _user_errors() as err:
             if len(batch) == 1 or args.debug:
                 raise
@@ -325,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "denoise":
             from .core.tasks import denoise
 
-            return _restore_each(args, denoise)
+            return _restore_each(args, lambda image, a: denoise(image, a.model, _settings(a)))
         elif args.command == "finetune":
             _finetune(args)
         elif args.command == "isotropic":
@@ -336,19 +359,17 @@ def main(argv: list[str] | None = None) -> int:
             if args.save_model and not args.self_supervised:
                 raise CLIError("--save-model keeps a model learnt with --self-supervised; add that option.")
 
-            def job(image, model, settings):
-                if args.self_supervised:
-                    return isotropic_self_supervised(image, args.factor, args.train_minutes, settings,
-                                                     save_as=args.save_model)
-                return isotropic(image, model, settings, factor=args.factor)
+            def job(image, a):
+                if a.self_supervised:
+                    return isotropic_self_supervised(image, a.factor, a.train_minutes, _settings(a),
+                                                     save_as=a.save_model)
+                return isotropic(image, a.model, _settings(a), factor=a.factor)
 
-            return _restore_each(args, job, axial_factor=args.factor)
+            return _restore_each(args, job)
         elif args.command == "superres":
-            from functools import partial
-
             from .core.tasks import superres
 
-            return _restore_each(args, partial(superres, scale=args.scale), args.scale)
+            return _restore_each(args, lambda image, a: superres(image, a.model, _settings(a), scale=a.scale))
         return 0
     except _user_errors() as err:
         if args.debug:

@@ -5,6 +5,7 @@ import torch
 from napari_emdiffuse.core.isotropic import (
     LABELS,
     decimate,
+    factor_from_voxel,
     flicker,
     interpolate,
     interpolation_batches,
@@ -97,6 +98,13 @@ def test_factor_outside_the_supported_range_or_model_is_refused(tiny_isotropic, 
         drive(isotropic(volume, only4, factor=6))
     with pytest.raises(InputError, match="at least 2 slices"):
         drive(isotropic(volume[:1], tiny_isotropic, factor=4))
+
+
+@pytest.mark.parametrize(("voxel", "factor"), [((40, 10, 10), 4), ((30, 8, 8), 4), ((60, 10, 10), 6),
+                                               ((50, 4, 4), 10), ((20, 9.8, 10.2), 2), ((10, 10, 10), None),
+                                               ((1, 1, 1), None), ((12, 10, 10), None)])
+def test_the_factor_follows_from_the_voxel_size(voxel, factor):
+    assert factor_from_voxel(voxel) == factor  # 50 nm sections of 4 nm pixels: the most we make, 5 nm slices
 
 
 def test_training_examples_are_a_slice_between_its_two_conditions():
@@ -201,6 +209,14 @@ def test_cli_writes_the_reconstruction_with_z_pixel_size_divided(tmp_path, tiny_
     assert result.data.shape == (16, 24, 40) and result.data.dtype == np.uint8
     assert result.scale == pytest.approx((8.0, 8.0, 8.0))
     assert tifffile.imread(unc).shape == (16, 24, 40)
+    # without --factor: the voxel size's (40 nm sections of 8 nm pixels), said on stderr
+    assert main(["isotropic", str(src), "-o", str(out), "--model", tiny_isotropic, "--steps", "1", "--overwrite"]) == 0
+    assert "R = 5, from the voxel size 40 x 8 x 8 nm" in capsys.readouterr().err
+    assert read_tiff(out).data.shape == (16, 24, 40) and read_tiff(out).scale == pytest.approx((8.0, 8.0, 8.0))
+    unknown = tmp_path / "plain.tif"
+    tifffile.imwrite(unknown, volume)
+    assert main(["isotropic", str(unknown), "-o", str(tmp_path / "y.tif"), "--model", tiny_isotropic]) == 2
+    assert "give the z factor with --factor R" in capsys.readouterr().err and not (tmp_path / "y.tif").exists()
     assert main(["isotropic", str(src), "-o", str(tmp_path / "x.tif"), "--factor", "4", "--self-supervised",
                  "--model", tiny_isotropic]) == 2
     assert "leave out --model" in capsys.readouterr().err
@@ -220,6 +236,11 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     sections = viewer.add_image(volume, name="sections", scale=(50.0, 4.0, 4.0), translate=(100.0, 0.0, 8.0))
     _, widget = viewer.window.add_plugin_dock_widget("napari-emdiffuse", "Isotropic reconstruction")
     assert isinstance(widget, IsotropicWidget)
+    assert widget.factor.value() == 10  # from the layer's scale: 50 nm over 4 nm, at most 10
+    viewer.add_image(volume, name="other", scale=(60.0, 10.0, 10.0))  # selected: the picker and R follow it
+    assert widget.layer_picker.currentText() == "other" and widget.factor.value() == 6
+    viewer.layers.selection.active = sections
+    assert widget.factor.value() == 10  # ... until R is set by hand: then it stays (the second run below)
     widget.model_picker.setCurrentText("tiny-iso")
     widget.factor.setValue(5)
     widget.steps.setValue(1)

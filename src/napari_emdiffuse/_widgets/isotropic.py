@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QSpinBox
 
-from ..core.isotropic import FACTORS, isotropic, isotropic_self_supervised
+from ..core.isotropic import FACTORS, factor_from_voxel, isotropic, isotropic_self_supervised
 from ..core.models import dated_name
 from ._common import RestoreWidget
 
@@ -30,10 +30,23 @@ class IsotropicWidget(RestoreWidget):
         self.minutes.setToolTip("Training time for the self-supervised mode; longer learns more.")
         form.addRow("Training time", self.minutes)
         self.factor = QSpinBox(objectName="factor", minimum=FACTORS[0], maximum=FACTORS[-1], value=4)
-        self.factor.setToolTip("R: the z spacing divided by the pixel size; R - 1 slices are made between two.")
+        self.factor.setToolTip("R: the z spacing divided by the pixel size; R - 1 slices are made between two. "
+                               "Follows the layer's scale when it tells, until you set it.")
         form.addRow("z factor R", self.factor)
         self.mode.currentIndexChanged.connect(self._mode_changed)
         self._mode_changed()
+        self.factor_chosen = False  # once the user sets R, picking layers no longer changes it
+        self.factor.valueChanged.connect(lambda: setattr(self, "factor_chosen", True))
+        self.layer_picker.currentTextChanged.connect(self._factor_from_layer)
+        self._factor_from_layer()
+
+    def _factor_from_layer(self, *_) -> None:
+        layer = self.layer_picker.layer()
+        factor = factor_from_voxel(layer.scale) if layer is not None and layer.ndim == 3 else None
+        if factor is not None and not self.factor_chosen:
+            self.factor.blockSignals(True)
+            self.factor.setValue(factor)
+            self.factor.blockSignals(False)
 
     def _mode_changed(self) -> None:
         learning = self.mode.currentData() == SELF_SUPERVISED
