@@ -30,8 +30,9 @@ from napari_emdiffuse.core.models import load_model, save_model
 from napari_emdiffuse.core.tasks import PRECISIONS, Settings, drive
 
 RESULTS = Path(__file__).parent / "results"
-# (steps, sigma_max, sigma_end): one step from high noise is the regression estimate E[slice | neighbours]
-SWEEP = [(1, 2.0, 2.0), (2, 1.0, 0.5), (3, 1.0, 0.3), (3, 1.0, 0.15), (4, 1.0, 0.1)]
+# (steps, sigma_max, sigma_end): one step from high noise is the regression estimate E[slice | neighbours]; one
+# step from low noise a correction close to the start
+SWEEP = [(1, 2.0, 2.0), (1, 0.5, 0.5), (1, 0.25, 0.25), (2, 1.0, 0.5), (3, 1.0, 0.3), (3, 1.0, 0.15), (4, 1.0, 0.1)]
 
 
 def cubic_interpolation(kept: np.ndarray, factor: int) -> np.ndarray:
