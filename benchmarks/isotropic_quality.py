@@ -4,12 +4,15 @@
     python benchmarks/isotropic_quality.py ../shared/data/em --self-supervised --factors 4  # vEMDiffuse-a, 10 min
     python benchmarks/isotropic_quality.py ../shared/data/em --sweep --gaps 8   # sampling settings
     python benchmarks/isotropic_quality.py ../shared/data/em --inverted --out isotropic_inverted.json
+    python benchmarks/isotropic_quality.py ../shared/data/em --coarser 0.5 --out isotropic_20nm.json
 
 The volume (10 nm isotropic, not used in training) keeps every R-th slice; the slices between are reconstructed
 and compared with the truth on the generated slices only (PSNR, SSIM, FSIM per slice, averaged), against linear
 and cubic interpolation along z and motion-compensated interpolation (the models' start, without the model).
 Flicker: mean |difference| of neighbouring output slices over the truth's. ``--inverted`` tests the other contrast
-convention (membranes bright: 255 minus the volume), in which FIB-SEM volumes also come.
+convention (membranes bright: 255 minus the volume), in which FIB-SEM volumes also come. ``--coarser S`` tests
+the volume as recorded with 1 / S times larger voxels (0.5: 20 nm, each the mean of 2 x 2 x 2), as from a
+coarser acquisition: structures fewer pixels across and more change between sections.
 An XZ view (input, linear, reconstruction, truth) is written next to the results (not committed: real data).
 """
 
@@ -27,6 +30,7 @@ from _common import fsim, psnr, ssim, to_uint8
 
 from napari_emdiffuse.core.isotropic import decimate, flicker, interpolate, isotropic, self_supervised
 from napari_emdiffuse.core.models import load_model, save_model
+from napari_emdiffuse.core.simulate import coarser_voxels
 from napari_emdiffuse.core.tasks import PRECISIONS, Settings, drive
 
 RESULTS = Path(__file__).parent / "results"
@@ -81,6 +85,7 @@ def main():
     parser.add_argument("--gaps", type=int, default=0, help="evaluate on the first N gaps only (0: all)")
     parser.add_argument("--every", type=int, default=1, help="score every n-th generated slice (speed)")
     parser.add_argument("--inverted", action="store_true", help="the volume in the other contrast convention")
+    parser.add_argument("--coarser", type=float, default=1.0, help="voxels 1 / S times larger (0.5: 20 nm)")
     parser.add_argument("--out", default="isotropic_quality.json")
     parser.add_argument("--save-model", type=Path, default=None,
                         help="keep the vEMDiffuse-a model (then: --model FILE --sweep compares its sampling)")
@@ -88,7 +93,9 @@ def main():
     truth_full = tifffile.imread(args.data / args.volume)
     if args.inverted:
         truth_full = 255 - truth_full
-    report = {"volume": args.volume, "inverted": args.inverted, "samples": args.samples, "gaps": args.gaps or "all",
+    if args.coarser != 1:
+        truth_full = to_uint8(coarser_voxels(truth_full, args.coarser))
+    report = {"volume": args.volume, "inverted": args.inverted, "coarser": args.coarser, "samples": args.samples, "gaps": args.gaps or "all",
               "factors": {}}
     trained = load_model(args.model or "isotropic-fibsem") if not args.self_supervised or args.model else None
     for factor in [int(f) for f in args.factors.split(",")]:

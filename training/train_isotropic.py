@@ -7,7 +7,8 @@ looks alike along each axis, so every axis can play z. Every factor R from 2 to 
 kept slices is a label of one model; R = 4 and R = 6 (the common serial-section ratios) get most of the training.
 The model is residual: it diffuses the difference between the slice and the motion-compensated interpolation of
 its two neighbours (``core/flow.py``), which is small and learnt much faster than the slice itself. Volume ``b``
-is held out for the benchmark (``benchmarks/isotropic_quality.py``).
+is held out for the benchmark (``benchmarks/isotropic_quality.py``). With ``--scales`` the volume is also shown
+with coarser voxels (structures fewer pixels across, more change between sections), for volumes of other pixel sizes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from common import add_arguments, fit
 from napari_emdiffuse.core.isotropic import FACTORS, LABELS, interpolation_batches, sees_start
 from napari_emdiffuse.core.network import UNet, UNetConfig
 from napari_emdiffuse.core.normalize import Normalizer
+from napari_emdiffuse.core.simulate import coarser_voxels
 
 MAIN_FACTORS = (4, 6)
 
@@ -43,11 +45,23 @@ def main():
                              "keep it (about 4 GB per batch process): 2.5x the steps in 65 minutes on 2 CPU cores")
     parser.add_argument("--invert", type=float, default=0.0,
                         help="fraction of examples in the other contrast convention (membranes bright)")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                        help="the volume is also shown at these pixel-size scales (0.5: 20 nm voxels, each the "
+                             "mean of 2x2x2), so the model serves coarser volumes too")
+    parser.add_argument("--scale-shares", type=float, nargs="+", default=None,
+                        help="the examples' share of each scale (default: equal)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     volume = tifffile.imread(args.data / "fibsem_iso10nm_a_250.tif")
     volume = Normalizer.fit(volume)(volume)
-    oriented = [np.ascontiguousarray(np.moveaxis(volume, axis, 0)) for axis in range(3)]
+    shares = args.scale_shares or [1.0] * len(args.scales)
+    if len(shares) != len(args.scales):
+        parser.error("give one --scale-shares value per --scales value")
+    oriented, volume_shares = [], []
+    for scale, share in zip(args.scales, shares):
+        scaled = coarser_voxels(volume, scale)
+        oriented += [np.ascontiguousarray(np.moveaxis(scaled, axis, 0)) for axis in range(3)]
+        volume_shares += [share / 3] * 3
     net = UNet(UNetConfig(cond_channels=3, base=args.base, mults=(1, 2, 2, 4), blocks=1, attention=True, patch=2,
                           num_labels=len(LABELS)))
     meta = {"task": "isotropic", "script": "training/train_isotropic.py", "labels": LABELS,
@@ -57,7 +71,7 @@ def main():
     fit(net, lambda seed: interpolation_batches(oriented, FACTORS, args.batch, args.patch, seed, factor_weights(),
                                                 jitter=0.03, residual="motion", cache=args.cache_starts,
                                                 start_condition=sees_start(net), invert=args.invert,
-                                                device=args.flow_device),
+                                                device=args.flow_device, volume_shares=volume_shares),
         meta, args)
 
 

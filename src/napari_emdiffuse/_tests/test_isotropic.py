@@ -134,6 +134,17 @@ def test_training_starts_kept_over_whole_planes_match_those_of_the_patches():
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-3)  # kept in float16
 
 
+def test_volume_shares_set_how_often_each_volume_is_drawn():
+    small, large = np.zeros((12, 32, 32), np.float32), np.ones((12, 64, 64), np.float32)
+
+    def drawn_from_small(shares):
+        x0 = next(interpolation_batches([small, large], [4], batch=64, patch=32, seed=0, volume_shares=shares))[0]
+        return int((x0.mean(dim=(1, 2, 3)) < 0).sum())  # the small volume is 0: -1 in model space
+
+    assert drawn_from_small(None) < 64 * 0.35  # by size: a fifth of the voxels
+    assert drawn_from_small([3, 1]) > 64 * 0.6
+
+
 @pytest.mark.parametrize("cache", [False, True])
 def test_the_start_can_be_a_third_condition_channel(cache):
     rng = np.random.default_rng(4)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from napari_emdiffuse.core.simulate import SEMNoise, area_downsample, in_detector_range
+from napari_emdiffuse.core.simulate import SEMNoise, area_downsample, coarser_voxels, in_detector_range
 
 
 @pytest.mark.parametrize("inverted", [False, True])
@@ -40,3 +40,12 @@ def test_images_placed_in_part_of_the_detector_range_get_relatively_stronger_noi
     narrow = placed[int(np.argmin(contrasts))]
     relative = lambda image: (noise(image, rng) - image).std() / np.ptp(image)  # noqa: E731
     assert relative(narrow) > 1.5 * relative(clean)  # same dose, less contrast: the noise matters more
+
+
+def test_coarser_voxels_average_the_fine_voxels_they_cover():
+    rng = np.random.default_rng(0)
+    volume = rng.random((10, 12, 16)).astype(np.float32)
+    half = coarser_voxels(volume, 0.5)
+    np.testing.assert_allclose(half, volume.reshape(5, 2, 6, 2, 8, 2).mean(axis=(1, 3, 5)), atol=1e-6)
+    assert coarser_voxels(volume, 0.7).shape == (7, 8, 11)
+    assert coarser_voxels(volume, 0.7).mean() == pytest.approx(volume.mean(), abs=0.02)

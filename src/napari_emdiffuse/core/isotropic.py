@@ -167,7 +167,8 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: int 
 def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int], batch: int, patch: int,
                           seed: int = 0, weights: Sequence[float] | None = None, jitter: float = 0.0,
                           multiple: int = 16, residual: str | None = None, cache: bool = False,
-                          start_condition: bool = False, invert: float = 0.0, device=None):
+                          start_condition: bool = False, invert: float = 0.0, device=None,
+                          volume_shares: Sequence[float] | None = None):
     """Endless training batches ``(x0, cond, label)`` in model space.
 
     Each volume is normalised to [0, 1] and oriented with the axis to interpolate across first. An example takes
@@ -183,7 +184,8 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
     for which :func:`sees_start` holds). ``invert`` is the probability that an example is shown in the other
     contrast convention (membranes bright instead of dark, as FIB-SEM comes from either detector set-up); the
     interpolation of the inverted planes is the inverted interpolation, so cached ones serve both.
-    ``device`` is where that interpolation is computed (default: the CPU).
+    ``device`` is where that interpolation is computed (default: the CPU). ``volume_shares`` are the volumes'
+    shares of the examples (default: by size, every voxel alike).
     """
     import torch
 
@@ -196,7 +198,8 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
     if not usable:
         raise InputError(f"The volume needs more than {max(factors)} planes along the interpolation axis to learn "
                          "from.")
-    sizes = np.array([v.size for v in usable], float)
+    shares = np.array([v.size for v in usable] if volume_shares is None else
+                      [s for v, s in zip(volumes, volume_shares) if v.shape[0] > max(factors)], float)
     h = min(patch, *(v.shape[1] for v in usable))
     w = min(patch, *(v.shape[2] for v in usable))
     # planes smaller than the network's multiple (e.g. z-x planes of a volume of few slices) are mirrored out to it
@@ -214,7 +217,7 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
         xs, cs, ls, fractions, starts = [], [], [], [], []
         for _ in range(batch):
             factor = int(rng.choice(factors, p=p))
-            i = int(rng.choice(len(usable), p=sizes / sizes.sum()))
+            i = int(rng.choice(len(usable), p=shares / shares.sum()))
             v = usable[i]
             z = int(rng.integers(0, v.shape[0] - factor))
             y, x = rng.integers(0, v.shape[1] - h + 1), rng.integers(0, v.shape[2] - w + 1)

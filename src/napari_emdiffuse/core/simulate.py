@@ -83,6 +83,18 @@ def area_downsample(image: np.ndarray, factor: int) -> np.ndarray:
     return view.mean(axis=(-3, -1)).astype(np.float32)
 
 
+def coarser_voxels(volume: np.ndarray, scale: float) -> np.ndarray:
+    """The volume (z, y, x) as recorded with ``1 / scale`` times larger voxels (``scale`` <= 1, any fraction):
+    each voxel the mean of the fine ones it covers (float32)."""
+    import torch
+    import torch.nn.functional as F
+
+    if not 0 < scale <= 1:
+        raise ValueError(f"scale must lie in (0, 1], not {scale}")
+    fine = torch.from_numpy(np.asarray(volume, np.float32))[None, None]
+    return F.interpolate(fine, scale_factor=scale, mode="area")[0, 0].numpy()
+
+
 def synthetic_em(shape: tuple[int, int] = (512, 512), seed: int = 0) -> np.ndarray:
     """A clean EM-like image in [0, 1]: bright cytoplasm, dark membranes between cells, vesicles and mitochondria.
 
