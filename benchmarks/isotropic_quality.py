@@ -95,8 +95,8 @@ def main():
         truth_full = 255 - truth_full
     if args.coarser != 1:
         truth_full = to_uint8(coarser_voxels(truth_full, args.coarser))
-    report = {"volume": args.volume, "inverted": args.inverted, "coarser": args.coarser, "samples": args.samples, "gaps": args.gaps or "all",
-              "factors": {}}
+    report = {"volume": args.volume, "inverted": args.inverted, "coarser": args.coarser, "samples": args.samples,
+              "gaps": args.gaps or "all", "factors": {}}
     trained = load_model(args.model or "isotropic-fibsem") if not args.self_supervised or args.model else None
     for factor in [int(f) for f in args.factors.split(",")]:
         acquired = decimate(truth_full, factor)

@@ -46,7 +46,7 @@ def main():
     parser.add_argument("--invert", type=float, default=0.0,
                         help="fraction of examples in the other contrast convention (membranes bright)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
-                        help="the volume is also shown at these pixel-size scales (0.5: 20 nm voxels, each the "
+                        help="the voxel scales the volume is shown at (1: as recorded; 0.5: 20 nm voxels, each the "
                              "mean of 2x2x2), so the model serves coarser volumes too")
     parser.add_argument("--scale-shares", type=float, nargs="+", default=None,
                         help="the examples' share of each scale (default: equal)")

@@ -194,12 +194,13 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
     rng = np.random.default_rng(seed)
     contrast = np.random.default_rng([seed, 1])  # its own stream: which examples are drawn does not depend on invert
     p = None if weights is None else np.asarray(weights, float) / np.sum(weights)
-    usable = [v for v in volumes if v.shape[0] > max(factors)]
-    if not usable:
+    shares = [v.size for v in volumes] if volume_shares is None else volume_shares
+    drawn = [(v, s) for v, s in zip(volumes, shares) if v.shape[0] > max(factors)]
+    if not drawn:
         raise InputError(f"The volume needs more than {max(factors)} planes along the interpolation axis to learn "
                          "from.")
-    shares = np.array([v.size for v in usable] if volume_shares is None else
-                      [s for v, s in zip(volumes, volume_shares) if v.shape[0] > max(factors)], float)
+    usable = [v for v, _ in drawn]
+    shares = np.array([s for _, s in drawn], float)
     h = min(patch, *(v.shape[1] for v in usable))
     w = min(patch, *(v.shape[2] for v in usable))
     # planes smaller than the network's multiple (e.g. z-x planes of a volume of few slices) are mirrored out to it
