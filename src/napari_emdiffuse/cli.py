@@ -169,7 +169,8 @@ def _restore(args, job_factory) -> dict:
             raise CLIError(f"{path} exists; use --overwrite to replace it.")
         if path.resolve() == args.input.resolve():
             raise CLIError("An output would overwrite the input; choose another name.")
-    image = image or read_tiff(args.input)
+    if image is None:
+        image = read_tiff(args.input)
     pixel = list(image.scale)
     pixel[-2:] = [s / lateral_factor for s in pixel[-2:]]
     if axial_factor > 1 and len(pixel) > 2:

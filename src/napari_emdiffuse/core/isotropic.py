@@ -194,8 +194,8 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
     rng = np.random.default_rng(seed)
     contrast = np.random.default_rng([seed, 1])  # its own stream: which examples are drawn does not depend on invert
     p = None if weights is None else np.asarray(weights, float) / np.sum(weights)
-    shares = [v.size for v in volumes] if volume_shares is None else volume_shares
-    drawn = [(v, s) for v, s in zip(volumes, shares) if v.shape[0] > max(factors)]
+    given = [v.size for v in volumes] if volume_shares is None else volume_shares
+    drawn = [(v, s) for v, s in zip(volumes, given) if v.shape[0] > max(factors)]
     if not drawn:
         raise InputError(f"The volume needs more than {max(factors)} planes along the interpolation axis to learn "
                          "from.")
