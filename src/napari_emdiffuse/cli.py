@@ -111,14 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _progress_bar(quiet: bool):
-    start = time.perf_counter()
+    from .core.tasks import TimeLeft, time_left_text
+
+    start, time_left = time.perf_counter(), TimeLeft()
 
     def show(p) -> None:
         if quiet or not p.total:
             return
         frac = p.done / p.total
         bar = "#" * int(30 * frac)
-        sys.stderr.write(f"\r{p.message:<28} [{bar:<30}] {100 * frac:5.1f}% {time.perf_counter() - start:6.1f}s")
+        left = time_left_text(time_left(p.done, p.total)) if p.done < p.total else ""
+        sys.stderr.write(f"\r{p.message:<28} [{bar:<30}] {100 * frac:5.1f}% {time.perf_counter() - start:6.1f}s "
+                         f"{left:<22}")
         if p.done >= p.total:
             sys.stderr.write("\n")
         sys.stderr.flush()

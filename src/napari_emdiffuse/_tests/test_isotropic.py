@@ -266,8 +266,13 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     assert not widget.model_picker.isEnabled() and widget.minutes.isEnabled()
     widget.minutes.setValue(0.1)
     viewer.layers.remove(iso)
+    statuses = []
     widget.run_button.click()
+    widget.worker.yielded.connect(lambda _: statuses.append(widget.status.text()))  # after the widget's own slot
     qtbot.waitUntil(lambda: "sections_isotropic" in viewer.layers and widget.worker is None, timeout=90_000)
+    # progress shows the learning, then the reconstruction, under what runs
+    assert any("Running isotropic on sections" in s and "learning from this volume: step" in s for s in statuses)
+    assert any("gap 3/3" in s for s in statuses)
     assert viewer.layers["sections_isotropic"].data.shape == (16, 24, 40)
     # the learnt model joins the picker, to process more of the acquisition (e.g. all of it into a Zarr file)
     learnt = [widget.model_picker.itemText(i) for i in range(widget.model_picker.count())

@@ -7,10 +7,12 @@ from napari_emdiffuse.core.normalize import InputError
 from napari_emdiffuse.core.tasks import (
     Progress,
     Settings,
+    TimeLeft,
     denoise,
     drive,
     pick_precision,
     predictive_spread,
+    time_left_text,
     uncertainty_score,
 )
 
@@ -190,3 +192,21 @@ def test_a_job_cancelled_from_its_progress_callback_is_cleaned_up_before_the_cal
             drive(job(), cancel_at_3)
         finally:
             assert cleaned == [True]
+
+
+def test_time_left_extrapolates_each_phase_and_waits_for_enough_progress():
+    now = [0.0]
+    time_left = TimeLeft(clock=lambda: now[0])
+    reports = [(0.0, 0, 100, None), (1.0, 10, 100, None),  # too early: warm-up
+               (5.0, 10, 100, 45.0), (10.0, 50, 100, 10.0),
+               (11.0, 0, 20, None), (15.0, 10, 20, 4.0)]  # a new total: a new phase (learning, then reconstructing)
+    for t, done, total, expected in reports:
+        now[0] = t
+        left = time_left(done, total)
+        assert left == (None if expected is None else pytest.approx(expected))
+
+
+@pytest.mark.parametrize("seconds, text", [(None, ""), (4, "a few seconds left"), (42, "about 40 s left"),
+                                           (200, "about 3 min left"), (6000, "about 1 h 40 min left")])
+def test_time_left_reads_as_a_person_would_say_it(seconds, text):
+    assert time_left_text(seconds) == text

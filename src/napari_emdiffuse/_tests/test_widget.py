@@ -68,10 +68,12 @@ def start_long_run(viewer, qtbot, name: str):
 def test_cancel_stops_quickly_and_adds_nothing(make_napari_viewer, qtbot, user_models):
     viewer = make_napari_viewer()
     widget = start_long_run(viewer, qtbot, "big")
+    qtbot.waitUntil(lambda: "left" in widget.progress.format(), timeout=30_000)  # the bar says how long it needs
     widget.findChild(type(widget.cancel_button), "cancel_button").click()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=2_000)  # stopped within 2 s
     assert [layer.name for layer in viewer.layers] == ["big"]
     assert "Cancelled" in widget.status.text() and widget.run_button.isEnabled()
+    assert widget.progress.format() == "%p%"
 
 
 @pytest.mark.parametrize("data, free_bytes, expected", [

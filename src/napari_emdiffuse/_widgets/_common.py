@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.tasks import PRECISIONS, UNCERTAINTY_THRESHOLD, Settings, verdict
+from ..core.tasks import PRECISIONS, UNCERTAINTY_THRESHOLD, Settings, TimeLeft, time_left_text, verdict
 
 if TYPE_CHECKING:
     import napari
@@ -159,6 +159,7 @@ class JobWidget(QWidget):
         self.viewer = viewer
         self.worker = None
         self._pbar = None
+        self._time_left = TimeLeft()
         self.form = QFormLayout()
         self.run_button = QPushButton("Run", objectName="run_button")
         self.cancel_button = QPushButton("Cancel", objectName="cancel_button", enabled=False)
@@ -190,6 +191,7 @@ class JobWidget(QWidget):
             return (yield from job)
 
         self._set_running(True)
+        self._time_left = TimeLeft()
         self.worker = create_worker(work, _progress={"desc": description}, _ignore_errors=True)
         self._pbar = getattr(self.worker, "pbar", None)
         self.worker.yielded.connect(self.on_progress)
@@ -210,11 +212,13 @@ class JobWidget(QWidget):
     def show_progress(self, done: int, total: int, message: str) -> None:
         self.progress.setMaximum(max(total, 1))
         self.progress.setValue(done)
+        left = time_left_text(self._time_left(done, total)) if done < total else ""
+        self.progress.setFormat(f"%p%  ·  {left}" if left else "%p%")
         if self._pbar is not None and total:
             if self._pbar.total != total:
                 self._pbar.total = total
             self._pbar.update(done - self._pbar.n)
-            self._pbar.set_description(message)
+            self._pbar.set_description(f"{message} ({left})" if left else message)
 
     def on_progress(self, p) -> None:
         self.show_progress(p.done, p.total, p.message)
@@ -224,6 +228,7 @@ class JobWidget(QWidget):
         self.cancel_button.setEnabled(running)
         if not running:
             self.worker = None
+            self.progress.setFormat("%p%")  # no time left after an end, a cancel or an error
 
     def _on_error(self, err: Exception) -> None:
         from napari.utils.notifications import show_error
@@ -243,6 +248,7 @@ class JobWidget(QWidget):
 class RestoreWidget(JobWidget):
     task = ""  # set by subclasses: "denoise", ...
     suffix = ""  # output layer name suffix, e.g. "denoised"
+    doing = ""  # what the running job is, for the status line
 
     def __init__(self, viewer: napari.viewer.Viewer, parent=None):
         super().__init__(viewer, parent)
@@ -384,7 +390,8 @@ class RestoreWidget(JobWidget):
             show_error(str(err))
             return
         self.cancelled_text = type(self).cancelled_text
-        self.status.setText(f"Running {self.task} on {layer.name}…")
+        self.doing = f"Running {self.task} on {layer.name}…"
+        self.status.setText(self.doing)
         start = [s.start or 0 for s in region]
         self.start(job, f"{self.task}: {layer.name}",
                    lambda result, layer=layer: self.on_result(layer, result, start))
@@ -406,7 +413,8 @@ class RestoreWidget(JobWidget):
                              self.model_picker.currentData(), self.settings(), pixel_size=tuple(layer.scale),
                              unit=unit, scheduler="threads")
         self.cancelled_text = f"Cancelled; finished chunks are kept in {path}: run again to resume."
-        self.status.setText(f"Running {self.task} on {layer.name} into {path}…")
+        self.doing = f"Running {self.task} on {layer.name} into {path}…"
+        self.status.setText(self.doing)
         self.start(job, f"{self.task}: {layer.name} → {path}",
                    lambda info, layer=layer: self.on_zarr_result(layer, path, info))
 
@@ -422,6 +430,10 @@ class RestoreWidget(JobWidget):
         result = Restoration(maps["image"], maps.get("uncertainty"), maps.get("difficulty"), info)
         self.on_result(layer, result)
         self.status.setText(f"{self.status.text()} Saved in {path}.")
+
+    def on_progress(self, p) -> None:
+        super().on_progress(p)
+        self.status.setText(f"{self.doing}\n{p.message}")  # e.g. which gap and slice, or the learning's loss
 
     def on_result(self, layer, result, start=None) -> None:
         """Add the output layers; ``start`` is the region's first input pixel (its place in the layer)."""

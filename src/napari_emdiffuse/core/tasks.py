@@ -58,6 +58,44 @@ class Progress:
     message: str
 
 
+class TimeLeft:
+    """How long a job still needs, extrapolated from its progress so far; call it with each progress report.
+
+    A new ``total`` starts a new phase (self-supervised learning, then the reconstruction), timed afresh. There is
+    no estimate until a phase has run ``min_seconds`` and done ``min_fraction`` of its work: the first planes
+    include warm-up and would promise too much or too little.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter, min_seconds: float = 3.0,
+                 min_fraction: float = 0.02):
+        self.clock, self.min_seconds, self.min_fraction = clock, min_seconds, min_fraction
+        self.total = self.first = self.started = None
+
+    def __call__(self, done: int, total: int) -> float | None:
+        now = self.clock()
+        if total != self.total:
+            self.total, self.first, self.started = total, done, now
+        fraction = (done - self.first) / (total - self.first) if total > self.first else 0.0
+        elapsed = now - self.started
+        if elapsed < self.min_seconds or fraction < self.min_fraction:
+            return None
+        return elapsed * (1 - fraction) / fraction
+
+
+def time_left_text(seconds: float | None) -> str:
+    """``"about 3 min left"``, rounded as a person would say it; empty without an estimate."""
+    if seconds is None:
+        return ""
+    if seconds < 10:
+        return "a few seconds left"
+    if seconds < 90:
+        return f"about {5 * round(seconds / 5):.0f} s left"
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"about {minutes} min left"
+    return f"about {minutes // 60} h {minutes % 60:02d} min left"
+
+
 @dataclass
 class Restoration:
     image: np.ndarray  # in the input's dtype and intensity range
