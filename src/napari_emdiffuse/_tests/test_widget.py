@@ -53,6 +53,45 @@ def test_denoise_widget_adds_result_and_uncertainty_layers(make_napari_viewer, q
     assert offered == ["noisy", "noisy_denoised"]
 
 
+
+def test_model_menu_adds_saves_and_removes_user_models(make_napari_viewer, tiny_model, tiny_superres, tmp_path,
+                                                       monkeypatch):
+    import shutil
+
+    from qtpy.QtWidgets import QMessageBox, QPushButton
+
+    from napari_emdiffuse.core.models import read_metadata
+
+    monkeypatch.setenv("EMDIFFUSE_MODELS_DIR", str(tmp_path / "models"))  # empty: only the bundled models
+    said = []
+    monkeypatch.setattr("napari.utils.notifications.show_info", said.append)
+    monkeypatch.setattr("napari.utils.notifications.show_error", said.append)
+    widget = dock_denoise(make_napari_viewer())
+    picker = widget.model_picker
+    actions = [a.text() for a in widget.findChild(QPushButton, "model_menu").menu().actions()]
+    assert actions == ["Add a model file…", "Save this model to a file…", "Remove this model"]
+    shared = shutil.copy(tiny_model, tmp_path / "from_a_colleague.npz")
+    picker.add_file(shared)
+    assert picker.currentText() == "from_a_colleague" and "Added" in said[-1]
+    picker.add_file(tiny_superres)  # another task's model: kept, offered by that task's widget, not this one
+    assert "superres" in said[-1] and picker.findText("tiny-sr") < 0
+    picker.add_file(tmp_path / "missing.npz")
+    assert said[-1].startswith("The model was not added") and "not found" in said[-1]
+    picker.setCurrentText("from_a_colleague")
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    picker.save_current(str(tmp_path / "notes.txt" / "copy.npz"))  # cannot be written: said, not raised
+    assert said[-1].startswith("The model was not saved")
+    picker.save_current(str(tmp_path / "copy.npz"))
+    assert read_metadata(tmp_path / "copy.npz")["name"] == "from_a_colleague" and said[-1].startswith("Saved")
+    monkeypatch.setattr(QMessageBox, "question", lambda *a: QMessageBox.StandardButton.No)
+    picker.remove_current()  # asked, and the answer was no
+    assert picker.findText("from_a_colleague") >= 0
+    monkeypatch.setattr(QMessageBox, "question", lambda *a: QMessageBox.StandardButton.Yes)
+    picker.remove_current()
+    assert picker.findText("from_a_colleague") < 0 and picker.currentText() == "denoise-sem"
+    picker.remove_current()  # the bundled model stays
+    assert "cannot be removed" in said[-1] and picker.currentText() == "denoise-sem"
+
 def start_long_run(viewer, qtbot, name: str):
     """Dock Denoise and start a run of many small tiles and steps on a new layer; return once it is under way."""
     viewer.add_image(np.random.default_rng(0).random((384, 384)).astype(np.float32), name=name)

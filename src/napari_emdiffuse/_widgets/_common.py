@@ -144,6 +144,91 @@ class ModelPicker(QComboBox):
         if index >= 0:
             self.setCurrentIndex(index)
 
+    def with_menu(self) -> QHBoxLayout:
+        """The picker beside a "…" button whose menu adds a model file, saves the chosen model to a file or
+        removes it (the command line's ``emdiffuse models --import/--export/--remove``)."""
+        from qtpy.QtWidgets import QMenu
+
+        button = QPushButton("…", objectName="model_menu")
+        button.setToolTip("Add a model file (e.g. fine-tuned on another computer), save this model to a file (to "
+                          "share it or to use it on a cluster), or remove it.")
+        menu = QMenu(button)
+        menu.addAction("Add a model file…", self._choose_file_to_add)
+        menu.addAction("Save this model to a file…", self._choose_file_to_save)
+        menu.addAction("Remove this model", self.remove_current)
+        button.setMenu(menu)
+        button.setStyleSheet("QPushButton::menu-indicator { image: none; width: 0px; }")  # no arrow: like the Zarr file's
+        row = QHBoxLayout()
+        row.addWidget(self, 1)
+        row.addWidget(button)
+        return row
+
+    def _choose_file_to_add(self) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getOpenFileName(self, "Add a model file", "", "napari-emdiffuse models (*.npz)")
+        if path:
+            self.add_file(path)
+
+    def _choose_file_to_save(self) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        if self.currentIndex() >= 0:
+            path, _ = QFileDialog.getSaveFileName(self, "Save the model to a file", f"{self.currentText()}.npz",
+                                                  "napari-emdiffuse models (*.npz)")
+            if path:
+                self.save_current(path)
+
+    def add_file(self, path: str) -> None:
+        """Copy a checked model file into the user's models and choose it (it then appears in every picker of
+        its task)."""
+        from napari.utils.notifications import show_error, show_info
+
+        from ..core.models import ModelFileError, import_model, read_metadata
+
+        try:
+            installed = import_model(path)
+        except ModelFileError as err:
+            show_error(f"The model was not added: {err}")
+            return
+        task = read_metadata(installed)["task"]
+        if task == self.task:
+            self.setCurrentText(installed.stem)
+            show_info(f"Added the model '{installed.stem}'.")
+        else:
+            show_info(f"Added the model '{installed.stem}', a {task} model: the {task} widget offers it.")
+
+    def save_current(self, path: str) -> None:
+        from napari.utils.notifications import show_error, show_info
+
+        from ..core.models import ModelFileError, export_model
+
+        try:  # the file dialog has already asked before replacing a file
+            show_info(f"Saved the model '{self.currentText()}' to {export_model(self.currentData(), path, True)}.")
+        except (ModelFileError, OSError) as err:
+            show_error(f"The model was not saved: {err}")
+
+    def remove_current(self) -> None:
+        """Remove the chosen user model, after asking; bundled models stay."""
+        from napari.utils.notifications import show_error
+        from qtpy.QtWidgets import QMessageBox
+
+        from ..core.models import ModelFileError, list_models, remove_model
+
+        name = self.currentText()
+        if any(entry.name == name and entry.bundled for entry in list_models(self.task)):
+            show_error(f"'{name}' comes with the plugin and cannot be removed.")
+            return
+        if not name:
+            return
+        asked = QMessageBox.question(self, "Remove the model", f"Remove your model '{name}'? Its file is deleted.")
+        if asked != QMessageBox.StandardButton.Yes:
+            return
+        try:
+            remove_model(name)
+        except ModelFileError as err:
+            show_error(f"The model was not removed: {err}")
+
 
 class JobWidget(QWidget):
     """Run/Cancel buttons, a progress bar and a status line around one job generator at a time.
@@ -257,7 +342,7 @@ class RestoreWidget(JobWidget):
         self.layer_picker.setObjectName("layer_picker")
         form.addRow("Image", self.layer_picker)
         self.model_picker = ModelPicker(self.task)
-        form.addRow("Model", self.model_picker)
+        form.addRow("Model", self.model_picker.with_menu())
         self.add_task_controls(form)
         self.samples = self._spin(form, "Samples", 1, 16, 2, "samples",
                                   "Number of samples K; their mean is the result, their spread (with the spread the "

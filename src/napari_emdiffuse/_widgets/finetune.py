@@ -72,7 +72,7 @@ class FinetuneWidget(JobWidget):
         form.addRow("Target (slow)", self.target_picker)
         self.base = ModelPicker("denoise")
         self.base.setObjectName("base_picker")
-        form.addRow("Base model", self.base)
+        form.addRow("Base model", self.base.with_menu())
         self.minutes = QDoubleSpinBox(objectName="minutes", minimum=0.1, maximum=600.0, value=10.0, decimals=1)
         self.minutes.setSuffix(" min")
         form.addRow("Time budget", self.minutes)
