@@ -53,7 +53,6 @@ def test_denoise_widget_adds_result_and_uncertainty_layers(make_napari_viewer, q
     assert offered == ["noisy", "noisy_denoised"]
 
 
-
 def test_model_menu_adds_saves_and_removes_user_models(make_napari_viewer, tiny_model, tiny_superres, tmp_path,
                                                        monkeypatch):
     import shutil
@@ -91,6 +90,7 @@ def test_model_menu_adds_saves_and_removes_user_models(make_napari_viewer, tiny_
     assert picker.findText("from_a_colleague") < 0 and picker.currentText() == "denoise-sem"
     picker.remove_current()  # the bundled model stays
     assert "cannot be removed" in said[-1] and picker.currentText() == "denoise-sem"
+
 
 def start_long_run(viewer, qtbot, name: str):
     """Dock Denoise and start a run of many small tiles and steps on a new layer; return once it is under way."""

@@ -204,9 +204,11 @@ class ModelPicker(QComboBox):
         from ..core.models import ModelFileError, export_model
 
         try:  # the file dialog has already asked before replacing a file
-            show_info(f"Saved the model '{self.currentText()}' to {export_model(self.currentData(), path, True)}.")
+            saved = export_model(self.currentData(), path, overwrite=True)
         except (ModelFileError, OSError) as err:
             show_error(f"The model was not saved: {err}")
+            return
+        show_info(f"Saved the model '{self.currentText()}' to {saved}.")
 
     def remove_current(self) -> None:
         """Remove the chosen user model, after asking; bundled models stay."""
@@ -216,10 +218,10 @@ class ModelPicker(QComboBox):
         from ..core.models import ModelFileError, list_models, remove_model
 
         name = self.currentText()
+        if not name:
+            return
         if any(entry.name == name and entry.bundled for entry in list_models(self.task)):
             show_error(f"'{name}' comes with the plugin and cannot be removed.")
-            return
-        if not name:
             return
         asked = QMessageBox.question(self, "Remove the model", f"Remove your model '{name}'? Its file is deleted.")
         if asked != QMessageBox.StandardButton.Yes:
