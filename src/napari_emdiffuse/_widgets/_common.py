@@ -519,8 +519,9 @@ class RestoreWidget(JobWidget):
         self.status.setText(f"{self.status.text()} Saved in {path}.")
 
     def on_progress(self, p) -> None:
-        super().on_progress(p)
+        # first: updating napari's progress bar can process the job's end, whose status must win
         self.status.setText(f"{self.doing}\n{p.message}")  # e.g. which gap and slice, or the learning's loss
+        super().on_progress(p)
 
     def on_result(self, layer, result, start=None) -> None:
         """Add the output layers; ``start`` is the region's first input pixel (its place in the layer)."""

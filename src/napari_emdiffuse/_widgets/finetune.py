@@ -129,8 +129,8 @@ class FinetuneWidget(JobWidget):
 
         if isinstance(p, TrainProgress):
             self.plot.add(p.step, p.loss)
+            self.status.setText(f"Training: step {p.step}, {p.seconds:.0f} s")  # before the bar: see RestoreWidget
             self.show_progress(int(1000 * p.fraction), 1000, "training")
-            self.status.setText(f"Training: step {p.step}, {p.seconds:.0f} s")
         else:
             self.status.setText(f"Validating ({p.message})…")
 
