@@ -114,17 +114,21 @@ def _progress_bar(quiet: bool):
     from .core.tasks import TimeLeft, time_left_text
 
     start, time_left = time.perf_counter(), TimeLeft()
+    width = 28  # of the message: the longest so far, so a shorter one overwrites all of it
 
     def show(p) -> None:
+        nonlocal width
         if quiet or not p.total:
             return
         frac = p.done / p.total
         bar = "#" * int(30 * frac)
         left = time_left_text(time_left(p.done, p.total)) if p.done < p.total else ""
-        sys.stderr.write(f"\r{p.message:<28} [{bar:<30}] {100 * frac:5.1f}% {time.perf_counter() - start:6.1f}s "
+        width = max(width, len(p.message))
+        sys.stderr.write(f"\r{p.message:<{width}} [{bar:<30}] {100 * frac:5.1f}% {time.perf_counter() - start:6.1f}s "
                          f"{left:<22}")
-        if p.done >= p.total:
+        if p.done >= p.total:  # a phase ends (e.g. learning, before reconstructing): the next has its own line
             sys.stderr.write("\n")
+            width = 28
         sys.stderr.flush()
 
     return show

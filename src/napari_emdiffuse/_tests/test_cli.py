@@ -115,3 +115,19 @@ def test_debug_shows_the_traceback_and_unexpected_errors_stay_one_line(tmp_path,
     with pytest.raises(ZeroDivisionError):
         main(["--debug", "denoise", str(src), "-o", str(tmp_path / "o.tif"), "--model", tiny_model])
     assert not (tmp_path / "o.tif").exists()
+
+
+def test_progress_bar_overwrites_its_line_whole_and_gives_each_phase_its_own(capsys):
+    from napari_emdiffuse.cli import _progress_bar
+    from napari_emdiffuse.core.tasks import Progress
+
+    show = _progress_bar(quiet=False)
+    for p in [Progress(0, 1000, "learning from this volume: step 90, loss 0.157"),
+              Progress(500, 1000, "learning from this volume: step 290, loss -0.050"),
+              Progress(1000, 1000, "learning: done"), Progress(1, 4, "isotropic gap 1/4"), Progress(4, 4, "done")]:
+        show(p)
+    learning, reconstruction, rest = capsys.readouterr().err.split("\n")
+    updates = learning.split("\r")[1:]
+    lengths = [len(u) for u in updates]
+    assert len(updates) == 3 and lengths == sorted(lengths)  # a shorter message leaves nothing behind
+    assert len(reconstruction.split("\r")[1]) < len(updates[0]) and rest == ""
