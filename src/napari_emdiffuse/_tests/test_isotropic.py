@@ -264,6 +264,7 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
 
     widget.mode.setCurrentIndex(widget.mode.findData(SELF_SUPERVISED))  # vEMDiffuse-a needs no model
     assert not widget.model_picker.isEnabled() and widget.minutes.isEnabled()
+    assert not widget.model_picker.menu_button.isEnabled()
     widget.minutes.setValue(0.1)
     viewer.layers.remove(iso)
     statuses = []

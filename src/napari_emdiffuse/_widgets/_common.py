@@ -118,6 +118,7 @@ class ModelPicker(QComboBox):
 
         super().__init__(parent, objectName="model_picker")
         self.task = task
+        self.menu_button = None  # see with_menu
         self.models_updated.connect(self.refresh)
         on_models_changed(self._registry_changed)
         self.refresh()
@@ -158,6 +159,7 @@ class ModelPicker(QComboBox):
         menu.addAction("Remove this model", self.remove_current)
         button.setMenu(menu)
         button.setStyleSheet("QPushButton::menu-indicator { image: none; width: 0px; }")  # no arrow: like the Zarr file's
+        self.menu_button = button
         row = QHBoxLayout()
         row.addWidget(self, 1)
         row.addWidget(button)

@@ -51,6 +51,7 @@ class IsotropicWidget(RestoreWidget):
     def _mode_changed(self) -> None:
         learning = self.mode.currentData() == SELF_SUPERVISED
         self.model_picker.setEnabled(not learning)
+        self.model_picker.menu_button.setEnabled(not learning)
         self.minutes.setEnabled(learning)
 
     @property
