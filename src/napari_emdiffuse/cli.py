@@ -114,7 +114,8 @@ def _progress_bar(quiet: bool):
     from .core.tasks import TimeLeft, time_left_text
 
     start, time_left = time.perf_counter(), TimeLeft()
-    width = 28  # of the message: the longest so far, so a shorter one overwrites all of it
+    narrowest = 28
+    width = narrowest  # of the message: the phase's longest so far, so a shorter one overwrites all of it
 
     def show(p) -> None:
         nonlocal width
@@ -128,7 +129,7 @@ def _progress_bar(quiet: bool):
                          f"{left:<22}")
         if p.done >= p.total:  # a phase ends (e.g. learning, before reconstructing): the next has its own line
             sys.stderr.write("\n")
-            width = 28
+            width = narrowest
         sys.stderr.flush()
 
     return show
