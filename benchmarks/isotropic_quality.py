@@ -5,6 +5,7 @@
     python benchmarks/isotropic_quality.py ../shared/data/em --sweep --gaps 8   # sampling settings
     python benchmarks/isotropic_quality.py ../shared/data/em --inverted --out isotropic_inverted.json
     python benchmarks/isotropic_quality.py ../shared/data/em --coarser 0.5 --out isotropic_20nm.json
+    python benchmarks/isotropic_quality.py ../shared/data/em --factors 4 --gaps 16 --noise 8 --out iso_noisy8.json
 
 The volume (10 nm isotropic, not used in training) keeps every R-th slice; the slices between are reconstructed
 and compared with the truth on the generated slices only (PSNR, SSIM, FSIM per slice, averaged), against linear
@@ -12,7 +13,11 @@ and cubic interpolation along z and motion-compensated interpolation (the models
 Flicker: mean |difference| of neighbouring output slices over the truth's. ``--inverted`` tests the other contrast
 convention (membranes bright: 255 minus the volume), in which FIB-SEM volumes also come. ``--coarser S`` tests
 the volume as recorded with 1 / S times larger voxels (0.5: 20 nm, each the mean of 2 x 2 x 2), as from a
-coarser acquisition: structures fewer pixels across and more change between sections.
+coarser acquisition: structures fewer pixels across and more change between sections. Other acquisitions, as
+the held-out test's might differ from the training volume's: ``--noise S`` adds Gaussian noise of S grey levels
+(a noisier acquisition: in the kept slices and the truth alike), ``--blur S`` a Gaussian blur of S pixels in y and
+x (a softer one), ``--contrast C`` squeezes the grey levels to C times their range around the middle, ``--gamma G``
+bends them (v**G on [0, 1]).
 An XZ view (input, linear, reconstruction, truth) is written next to the results (not committed: real data).
 """
 
@@ -44,6 +49,19 @@ def cubic_interpolation(kept: np.ndarray, factor: int) -> np.ndarray:
 
     z = np.arange(len(kept)) * factor
     return CubicSpline(z, kept.astype(np.float64), axis=0)(np.arange(z[-1] + 1)).astype(np.float32)
+
+
+def other_acquisition(volume: np.ndarray, noise: float, blur: float, contrast: float, gamma: float) -> np.ndarray:
+    """The 8-bit volume as a noisier, softer, flatter or differently bent acquisition would record it."""
+    if (noise, blur, contrast, gamma) == (0, 0, 1, 1):
+        return volume
+    from scipy.ndimage import gaussian_filter
+
+    v = gaussian_filter(volume.astype(np.float32), (0, blur, blur)) if blur else volume.astype(np.float32)
+    v = 255 * (v / 255) ** gamma
+    v = 127.5 + contrast * (v - 127.5)
+    v = v + np.random.default_rng(0).normal(0, noise, v.shape).astype(np.float32) if noise else v
+    return np.clip(np.round(v), 0, 255).astype(np.uint8)
 
 
 def score(volume: np.ndarray, truth: np.ndarray, factor: int, every: int = 1) -> dict:
@@ -86,6 +104,10 @@ def main():
     parser.add_argument("--every", type=int, default=1, help="score every n-th generated slice (speed)")
     parser.add_argument("--inverted", action="store_true", help="the volume in the other contrast convention")
     parser.add_argument("--coarser", type=float, default=1.0, help="voxels 1 / S times larger (0.5: 20 nm)")
+    parser.add_argument("--noise", type=float, default=0.0, help="add Gaussian noise of S grey levels")
+    parser.add_argument("--blur", type=float, default=0.0, help="Gaussian blur of S pixels in y and x")
+    parser.add_argument("--contrast", type=float, default=1.0, help="grey range times C, around the middle")
+    parser.add_argument("--gamma", type=float, default=1.0, help="grey levels v**G on [0, 1]")
     parser.add_argument("--out", default="isotropic_quality.json")
     parser.add_argument("--save-model", type=Path, default=None,
                         help="keep the vEMDiffuse-a model (then: --model FILE --sweep compares its sampling)")
@@ -95,7 +117,9 @@ def main():
         truth_full = 255 - truth_full
     if args.coarser != 1:
         truth_full = to_uint8(coarser_voxels(truth_full, args.coarser))
-    report = {"volume": args.volume, "inverted": args.inverted, "coarser": args.coarser, "samples": args.samples,
+    truth_full = other_acquisition(truth_full, args.noise, args.blur, args.contrast, args.gamma)
+    report = {"volume": args.volume, "inverted": args.inverted, "coarser": args.coarser, "noise": args.noise,
+              "blur": args.blur, "contrast": args.contrast, "gamma": args.gamma, "samples": args.samples,
               "gaps": args.gaps or "all", "factors": {}}
     trained = load_model(args.model or "isotropic-fibsem") if not args.self_supervised or args.model else None
     for factor in [int(f) for f in args.factors.split(",")]:

@@ -202,3 +202,23 @@ def test_command_line_switches_to_chunks_for_zarr_and_refuses_mixed_outputs(tmp_
     assert main(["isotropic", source, "-o", str(tmp_path / "iso.tif"), *common]) == 2
     assert main(["isotropic", source, "-o", str(tmp_path / "b.zarr"), "--uncertainty", "u.tif", *common]) == 2
     assert "Zarr output" in capsys.readouterr().err
+
+
+def test_the_reader_opens_a_result_store_as_a_widget_adds_it(tmp_path, tiny_model, volume):
+    from napari_emdiffuse._reader import get_reader
+
+    source = write_zarr(tmp_path / "in.zarr", volume, (1, 35, 45), scale_um=(0.05, 0.01, 0.01))
+    output = str(tmp_path / "em_denoised.ome.zarr")
+    info = drive(restore_volume(source, output, ChunkedTask("denoise"), tiny_model, SETTINGS, chunk=(1, 35, 45)))
+    image, uncertainty = get_reader(output)(output)
+    assert image[1]["name"] == "em_denoised" and uncertainty[1]["name"] == "em_denoised_uncertainty"
+    assert np.array_equal(image[0][...], zarr.open_group(output, mode="r")["0"][...])
+    assert image[1]["scale"] == uncertainty[1]["scale"] == pytest.approx((50, 10, 10))
+    assert image[1]["metadata"]["reliable"] == info["reliable"] and image[1]["metadata"]["source"] == source
+    assert uncertainty[1]["metadata"]["map"] == "uncertainty"  # never offered as an input
+    assert uncertainty[1]["contrast_limits"] == (0.0, 2 * info["threshold"])
+    assert uncertainty[1]["colormap"].name == "emdiffuse_uncertainty"
+    root = zarr.open_group(output, mode="r+")
+    root.attrs["emdiffuse"] = {"run": root.attrs["emdiffuse"]["run"]}  # as if still running on a cluster
+    image, _ = get_reader(output)(output)
+    assert image[1]["name"] == "em_denoised (unfinished)" and image[1]["metadata"]["unfinished"]

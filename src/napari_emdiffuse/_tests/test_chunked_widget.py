@@ -67,6 +67,14 @@ def test_the_whole_layer_goes_to_a_zarr_file_and_opens_lazily(zarr_layer, qtbot,
     stored = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
     assert stored.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [
         30.0, 4.0, 4.0]
+    # opened again later (another session), it looks the same
+    again, again_unc = viewer.open(str(tmp_path / "out.zarr"), plugin="napari-emdiffuse")
+    assert (again.name, again_unc.name) == ("out", "out_uncertainty")
+    assert np.array_equal(np.asarray(again.data), np.asarray(out.data)) and tuple(again.scale) == (30.0, 4.0, 4.0)
+    assert again_unc.colormap.name == unc.colormap.name and tuple(again_unc.contrast_limits) == tuple(
+        unc.contrast_limits)
+    assert again.metadata["model"] == "tiny" and again_unc.metadata["map"] == "uncertainty"
+    assert "out_uncertainty" not in [widget.layer_picker.itemText(i) for i in range(widget.layer_picker.count())]
 
 
 def test_cancelling_a_zarr_run_keeps_finished_chunks_and_adds_nothing(zarr_layer, qtbot, tmp_path):

@@ -18,6 +18,24 @@ def test_reader_declines_other_files_fast(tmp_path):
     assert get_reader(str(png)) is None
     assert get_reader(str(fake)) is None
     assert get_reader([str(png), str(fake)]) is None
+    assert get_reader(str(tmp_path)) is None  # a folder that is not a Zarr store
+
+
+def test_reader_opens_every_level_of_an_ome_zarr_lazily(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    data = np.arange(4 * 32 * 48, dtype=np.uint16).reshape(1, 4, 32, 48)  # (c, z, y, x), one channel
+    root = zarr.open_group(str(tmp_path / "em.ome.zarr"), mode="w")
+    axes = [{"name": "c", "type": "channel"}] + [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"]
+    datasets = []
+    for level in range(2):
+        root.create_array(str(level), data=data[..., :: 2**level, :: 2**level], chunks=(1, 1, 16, 16))
+        datasets.append({"path": str(level), "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, 0.04, 0.008 * 2**level, 0.008 * 2**level]}]})
+    root.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": datasets}]}
+    [(levels, kwargs, kind)] = get_reader(str(tmp_path / "em.ome.zarr"))(str(tmp_path / "em.ome.zarr"))
+    assert kind == "image" and kwargs["name"] == "em" and kwargs["scale"] == pytest.approx((40.0, 8.0, 8.0))
+    assert [level.shape for level in levels] == [(4, 32, 48), (4, 16, 24)]
+    assert np.array_equal(np.asarray(levels[1]), data[0, :, ::2, ::2])
 
 
 def test_reader_uses_imagej_pixel_size_as_scale(tmp_path):

@@ -25,20 +25,11 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .._layers import MAPS, result_layers
 from ..core.tasks import PRECISIONS, UNCERTAINTY_THRESHOLD, Settings, TimeLeft, time_left_text, verdict
 
 if TYPE_CHECKING:
     import napari
-
-
-def uncertainty_colormap(name: str = "emdiffuse_uncertainty"):
-    """Transparent up to half the threshold, blue to yellow towards it, solid red above it (contrast limits
-    0..2*threshold): every prediction has some spread, only what approaches the threshold should catch the eye."""
-    from napari.utils.colormaps import Colormap
-
-    colors = [[0.1, 0.5, 1.0, 0.0], [0.1, 0.5, 1.0, 0.0], [0.1, 0.5, 1.0, 0.35], [1.0, 0.9, 0.0, 0.8],
-              [1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0]]
-    return Colormap(colors=colors, controls=[0.0, 0.25, 0.375, 0.4999, 0.5, 1.0], name=name)
 
 
 SCOPES = (("Whole layer", "layer"), ("Current slice", "slice"), ("Current view", "view"),
@@ -49,9 +40,6 @@ LARGE_LAYER_BYTES = 512 * 2**20
 def full_resolution(layer):
     """The layer's data at full resolution (level 0 of a multiscale layer), as it is: numpy, dask or zarr."""
     return layer.data[0] if layer.multiscale else layer.data
-
-
-MAPS = ("uncertainty", "difficulty")  # a layer's ``metadata["map"]``: our per-pixel maps, never an input
 
 
 class LayerPicker(QComboBox):
@@ -531,22 +519,16 @@ class RestoreWidget(JobWidget):
         meta = {k: info[k] for k in ("uncertainty_score", "threshold", "reliable", "model", "samples", "steps",
                                      "seed")}
         meta.update(source=layer.name, task=self.task, sampler=info["sampler"], seconds=info["seconds"],
-                    device=info["device"], precision=info["precision"])
+                    device=info["device"], precision=info["precision"], flagged_fraction=info.get("flagged_fraction"))
+        if "unit" in layer.metadata:  # nm or pixel, for the writer's pixel size
+            meta["unit"] = layer.metadata["unit"]
         scale, translate = self.output_grid(layer)
         if start is not None:
             translate = tuple(t + s * first for t, s, first in zip(translate, layer.scale, start))
-        common = {"scale": scale, "translate": translate, "metadata": meta}
-        name = f"{layer.name}_{self.suffix}"
-        self.viewer.add_image(result.image, name=name, contrast_limits=layer.contrast_limits, **common)
-        if result.uncertainty is not None:
-            t = info["threshold"]
-            map_meta = {**meta, "map": "uncertainty", "flagged_fraction": info["flagged_fraction"]}
-            self.viewer.add_image(result.uncertainty, name=f"{layer.name}_uncertainty", colormap=uncertainty_colormap(),
-                                  contrast_limits=(0.0, 2 * t), blending="translucent", opacity=0.8,
-                                  **{**common, "metadata": map_meta})
-        if result.difficulty is not None:
-            self.viewer.add_image(result.difficulty, name=f"{layer.name}_difficulty", colormap="magma",
-                                  visible=False, **{**common, "metadata": {**meta, "map": "difficulty"}})
+        for data, kwargs, _ in result_layers(f"{layer.name}_{self.suffix}", layer.name, result.image,
+                                             result.uncertainty, result.difficulty, meta, info["threshold"],
+                                             layer.contrast_limits, scale=scale, translate=translate):
+            self.viewer.add_image(data, **kwargs)
         self.layer_picker.setCurrentText(layer.name)  # new layers get selected; keep the input for the next run
         done = f"Done in {info['seconds']:.1f} s ({info['device']}, {info['precision']})"
         if info["reliable"] is None:

@@ -29,8 +29,12 @@ def _multiscales(attrs) -> list | None:
     return (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")  # NGFF 0.5, then 0.4
 
 
-def open_volume(path: str | os.PathLike) -> ImageFile:
-    """The volume (a lazy array: nothing is read yet), its pixel size per axis and unit."""
+def open_volume(path: str | os.PathLike, levels: bool = False) -> ImageFile:
+    """The volume (a lazy array: nothing is read yet), its pixel size per axis and unit.
+
+    With ``levels``, ``data`` of a multi-level OME-Zarr image is the list of its levels, full resolution first (a
+    napari multiscale layer).
+    """
     import zarr
 
     path = Path(path)
@@ -45,29 +49,35 @@ def open_volume(path: str | os.PathLike) -> ImageFile:
         multiscales = _multiscales(node.attrs)
         if multiscales:
             image = multiscales[0]
-            level = image["datasets"][0]
-            node_array = node[level["path"]]
-            scale, unit = _ngff_pixel_size(image.get("axes", []), level.get("coordinateTransformations", []),
-                                           node_array.ndim)
+            datasets = image["datasets"] if levels else image["datasets"][:1]
+            arrays = [node[level["path"]] for level in datasets]
+            scale, unit = _ngff_pixel_size(image.get("axes", []), datasets[0].get("coordinateTransformations", []),
+                                           arrays[0].ndim)
         else:
             arrays = [a for _, a in node.arrays()]
             if len(arrays) != 1:
                 raise InputError(f"{path.name} holds {len(arrays)} arrays; give the path of one, e.g. {path}/0.")
-            node_array = arrays[0]
     else:
-        node_array = node
-    data = node_array
-    leading = data.ndim - 3
-    if leading > 0:  # e.g. OME-Zarr (t, c, z, y, x) with one time point and one channel
-        if any(s != 1 for s in data.shape[:leading]):
-            raise InputError(f"Expected one 2D image or 3D volume, got the shape {data.shape}.")
+        arrays = [node]
+    leading = arrays[0].ndim - 3
+    scale = scale[leading:] if scale and leading > 0 else scale
+    data = [_spatial(a) for a in arrays]
+    return ImageFile(data if len(data) > 1 else data[0], tuple(scale) if scale else (1.0,) * data[0].ndim, unit)
+
+
+def _spatial(array):
+    """The array without leading axes of length one, e.g. OME-Zarr's (t, c, z, y, x) with one time point and one
+    channel."""
+    leading = array.ndim - 3
+    if leading > 0:
+        if any(s != 1 for s in array.shape[:leading]):
+            raise InputError(f"Expected one 2D image or 3D volume, got the shape {array.shape}.")
         import dask.array as da
 
-        data = da.from_zarr(node_array)[(0,) * leading]
-        scale = scale[leading:] if scale else None
-    if data.ndim not in (2, 3):
-        raise InputError(f"Expected a 2D image or a 3D volume (z, y, x), got the shape {data.shape}.")
-    return ImageFile(data, tuple(scale) if scale else (1.0,) * data.ndim, unit)
+        array = da.from_zarr(array)[(0,) * leading]
+    if array.ndim not in (2, 3):
+        raise InputError(f"Expected a 2D image or a 3D volume (z, y, x), got the shape {array.shape}.")
+    return array
 
 
 def _ngff_pixel_size(axes: list, transforms: list, ndim: int) -> tuple[list[float] | None, str]:

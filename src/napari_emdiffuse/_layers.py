@@ -1,0 +1,32 @@
+"""How a restoration looks in napari: the image and its per-pixel maps as layer data tuples, styled the same
+whether a widget has just made them or they are read back from a result store (no Qt)."""
+
+from __future__ import annotations
+
+MAPS = ("uncertainty", "difficulty")  # a layer's ``metadata["map"]``: our per-pixel maps, never an input
+
+
+def uncertainty_colormap(name: str = "emdiffuse_uncertainty"):
+    """Transparent up to half the threshold, blue to yellow towards it, solid red above it (contrast limits
+    0..2*threshold): every prediction has some spread, only what approaches the threshold should catch the eye."""
+    from napari.utils.colormaps import Colormap
+
+    colors = [[0.1, 0.5, 1.0, 0.0], [0.1, 0.5, 1.0, 0.0], [0.1, 0.5, 1.0, 0.35], [1.0, 0.9, 0.0, 0.8],
+              [1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0]]
+    return Colormap(colors=colors, controls=[0.0, 0.25, 0.375, 0.4999, 0.5, 1.0], name=name)
+
+
+def result_layers(name: str, maps_name: str, image, uncertainty, difficulty, meta: dict, threshold: float,
+                  contrast_limits=None, **grid) -> list[tuple]:
+    """``(data, kwargs, "image")`` for the restored image ``name`` and its maps ``<maps_name>_uncertainty`` (in
+    red above ``threshold``) and ``<maps_name>_difficulty`` (hidden); all carry ``meta`` and the ``grid``
+    (``scale``, ``translate``)."""
+    layers = [(image, {"name": name, "metadata": meta, "contrast_limits": contrast_limits, **grid}, "image")]
+    if uncertainty is not None:
+        layers.append((uncertainty, {
+            "name": f"{maps_name}_uncertainty", "colormap": uncertainty_colormap(), "contrast_limits": (0.0, 2 * threshold),
+            "blending": "translucent", "opacity": 0.8, "metadata": {**meta, "map": "uncertainty"}, **grid}, "image"))
+    if difficulty is not None:
+        layers.append((difficulty, {"name": f"{maps_name}_difficulty", "colormap": "magma", "visible": False,
+                                    "metadata": {**meta, "map": "difficulty"}, **grid}, "image"))
+    return layers
