@@ -6,6 +6,16 @@ from __future__ import annotations
 MAPS = ("uncertainty", "difficulty")  # a layer's ``metadata["map"]``: our per-pixel maps, never an input
 
 
+def pixel_size(scale, metadata: dict, units=()) -> tuple[tuple[float, ...], str]:
+    """A layer's pixel size and its unit, ``"nm"`` or ``"pixel"``: as our readers recorded it in the metadata, else
+    from napari's layer units (e.g. micrometres from an OME-Zarr reader, converted to nm)."""
+    from .core.io import in_nanometres
+
+    if metadata.get("unit") in ("nm", "pixel"):
+        return tuple(float(s) for s in scale), metadata["unit"]
+    return in_nanometres(scale, units)
+
+
 def uncertainty_colormap(name: str = "emdiffuse_uncertainty"):
     """Transparent up to half the threshold, blue to yellow towards it, solid red above it (contrast limits
     0..2*threshold): every prediction has some spread, only what approaches the threshold should catch the eye."""

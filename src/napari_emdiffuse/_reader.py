@@ -47,8 +47,12 @@ def read_tiff_layer(path):
         "rgb": rgb,
     }
     if not rgb:
-        kwargs["scale"] = image.scale
+        kwargs.update(scale=image.scale, **_units(image))
     return [(image.data, kwargs, "image")]
+
+
+def _units(image) -> dict:
+    return {"units": ("nm",) * len(image.scale)} if image.unit == "nm" else {}
 
 
 def read_zarr_layers(path):
@@ -66,7 +70,7 @@ def read_zarr_layers(path):
     root = zarr.open(str(path), mode="r")
     ours = root.attrs.get("emdiffuse") if isinstance(root, zarr.Group) else None
     if not ours:
-        return [(image.data, {"name": name, "metadata": meta, "scale": image.scale}, "image")]
+        return [(image.data, {"name": name, "metadata": meta, "scale": image.scale, **_units(image)}, "image")]
     run, result = ours["run"], ours.get("result")
     meta.update(task=run["task"], model=run["model"], source=run["input"], settings=run["settings"])
     if result is None:  # still running, or stopped: chunks not yet written read as zeros
@@ -77,4 +81,4 @@ def read_zarr_layers(path):
     normalizer = run["normalizer"]
     return result_layers(name, name, image.data, maps.get("uncertainty"), maps.get("difficulty"), meta,
                          meta.get("threshold", UNCERTAINTY_THRESHOLD), (normalizer["low"], normalizer["high"]),
-                         scale=image.scale)
+                         scale=image.scale, **_units(image))

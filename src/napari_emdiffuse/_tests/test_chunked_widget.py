@@ -55,7 +55,9 @@ def test_a_lazy_layer_starts_on_the_current_view_of_the_current_slice(zarr_layer
 
 
 def test_the_whole_layer_goes_to_a_zarr_file_and_opens_lazily(zarr_layer, qtbot, tmp_path):
-    viewer, _, widget = zarr_layer
+    viewer, layer, widget = zarr_layer
+    layer.metadata.pop("unit")
+    layer.units = "um"  # as an OME-Zarr reader gives them: the store is written in nm
     widget.scope.setCurrentIndex(widget.scope.findData("zarr"))
     widget.zarr_path.setText(str(tmp_path / "out.zarr"))
     widget.run_button.click()
@@ -66,11 +68,11 @@ def test_the_whole_layer_goes_to_a_zarr_file_and_opens_lazily(zarr_layer, qtbot,
     assert out.metadata["model"] == "tiny" and "reliable" in widget.status.text()
     stored = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
     assert stored.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [
-        30.0, 4.0, 4.0]
+        30_000.0, 4000.0, 4000.0]
     # opened again later (another session), it looks the same
     again, again_unc = viewer.open(str(tmp_path / "out.zarr"), plugin="napari-emdiffuse")
     assert (again.name, again_unc.name) == ("out", "out_uncertainty")
-    assert np.array_equal(np.asarray(again.data), np.asarray(out.data)) and tuple(again.scale) == (30.0, 4.0, 4.0)
+    assert np.array_equal(np.asarray(again.data), np.asarray(out.data)) and tuple(again.scale) == (30_000.0, 4000.0, 4000.0)
     assert again_unc.colormap.name == unc.colormap.name and tuple(again_unc.contrast_limits) == tuple(
         unc.contrast_limits)
     assert again.metadata["model"] == "tiny" and again_unc.metadata["map"] == "uncertainty"

@@ -45,7 +45,7 @@ def test_reader_uses_imagej_pixel_size_as_scale(tmp_path):
     [(layer_data, kwargs, kind)] = get_reader(str(path))(str(path))
     assert kind == "image" and kwargs["name"] == "stack"
     assert np.array_equal(np.asarray(layer_data), data)
-    assert kwargs["scale"] == pytest.approx((50.0, 5.0, 5.0))
+    assert kwargs["scale"] == pytest.approx((50.0, 5.0, 5.0)) and kwargs["units"] == ("nm",) * 3
 
 
 def test_ome_pixel_sizes_in_micrometres_become_nm(tmp_path):
@@ -70,6 +70,17 @@ def test_writer_round_trip_keeps_dtype_and_scale(tmp_path):
     [written] = write_image(str(path), data, {"scale": (30.0, 4.0, 4.0), "metadata": {"unit": "nm"}})
     back = read_tiff(written)
     assert np.array_equal(back.data, data) and back.scale == pytest.approx((30.0, 4.0, 4.0))
+
+
+def test_writer_takes_napari_layer_units_and_knows_pixels_are_not_nanometres(tmp_path):
+    import pint
+
+    data = np.zeros((2, 8, 8), np.uint8)
+    um = pint.get_application_registry().Unit("micrometer")  # as napari's layer state gives them
+    [written] = write_image(str(tmp_path / "um.tif"), data, {"scale": (0.04, 0.008, 0.008), "units": (um,) * 3})
+    assert read_tiff(written).scale == pytest.approx((40.0, 8.0, 8.0)) and read_tiff(written).unit == "nm"
+    [written] = write_image(str(tmp_path / "px.tif"), data, {"scale": (1.0, 1.0, 1.0), "units": ("pixel",) * 3})
+    assert read_tiff(written).unit == "pixel"
 
 
 def test_write_refuses_to_overwrite_by_default(tmp_path):

@@ -148,7 +148,7 @@ def test_superres_widget_output_overlays_the_input(make_napari_viewer, qtbot, ti
 
     viewer = make_napari_viewer()
     lr = viewer.add_image(np.random.default_rng(0).random((24, 32)).astype(np.float32), name="lr",
-                          scale=(6.6, 6.6), translate=(5.0, -3.0))
+                          scale=(6.6, 6.6), translate=(5.0, -3.0), units="nm", axis_labels=("y", "x"))
     _, widget = viewer.window.add_plugin_dock_widget("napari-emdiffuse", "Super-resolution")
     assert isinstance(widget, SuperresWidget)
     widget.model_picker.setCurrentText("tiny-sr")
@@ -161,6 +161,7 @@ def test_superres_widget_output_overlays_the_input(make_napari_viewer, qtbot, ti
     assert tuple(hr.scale) == pytest.approx((1.65, 1.65))
     edges = lambda layer: layer.extent.world + np.array([-0.5, 0.5])[:, None] * layer.scale  # noqa: E731  pixel edges
     np.testing.assert_allclose(edges(hr), edges(lr), atol=1e-6)  # same world extent
+    assert hr.units == lr.units and hr.axis_labels == ("y", "x")
     assert "lr_uncertainty" in viewer.layers
 
 

@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._layers import MAPS, result_layers
+from .._layers import MAPS, pixel_size, result_layers
 from ..core.tasks import PRECISIONS, UNCERTAINTY_THRESHOLD, Settings, TimeLeft, time_left_text, verdict
 
 if TYPE_CHECKING:
@@ -485,9 +485,9 @@ class RestoreWidget(JobWidget):
             return
         out_scale, _ = self.output_grid(layer)
         factor = max(round(a / b) for a, b in zip(layer.scale, out_scale))  # x2/x4 in y, x or R along z
-        unit = "nm" if layer.metadata.get("unit") == "nm" else "pixel"
+        pixel, unit = pixel_size(layer.scale, layer.metadata, layer.units)
         job = restore_volume(full_resolution(layer), path, ChunkedTask(self.task, factor),
-                             self.model_picker.currentData(), self.settings(), pixel_size=tuple(layer.scale),
+                             self.model_picker.currentData(), self.settings(), pixel_size=pixel,
                              unit=unit, scheduler="threads")
         self.cancelled_text = f"Cancelled; finished chunks are kept in {path}: run again to resume."
         self.doing = f"Running {self.task} on {layer.name} into {path}…"
@@ -527,7 +527,8 @@ class RestoreWidget(JobWidget):
             translate = tuple(t + s * first for t, s, first in zip(translate, layer.scale, start))
         for data, kwargs, _ in result_layers(f"{layer.name}_{self.suffix}", layer.name, result.image,
                                              result.uncertainty, result.difficulty, meta, info["threshold"],
-                                             layer.contrast_limits, scale=scale, translate=translate):
+                                             layer.contrast_limits, scale=scale, translate=translate,
+                                             units=layer.units, axis_labels=layer.axis_labels):
             self.viewer.add_image(data, **kwargs)
         self.layer_picker.setCurrentText(layer.name)  # new layers get selected; keep the input for the next run
         done = f"Done in {info['seconds']:.1f} s ({info['device']}, {info['precision']})"

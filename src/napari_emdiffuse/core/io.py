@@ -19,6 +19,15 @@ _UNIT_TO_NM = {"nm": 1.0, "nanometer": 1.0, "um": 1e3, "µm": 1e3, "micron": 1e3
                "angstrom": 0.1, "å": 0.1}
 
 
+def in_nanometres(scale, units) -> tuple[tuple[float, ...], str]:
+    """Pixel sizes in nm and ``"nm"`` when every axis has a length unit (e.g. napari's layer units, "micrometer");
+    else the sizes as they are and ``"pixel"``."""
+    factors = [_UNIT_TO_NM.get(str(u).lower()) for u in units]
+    if factors and len(factors) == len(scale) and None not in factors:
+        return tuple(float(s) * f for s, f in zip(scale, factors)), "nm"
+    return tuple(float(s) for s in scale), "pixel"
+
+
 @dataclass
 class ImageFile:
     data: np.ndarray
