@@ -6,6 +6,7 @@ a job generator (``make_job``). Running, progress, cancellation and the output l
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
 SCOPES = (("Whole layer", "layer"), ("Current slice", "slice"), ("Current view", "view"),
           ("Whole layer to a Zarr file (chunk by chunk)", "zarr"))
 LARGE_LAYER_BYTES = 512 * 2**20
+# at most two progress updates a second: each repaints the window, which with software OpenGL (remote desktops,
+# virtual machines) costs the job measurable time (isotropic reconstruction of the sample volume: 19 s at five
+# updates a second, 10 s at one)
+UPDATE_SECONDS = 0.5
 
 
 def full_resolution(layer):
@@ -326,6 +331,7 @@ class RestoreWidget(JobWidget):
     task = ""  # set by subclasses: "denoise", ...
     suffix = ""  # output layer name suffix, e.g. "denoised"
     doing = ""  # what the running job is, for the status line
+    _updated = -np.inf  # when progress was last shown
 
     def __init__(self, viewer: napari.viewer.Viewer, parent=None):
         super().__init__(viewer, parent)
@@ -509,6 +515,10 @@ class RestoreWidget(JobWidget):
         self.status.setText(f"{self.status.text()} Saved in {path}.")
 
     def on_progress(self, p) -> None:
+        now = time.monotonic()
+        if p.done < p.total and now - self._updated < UPDATE_SECONDS:
+            return
+        self._updated = now
         # first: updating napari's progress bar can process the job's end, whose status must win
         self.status.setText(f"{self.doing}\n{p.message}")  # e.g. which gap and slice, or the learning's loss
         super().on_progress(p)
