@@ -104,6 +104,30 @@ def start_long_run(viewer, qtbot, name: str):
     return widget
 
 
+@pytest.mark.parametrize("software", [False, True])
+def test_runs_report_in_the_activity_dock_unless_opengl_is_drawn_in_software(make_napari_viewer, qtbot, user_models,
+                                                                              monkeypatch, software):
+    from napari_emdiffuse._widgets import _common
+
+    monkeypatch.setattr(_common, "_software_opengl", software)
+    viewer = make_napari_viewer()
+    widget = start_long_run(viewer, qtbot, "img")
+    assert (getattr(widget.worker, "pbar", None) is None) is software  # napari's progress, with its animated indicator
+    widget.cancel_button.click()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=2_000)
+
+
+def test_software_renderers_are_told_from_gpus():
+    from napari_emdiffuse._widgets._common import is_software_renderer
+
+    for name in ("llvmpipe (LLVM 15.0.6, 256 bits)", "softpipe", "Google SwiftShader", "GDI Generic",
+                 "Microsoft Basic Render Driver"):
+        assert is_software_renderer(name), name
+    for name in ("NVIDIA GeForce RTX 3080/PCIe/SSE2", "Mesa Intel(R) UHD Graphics 620 (KBL GT2)", "Apple M2",
+                 "AMD Radeon Pro 5300M OpenGL Engine"):
+        assert not is_software_renderer(name), name
+
+
 def test_cancel_stops_quickly_and_adds_nothing(make_napari_viewer, qtbot, user_models):
     viewer = make_napari_viewer()
     widget = start_long_run(viewer, qtbot, "big")
