@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .core.io import is_tiff
-from .core.zarr_io import is_zarr
+from .core.zarr_io import is_zarr_store
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -20,8 +20,8 @@ def get_reader(path):
         if len(path) != 1:
             return None
         path = path[0]
-    if str(path).rstrip("/\\").lower().endswith(".zarr") or (Path(path).is_dir() and is_zarr(path)):
-        return read_zarr_layers
+    if Path(path).is_dir():
+        return read_zarr_layers if is_zarr_store(path) else None
     if not str(path).lower().endswith(TIFF_SUFFIXES) or not is_tiff(path):
         return None
     return read_tiff_layer

@@ -19,6 +19,8 @@ def test_reader_declines_other_files_fast(tmp_path):
     assert get_reader(str(fake)) is None
     assert get_reader([str(png), str(fake)]) is None
     assert get_reader(str(tmp_path)) is None  # a folder that is not a Zarr store
+    (tmp_path / "empty.zarr").mkdir()
+    assert get_reader(str(tmp_path / "empty.zarr")) is None  # nor is a folder just named like one
 
 
 def test_reader_opens_every_level_of_an_ome_zarr_lazily(tmp_path):

@@ -18,11 +18,15 @@ from .normalize import InputError
 NGFF_UNIT = "nanometer"  # pixel sizes are handled in nm everywhere else
 
 
-def is_zarr(path: str | os.PathLike) -> bool:
-    """A path ending in .zarr, or a folder that holds Zarr metadata."""
+def is_zarr_store(path: str | os.PathLike) -> bool:
+    """A folder that holds Zarr metadata (v3, v2 array or v2 group)."""
     path = Path(path)
-    return path.suffix.lower() == ".zarr" or (
-        path.is_dir() and any((path / name).exists() for name in ("zarr.json", ".zarray", ".zgroup")))
+    return path.is_dir() and any((path / name).exists() for name in ("zarr.json", ".zarray", ".zgroup"))
+
+
+def is_zarr(path: str | os.PathLike) -> bool:
+    """A path ending in .zarr (e.g. an output still to be made), or a Zarr store."""
+    return Path(path).suffix.lower() == ".zarr" or is_zarr_store(path)
 
 
 def _multiscales(attrs) -> list | None:
