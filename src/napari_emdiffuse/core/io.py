@@ -30,7 +30,7 @@ def in_nanometres(scale, units) -> tuple[tuple[float, ...], str]:
 
 @dataclass
 class ImageFile:
-    data: np.ndarray
+    data: np.ndarray  # or array-like (Zarr, dask); a list of levels from open_volume(levels=True)
     scale: tuple[float, ...]  # pixel size per axis (z, y, x or y, x); 1.0 where unknown
     unit: str  # "nm" when the file told us, else "pixel"
 
