@@ -85,6 +85,13 @@ def test_writer_takes_napari_layer_units_and_knows_pixels_are_not_nanometres(tmp
     assert read_tiff(written).unit == "pixel"
 
 
+def test_a_stack_of_four_slices_is_a_stack_for_imagej_not_four_channels(tmp_path):
+    path = write_tiff(tmp_path / "four.tif", np.zeros((4, 24, 40), np.uint8), (40.0, 8.0, 8.0))
+    with tifffile.TiffFile(path) as tif:
+        assert tif.series[0].axes == "ZYX" and tif.imagej_metadata["slices"] == 4
+    assert read_tiff(path).scale == pytest.approx((40.0, 8.0, 8.0))
+
+
 def test_write_refuses_to_overwrite_by_default(tmp_path):
     path = tmp_path / "x.tif"
     write_tiff(path, np.zeros((4, 4), np.uint8))

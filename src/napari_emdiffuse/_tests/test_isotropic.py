@@ -212,7 +212,8 @@ def test_cli_writes_the_reconstruction_with_z_pixel_size_divided(tmp_path, tiny_
     from napari_emdiffuse.core.io import read_tiff
 
     src, out, unc = tmp_path / "sections.tif", tmp_path / "iso.tif", tmp_path / "unc.tif"
-    tifffile.imwrite(src, volume, imagej=True, resolution=(1 / 8.0, 1 / 8.0), metadata={"unit": "nm", "spacing": 40.0})
+    tifffile.imwrite(src, volume, imagej=True, resolution=(1 / 8.0, 1 / 8.0),
+                     metadata={"unit": "nm", "spacing": 40.0, "axes": "ZYX"})
     code = main(["isotropic", str(src), "-o", str(out), "--factor", "5", "--model", tiny_isotropic,
                  "--uncertainty", str(unc), "--steps", "1", "--json"])
     assert code == 0 and "uncertainty_score" in json.loads(capsys.readouterr().out)

@@ -120,10 +120,11 @@ def write_tiff(path: str | os.PathLike, data: np.ndarray, scale: tuple[float, ..
         data = data.astype(np.float32)  # ImageJ reads float32, not float64
     if data.dtype == bool:
         data = data.astype(np.uint8)
-    kwargs: dict = {}
+    # named axes: without them ImageJ takes a stack of 3 or 4 slices for channels
+    kwargs: dict = {"metadata": {"axes": "ZYX"[-data.ndim:]}}
     if scale is not None and unit == "nm" and any(s != 1.0 for s in scale):
         kwargs["resolution"] = (1.0 / scale[-1], 1.0 / scale[-2])
-        kwargs["metadata"] = {"unit": "nm", **({"spacing": scale[-3]} if data.ndim == 3 and len(scale) >= 3 else {})}
+        kwargs["metadata"].update(unit="nm", **({"spacing": scale[-3]} if data.ndim == 3 and len(scale) >= 3 else {}))
     imagej = data.dtype in (np.uint8, np.uint16, np.float32) and data.ndim <= 3
     with atomic_path(path) as tmp:
         # grey-level planes: without photometric, tifffile would store a stack of 3 or 4 planes as RGB(A)
