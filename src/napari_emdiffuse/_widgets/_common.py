@@ -36,10 +36,10 @@ if TYPE_CHECKING:
 SCOPES = (("Whole layer", "layer"), ("Current slice", "slice"), ("Current view", "view"),
           ("Whole layer to a Zarr file (chunk by chunk)", "zarr"))
 LARGE_LAYER_BYTES = 512 * 2**20
-# at most two progress updates a second: each repaints the window, which with software OpenGL (remote desktops,
+# at most one progress update a second: each repaints the window, which with software OpenGL (remote desktops,
 # virtual machines) costs the job measurable time (isotropic reconstruction of the sample volume: 19 s at five
-# updates a second, 10 s at one)
-UPDATE_SECONDS = 0.5
+# updates a second, 10-11 s at one, 7-10 s with the window hidden)
+UPDATE_SECONDS = 1.0
 SOFTWARE_RENDERERS = ("llvmpipe", "softpipe", "swrast", "swiftshader", "software rasterizer", "gdi generic",
                       "basic render driver")  # Mesa's, Google's and Windows' OpenGL without a GPU
 
