@@ -32,7 +32,7 @@ def anisotropic_volume(factor: int = 4, pixel: float = 10.0):
         return {"source": SOURCE, "unit": "nm", "pixel_size": (z, pixel, pixel)}
 
     # the truth first: the last layer added is the selected one, which the task widgets start on
-    return [(truth, {"name": "isotropic_truth", "scale": (pixel,) * 3, "visible": False, "metadata": meta(pixel)},
-             "image"),
-            (acquired, {"name": "anisotropic_volume", "scale": (factor * pixel, pixel, pixel),
+    return [(truth, {"name": "isotropic_truth", "scale": (pixel,) * 3, "units": "nm", "visible": False,
+                     "metadata": meta(pixel)}, "image"),
+            (acquired, {"name": "anisotropic_volume", "scale": (factor * pixel, pixel, pixel), "units": "nm",
                         "metadata": meta(factor * pixel)}, "image")]

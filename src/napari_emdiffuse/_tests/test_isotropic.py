@@ -310,5 +310,6 @@ def test_sample_volume_opens_over_its_truth_and_is_what_the_widget_starts_on(mak
     truth, acquired = viewer.layers["isotropic_truth"], viewer.layers["anisotropic_volume"]
     assert not truth.visible and viewer.layers.selection.active is acquired
     np.testing.assert_allclose(acquired.extent.world[:, 0], truth.extent.world[:, 0])  # same z range
+    assert {str(u) for u in acquired.units + truth.units} == {"nanometer"}
     _, widget = viewer.window.add_plugin_dock_widget("napari-emdiffuse", "Isotropic reconstruction")
     assert widget.layer_picker.currentText() == "anisotropic_volume"
