@@ -117,6 +117,15 @@ def test_runs_report_in_the_activity_dock_unless_opengl_is_drawn_in_software(mak
     qtbot.waitUntil(lambda: widget.worker is None, timeout=2_000)
 
 
+def test_the_renderer_is_known_once_a_viewer_is_shown(make_napari_viewer, qtbot, monkeypatch):
+    from napari_emdiffuse._widgets import _common
+
+    monkeypatch.setattr(_common, "_software_opengl", None)
+    viewer = make_napari_viewer(show=True)
+    qtbot.waitExposed(viewer.window._qt_window)
+    assert _common.software_opengl() in (True, False) and _common._software_opengl is not None  # asked OpenGL
+
+
 def test_software_renderers_are_told_from_gpus():
     from napari_emdiffuse._widgets._common import is_software_renderer
 

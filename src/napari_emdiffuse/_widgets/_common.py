@@ -66,8 +66,8 @@ def software_opengl() -> bool:
                 return False  # not known yet
             canvas.set_current()
             _software_opengl = is_software_renderer(str(gl.glGetParameter(gl.GL_RENDERER)))
-        except Exception:  # no OpenGL information: assume a GPU
-            _software_opengl = False
+        except Exception:  # no OpenGL information: assume a GPU (and ask again next time)
+            return False
     return _software_opengl
 
 
