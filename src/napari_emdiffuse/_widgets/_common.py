@@ -54,7 +54,8 @@ _software_opengl: bool | None = None
 def software_opengl() -> bool:
     """Whether napari's canvas is drawn without a GPU (remote desktops, virtual machines). There napari's animated
     activity indicator repaints the whole window 25 times a second and leaves a job a third of its speed
-    (self-supervised learning on 2 cores: 112 steps in 30 s instead of 368), so jobs report in the widget only."""
+    (self-supervised learning on 2 cores: about 110 steps in 30 s instead of 330-430), so jobs report in the widget
+    only."""
     global _software_opengl
     if _software_opengl is None:
         try:
