@@ -266,6 +266,7 @@ class JobWidget(QWidget):
     """
 
     cancelled_text = "Cancelled; nothing was added."
+    _updated = -np.inf  # when progress was last shown
 
     def __init__(self, viewer: napari.viewer.Viewer, parent=None):
         super().__init__(parent)
@@ -337,6 +338,14 @@ class JobWidget(QWidget):
     def on_progress(self, p) -> None:
         self.show_progress(p.done, p.total, p.message)
 
+    def update_due(self, last: bool = False) -> bool:
+        """Whether to show progress now: at the end, or when the last update is ``UPDATE_SECONDS`` old."""
+        now = time.monotonic()
+        if not last and now - self._updated < UPDATE_SECONDS:
+            return False
+        self._updated = now
+        return True
+
     def _set_running(self, running: bool) -> None:
         self.run_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
@@ -363,7 +372,6 @@ class RestoreWidget(JobWidget):
     task = ""  # set by subclasses: "denoise", ...
     suffix = ""  # output layer name suffix, e.g. "denoised"
     doing = ""  # what the running job is, for the status line
-    _updated = -np.inf  # when progress was last shown
 
     def __init__(self, viewer: napari.viewer.Viewer, parent=None):
         super().__init__(viewer, parent)
@@ -547,10 +555,8 @@ class RestoreWidget(JobWidget):
         self.status.setText(f"{self.status.text()} Saved in {path}.")
 
     def on_progress(self, p) -> None:
-        now = time.monotonic()
-        if p.done < p.total and now - self._updated < UPDATE_SECONDS:
+        if not self.update_due(last=p.done >= p.total):
             return
-        self._updated = now
         # first: updating napari's progress bar can process the job's end, whose status must win
         self.status.setText(f"{self.doing}\n{p.message}")  # e.g. which gap and slice, or the learning's loss
         super().on_progress(p)

@@ -25,9 +25,9 @@ class LossPlot(QWidget):
         self.points: list[tuple[int, float]] = []
 
     def add(self, step: int, loss: float) -> None:
+        """Record a point; drawn at the next ``update()``."""
         if np.isfinite(loss):
             self.points.append((step, loss))
-            self.update()
 
     def clear(self) -> None:
         self.points = []
@@ -128,10 +128,12 @@ class FinetuneWidget(JobWidget):
         from ..core.train import TrainProgress
 
         if isinstance(p, TrainProgress):
-            self.plot.add(p.step, p.loss)
-            self.status.setText(f"Training: step {p.step}, {p.seconds:.0f} s")  # before the bar: see RestoreWidget
-            self.show_progress(int(1000 * p.fraction), 1000, "training")
-        else:
+            self.plot.add(p.step, p.loss)  # every point, drawn once a second with the rest
+            if self.update_due(last=p.fraction >= 1):
+                self.plot.update()
+                self.status.setText(f"Training: step {p.step}, {p.seconds:.0f} s")  # before the bar: see RestoreWidget
+                self.show_progress(int(1000 * p.fraction), 1000, "training")
+        elif self.update_due():
             self.status.setText(f"Validating ({p.message})…")
 
     def on_result(self, result) -> None:
