@@ -220,11 +220,14 @@ def _restore_chunked(args, factor: int) -> dict:
                          chunk=args.chunk, halo=args.halo, scheduler=args.scheduler, workers=args.workers,
                          overwrite=args.overwrite)
     try:
-        return drive(job, _progress_bar(args.quiet or args.json))
+        info = drive(job, _progress_bar(args.quiet or args.json))
     except KeyboardInterrupt:
         print(f"emdiffuse: interrupted; finished chunks are kept in {args.output}: run the same command to resume.",
               file=sys.stderr)
         raise SystemExit(130) from None
+    if not (args.quiet or args.json):
+        print(f"emdiffuse: to look at it: napari {args.output} --plugin napari-emdiffuse", file=sys.stderr)
+    return info
 
 
 def _summary(info: dict, as_json: bool) -> None:

@@ -199,6 +199,8 @@ def test_command_line_switches_to_chunks_for_zarr_and_refuses_mixed_outputs(tmp_
     assert out["0"].shape == (5, 32, 40) and out["uncertainty/0"].shape == (5, 32, 40)
     assert open_volume(tmp_path / "iso.zarr").scale == pytest.approx((20.0, 10.0, 10.0))
     assert '"uncertainty_score"' in capsys.readouterr().out
+    assert main(["isotropic", source, "-o", str(tmp_path / "again.zarr"), "--chunk", "1,16,16", *common]) == 0
+    assert f"napari {tmp_path / 'again.zarr'} --plugin napari-emdiffuse" in capsys.readouterr().err  # how to look
     assert main(["isotropic", source, "-o", str(tmp_path / "iso.tif"), *common]) == 2
     assert main(["isotropic", source, "-o", str(tmp_path / "b.zarr"), "--uncertainty", "u.tif", *common]) == 2
     assert "Zarr output" in capsys.readouterr().err

@@ -66,6 +66,7 @@ def test_the_whole_layer_goes_to_a_zarr_file_and_opens_lazily(zarr_layer, qtbot,
     assert isinstance(out.data, da.Array) and out.data.shape == (3, 96, 80) and out.data.dtype == np.uint8
     assert tuple(out.scale) == (30.0, 4.0, 4.0) and tuple(unc.translate) == (0.0, 100.0, 0.0)
     assert out.metadata["model"] == "tiny" and "reliable" in widget.status.text()
+    assert f"Saved in {tmp_path / 'out.zarr'}" in widget.status.text()
     stored = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
     assert stored.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [
         30_000.0, 4000.0, 4000.0]

@@ -552,7 +552,7 @@ class RestoreWidget(JobWidget):
                 if name in info["maps"]}
         result = Restoration(maps["image"], maps.get("uncertainty"), maps.get("difficulty"), info)
         self.on_result(layer, result)
-        self.status.setText(f"{self.status.text()} Saved in {path}.")
+        self.status.setText(f"{self.status.text()} Saved in {path} (drag it into napari to open it again).")
 
     def on_progress(self, p) -> None:
         if not self.update_due(last=p.done >= p.total):
