@@ -52,6 +52,8 @@ def test_a_lazy_layer_starts_on_the_current_view_of_the_current_slice(zarr_layer
     z, y, x = widget.region(layer)
     assert (z.start, z.stop) == (2, 3) and y.start <= 48 < y.stop and x.start <= 40 < x.stop
     assert x.stop - x.start < 79  # only what is in view
+    viewer.dims.ndisplay = 3  # whole planes in view, seen at an angle: the current slice, whole
+    assert widget.region(layer) == (slice(2, 3), slice(None), slice(None))
 
 
 def test_the_whole_layer_goes_to_a_zarr_file_and_opens_lazily(zarr_layer, qtbot, tmp_path):

@@ -471,7 +471,7 @@ class RestoreWidget(JobWidget):
         if scope in ("slice", "view") and data.ndim == 3 and self.planewise:
             z = int(np.clip(round(layer.world_to_data(self.viewer.dims.point)[-3]), 0, data.shape[0] - 1))
             region[0] = slice(z, z + 1)
-        if scope == "view":
+        if scope == "view" and self.viewer.dims.ndisplay == 2:  # in a 3D view: the current slice, whole
             corners = np.asarray(layer.corner_pixels, float)
             if layer.multiscale:
                 corners = corners * layer.downsample_factors[layer.data_level]
