@@ -22,7 +22,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def run(widget, app) -> tuple[float, list[str]]:
+def run(widget) -> tuple[float, list[str]]:
     from qtpy.QtCore import QEventLoop
 
     messages = []
@@ -59,10 +59,10 @@ def main():
         if window == "hidden":
             viewer.window._qt_window.hide()
         widget.mode.setCurrentIndex(widget.mode.findData("model"))
-        seconds, _ = run(widget, app)
+        seconds, _ = run(widget)
         widget.mode.setCurrentIndex(widget.mode.findData("self-supervised"))
         widget.minutes.setValue(0.5)
-        _, messages = run(widget, app)
+        _, messages = run(widget)
         steps = max(int(m) for m in re.findall(r"step (\d+)", " ".join(messages)))
         report[window] = {"reconstruction_seconds": round(seconds, 1), "learning_steps_in_30_s": steps}
         print(window, report[window], flush=True)

@@ -72,8 +72,7 @@ def main():
         for level, noise in LEVELS.items():
             rng = np.random.default_rng(11)
             pairs = []
-            for s in slices:
-                hr = s
+            for hr in slices:
                 lr = noise(area_downsample(hr.astype(np.float32) / 255, scale), rng) * 255
                 pairs.append((to_uint8(lr), hr))
             sigma = max(BM3D_GRID, key=lambda g: psnr(bm3d_bicubic(pairs[0][0], scale, g), pairs[0][1]))
