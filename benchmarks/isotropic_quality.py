@@ -6,6 +6,7 @@
     python benchmarks/isotropic_quality.py ../shared/data/em --inverted --out isotropic_inverted.json
     python benchmarks/isotropic_quality.py ../shared/data/em --coarser 0.5 --out isotropic_20nm.json
     python benchmarks/isotropic_quality.py ../shared/data/em --factors 4 --gaps 16 --noise 8 --out iso_noisy8.json
+    python benchmarks/isotropic_quality.py ../shared/data/em --finetune 10 --out isotropic_finetuned.json
 
 The volume (10 nm isotropic, not used in training) keeps every R-th slice; the slices between are reconstructed
 and compared with the truth on the generated slices only (PSNR, SSIM, FSIM per slice, averaged), against linear
@@ -18,6 +19,9 @@ the held-out test's might differ from the training volume's: ``--noise S`` adds 
 (a noisier acquisition: in the kept slices and the truth alike), ``--blur S`` a Gaussian blur of S pixels in y and
 x (a softer one), ``--contrast C`` squeezes the grey levels to C times their range around the middle, ``--gamma G``
 bends them (v**G on [0, 1]).
+``--finetune M``: a user's own small isotropic volume of the tissue: the model is fine-tuned for M minutes on the
+volume's first ``--tune-slices`` slices (as the plugin's Fine-tune does, for each R) and every model is tested on
+the slices after them only.
 An XZ view (input, linear, reconstruction, truth) is written next to the results (not committed: real data).
 """
 
@@ -33,6 +37,7 @@ import numpy as np
 import tifffile
 from _common import fsim, psnr, ssim, to_uint8
 
+from napari_emdiffuse.core.finetune import finetune
 from napari_emdiffuse.core.isotropic import decimate, flicker, interpolate, isotropic, self_supervised
 from napari_emdiffuse.core.models import load_model, save_model
 from napari_emdiffuse.core.simulate import coarser_voxels
@@ -109,6 +114,9 @@ def main():
     parser.add_argument("--contrast", type=float, default=1.0, help="grey range times C, around the middle")
     parser.add_argument("--gamma", type=float, default=1.0, help="grey levels v**G on [0, 1]")
     parser.add_argument("--out", default="isotropic_quality.json")
+    parser.add_argument("--finetune", type=float, default=0.0, metavar="M",
+                        help="also fine-tune the model for M minutes on the first --tune-slices slices")
+    parser.add_argument("--tune-slices", type=int, default=100)
     parser.add_argument("--save-model", type=Path, default=None,
                         help="keep the vEMDiffuse-a model (then: --model FILE --sweep compares its sampling)")
     args = parser.parse_args()
@@ -118,9 +126,11 @@ def main():
     if args.coarser != 1:
         truth_full = to_uint8(coarser_voxels(truth_full, args.coarser))
     truth_full = other_acquisition(truth_full, args.noise, args.blur, args.contrast, args.gamma)
+    if args.finetune:
+        tuning_volume, truth_full = truth_full[: args.tune_slices], truth_full[args.tune_slices:]
     report = {"volume": args.volume, "inverted": args.inverted, "coarser": args.coarser, "noise": args.noise,
               "blur": args.blur, "contrast": args.contrast, "gamma": args.gamma, "samples": args.samples,
-              "gaps": args.gaps or "all", "factors": {}}
+              "gaps": args.gaps or "all", "finetune_minutes": args.finetune, "factors": {}}
     trained = load_model(args.model or "isotropic-fibsem") if not args.self_supervised or args.model else None
     for factor in [int(f) for f in args.factors.split(",")]:
         acquired = decimate(truth_full, factor)
@@ -139,6 +149,15 @@ def main():
             entry["vEMDiffuse-a training seconds"] = time.perf_counter() - started
             if args.save_model:
                 save_model(models["vEMDiffuse-a"].net, models["vEMDiffuse-a"].meta, args.save_model)
+        if args.finetune:
+            tuned = RESULTS / f"isotropic_finetuned_R{factor}.npz"
+            tuning = drive(finetune("isotropic", tuning_volume, base=args.model, factor=factor,
+                                    minutes=args.finetune, output=tuned, precision=args.precision))
+            print(tuning.message, flush=True)
+            entry["fine-tuning"] = {"steps": tuning.steps, "val_psnr_before": tuning.val_psnr_before,
+                                    "val_psnr_after": tuning.val_psnr_after}
+            if tuning.improved:
+                models["vEMDiffuse-i fine-tuned"] = load_model(tuned)
         for name, model in models.items():
             for steps, sigma_max, sigma_end in SWEEP if args.sweep else [(None, None, None)]:
                 key, m = name, model

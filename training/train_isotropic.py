@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import tifffile
 import torch
 from common import add_arguments, fit
 
-from napari_emdiffuse.core.isotropic import FACTORS, LABELS, interpolation_batches, sees_start
+from napari_emdiffuse.core.isotropic import FACTORS, LABELS, interpolation_batches, oriented, sees_start
 from napari_emdiffuse.core.network import UNet, UNetConfig
 from napari_emdiffuse.core.normalize import Normalizer
 from napari_emdiffuse.core.simulate import coarser_voxels
@@ -57,10 +56,10 @@ def main():
     shares = args.scale_shares or [1.0] * len(args.scales)
     if len(shares) != len(args.scales):
         parser.error("give one --scale-shares value per --scales value")
-    oriented, volume_shares = [], []
+    volumes, volume_shares = [], []
     for scale, share in zip(args.scales, shares):
         scaled = coarser_voxels(volume, scale)
-        oriented += [np.ascontiguousarray(np.moveaxis(scaled, axis, 0)) for axis in range(3)]
+        volumes += oriented(scaled)
         volume_shares += [share / 3] * 3
     net = UNet(UNetConfig(cond_channels=3, base=args.base, mults=(1, 2, 2, 4), blocks=1, attention=True, patch=2,
                           num_labels=len(LABELS)))
@@ -68,7 +67,7 @@ def main():
             "factors": list(FACTORS), "mode": "isotropic training data", "residual": True, "start": "motion",
             "description": "vEMDiffuse-i: slices between serial sections, trained on 10 nm isotropic FIB-SEM"
                            + (" in both contrast conventions (membranes dark or bright)." if args.invert else ".")}
-    fit(net, lambda seed: interpolation_batches(oriented, FACTORS, args.batch, args.patch, seed, factor_weights(),
+    fit(net, lambda seed: interpolation_batches(volumes, FACTORS, args.batch, args.patch, seed, factor_weights(),
                                                 jitter=0.03, residual="motion", cache=args.cache_starts,
                                                 start_condition=sees_start(net), invert=args.invert,
                                                 device=args.flow_device, volume_shares=volume_shares),

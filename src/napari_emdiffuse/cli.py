@@ -92,16 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--remove", metavar="NAME", help="delete one of your own models")
     action.add_argument("--export", nargs=2, metavar=("NAME", "FILE"), help="copy a model to a file")
     action.add_argument("--import", dest="import_file", metavar="FILE", help="add a model file to your models")
-    finetune = sub.add_parser("finetune", help="fine-tune a model on one registered image pair")
-    finetune.add_argument("--task", choices=["denoise", "superres"], required=True)
-    finetune.add_argument("--input", type=Path, required=True, help="fast/noisy (or low-resolution) image")
-    finetune.add_argument("--target", type=Path, required=True, help="slow/clean (or high-resolution) image")
+    finetune = sub.add_parser("finetune", help="fine-tune a model on one image pair (or, for isotropic "
+                                               "reconstruction, one isotropic volume) of your tissue")
+    finetune.add_argument("--task", choices=["denoise", "superres", "isotropic"], required=True)
+    finetune.add_argument("--input", type=Path, required=True,
+                          help="fast/noisy (or low-resolution) image; for isotropic: an isotropic volume")
+    finetune.add_argument("--target", type=Path, default=None,
+                          help="slow/clean (or high-resolution) image (not for isotropic)")
     finetune.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.npz)")
     finetune.add_argument("--base", default=None, help="model to start from (default: the bundled one)")
     budget = finetune.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, default=None, help="time budget (default 10)")
     budget.add_argument("--iterations", type=int, default=None)
     finetune.add_argument("--scale", type=int, default=2, choices=[2, 4])
+    finetune.add_argument("--factor", type=int, default=4, help="isotropic: R, the z factor to generate slices for")
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     finetune.add_argument("--precision", default="auto", choices=PRECISIONS)
@@ -269,12 +273,19 @@ def _models(args) -> None:
 def _finetune(args) -> None:
     from .core.finetune import finetune
     from .core.io import read_tiff
+    from .core.isotropic import check_isotropic
     from .core.tasks import drive
     from .core.train import TrainProgress
 
     if args.output.exists() and not args.overwrite:
         raise CLIError(f"{args.output} exists; use --overwrite to replace it.")
-    image, target = read_tiff(args.input).data, read_tiff(args.target).data
+    if (args.target is None) != (args.task == "isotropic"):
+        raise CLIError("--task isotropic learns from --input alone (an isotropic volume)" if args.target else
+                       f"--task {args.task} needs --target (the slow acquisition)")
+    source = read_tiff(args.input)
+    if args.task == "isotropic" and source.unit == "nm" and len(source.scale) == 3:
+        check_isotropic(source.scale)
+    image, target = source.data, None if args.target is None else read_tiff(args.target).data
 
     def show(p) -> None:
         if isinstance(p, TrainProgress) and not args.json:
@@ -283,15 +294,16 @@ def _finetune(args) -> None:
         elif not args.json:
             print(p.message, file=sys.stderr, flush=True)
 
-    result = drive(finetune(args.task, image, target, base=args.base, scale=args.scale, minutes=args.minutes,
-                            iterations=args.iterations, seed=args.seed, output=args.output, device=args.device,
-                            precision=args.precision), show)
+    result = drive(finetune(args.task, image, target, base=args.base, scale=args.scale, factor=args.factor,
+                            minutes=args.minutes, iterations=args.iterations, seed=args.seed, output=args.output,
+                            device=args.device, precision=args.precision), show)
     if args.json:
         print(json.dumps({"improved": result.improved, "model": result.model_name,
                           "path": str(result.path) if result.path else None,
                           "val_psnr_before": result.val_psnr_before, "val_psnr_after": result.val_psnr_after,
-                          "shift": list(result.registration.shift), "residual_px": result.registration.residual,
-                          "steps": result.steps}))
+                          "steps": result.steps, **({} if result.registration is None else {
+                              "shift": list(result.registration.shift),
+                              "residual_px": result.registration.residual})}))
     else:
         print(result.message)
 

@@ -47,6 +47,18 @@ def tiny_isotropic(models_dir):
     return make_tiny_model(models_dir, "isotropic", "tiny-iso", labels=LABELS)
 
 
+@pytest.fixture(scope="session")
+def learnt_isotropic(models_dir):
+    """A small residual model that sees its motion-compensated start, as the bundled one does (R = 4 only)."""
+    from napari_emdiffuse.core.isotropic import self_supervised
+    from napari_emdiffuse.core.models import save_model
+    from napari_emdiffuse.core.tasks import drive
+
+    vol = np.random.default_rng(1).random((6, 48, 48)).astype(np.float32)
+    model = drive(self_supervised(vol, 4, minutes=0.02, batch=2, patch=32))
+    return str(save_model(model.net, {**model.meta, "name": "learnt-iso"}, models_dir / "learnt-iso.npz"))
+
+
 @pytest.fixture
 def em_pair():
     """A clean synthetic EM image (uint8) and a short-dwell-like noisy version of it."""

@@ -129,3 +129,63 @@ def test_cli_finetune_then_use_export_import_remove(tmp_path, pair, tiny_model, 
     assert main(["models", "--remove", name]) == 0
     assert name not in [e.name for e in list_models()]
     assert main(["models", "--remove", "denoise-sem"]) == 2  # bundled models stay
+
+
+def test_an_isotropic_model_is_finetuned_on_one_isotropic_volume(learnt_isotropic, tmp_path):
+    from napari_emdiffuse.core.isotropic import isotropic
+    from napari_emdiffuse.core.simulate import synthetic_volume
+    from napari_emdiffuse.core.tasks import Settings
+
+    volume = (synthetic_volume((40, 48, 48), seed=2) * 200 + 20).astype(np.uint8)
+    progress = []
+    result = drive(finetune("isotropic", volume, base=learnt_isotropic, factor=4, iterations=12, lr=2e-3,
+                            batch=2, output=tmp_path / "tuned.npz", validate_every_minutes=0.01), progress.append)
+    assert result.registration is None and np.isfinite(result.val_psnr_before)
+    assert sum(isinstance(p, TrainProgress) for p in progress) >= 2
+    assert any("isotropic" in getattr(p, "message", "") for p in progress)  # validated by reconstructing
+    if result.improved:  # an untrained model improves almost surely; if not, the base is kept
+        tuned = load_model(tmp_path / "tuned.npz")
+        assert tuned.meta["finetune"]["factor"] == 4 and tuned.meta["finetune"]["validation_slices"] == 9
+        assert "isotropic volume for R = 4" in tuned.meta["description"] and "Registration" not in result.message
+        out = drive(isotropic(volume[::4], tuned, Settings(samples=1), factor=4))
+        assert out.image.shape == (37, 48, 48)
+    else:
+        assert result.path is None and result.model_name == "learnt-iso"
+
+
+@pytest.mark.parametrize("volume, kwargs, message", [
+    (np.zeros((40, 48, 48), np.uint8), {"factor": 6}, "does not generate slices for R = 6"),
+    (np.zeros((16, 48, 48), np.uint8), {}, "at least 18 slices"),
+    (np.zeros((48, 48), np.uint8), {}, "2 dimensions"),
+    (np.zeros((40, 48, 48), np.uint8), {"target": np.zeros((40, 48, 48))}, "takes no target"),
+])
+def test_unusable_isotropic_training_volumes_are_refused_with_a_sentence(learnt_isotropic, volume, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        drive(finetune("isotropic", volume, base=learnt_isotropic, iterations=2, **kwargs))
+
+
+def test_an_anisotropic_volume_is_refused_as_isotropic_training_data():
+    from napari_emdiffuse.core.isotropic import check_isotropic
+
+    check_isotropic((10, 10, 10.5))
+    with pytest.raises(InputError, match="40 x 10 x 10"):
+        check_isotropic((40, 10, 10))
+
+
+def test_cli_finetunes_an_isotropic_model_and_refuses_an_anisotropic_file(tmp_path, learnt_isotropic, capsys):
+    import json
+
+    from napari_emdiffuse.core.io import write_tiff
+    from napari_emdiffuse.core.simulate import synthetic_volume
+
+    volume = (synthetic_volume((20, 32, 32), seed=3) * 200 + 20).astype(np.uint8)
+    write_tiff(tmp_path / "iso.tif", volume, (10.0, 10.0, 10.0), "nm")
+    write_tiff(tmp_path / "aniso.tif", volume, (40.0, 10.0, 10.0), "nm")
+    args = ["finetune", "--task", "isotropic", "--base", learnt_isotropic, "--iterations", "3", "--json"]
+    assert main([*args, "--input", str(tmp_path / "iso.tif"), "-o", str(tmp_path / "m.npz")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"val_psnr_before", "improved", "steps"} <= set(summary) and "shift" not in summary
+    assert main([*args, "--input", str(tmp_path / "aniso.tif"), "-o", str(tmp_path / "n.npz")]) == 2
+    assert "isotropic volume" in capsys.readouterr().err
+    assert main(["finetune", "--task", "denoise", "--input", str(tmp_path / "iso.tif"), "-o",
+                 str(tmp_path / "d.npz")]) == 2  # a pair's task without its target

@@ -11,7 +11,7 @@ from napari_emdiffuse.core.isotropic import (
     interpolation_batches,
     isotropic,
     label_of,
-    lateral_volumes,
+    oriented,
     sees_start,
     self_supervised,
 )
@@ -174,7 +174,7 @@ def test_inverted_examples_are_the_same_examples_in_the_other_contrast(cache):
 
 def test_self_supervised_learns_from_lateral_planes_of_the_volume_alone(volume):
     vol = np.random.default_rng(1).random((6, 48, 48)).astype(np.float32)
-    assert [v.shape for v in lateral_volumes(vol)] == [(48, 6, 48), (48, 6, 48)]
+    assert [v.shape for v in oriented(vol, axes=(1, 2))] == [(48, 6, 48), (48, 6, 48)]
     model = drive(self_supervised(vol, 4, minutes=0.03, batch=2, patch=32))
     assert model.meta["labels"] == {f"4:{j}": LABELS[f"4:{j}"] for j in (1, 2, 3)}
     assert sees_start(model.net)  # reconstruction below hands it the start as its third channel

@@ -236,3 +236,34 @@ def test_finetune_widget_prefills_from_two_selected_layers_and_trains(make_napar
     assert "Validation PSNR" in text or "kept" in text
     if "Validation PSNR" in text:  # saved: every task widget's picker lists it without being reopened
         assert denoise_widget.model_picker.findText("tuned-here") >= 0
+
+
+def test_finetune_widget_tunes_an_isotropic_model_on_one_isotropic_volume(make_napari_viewer, qtbot, user_models,
+                                                                          learnt_isotropic, monkeypatch):
+    from napari_emdiffuse.core.simulate import synthetic_volume
+
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    volume = (synthetic_volume((20, 32, 32), seed=4) * 200 + 20).astype(np.uint8)
+    viewer = make_napari_viewer()
+    viewer.add_image(volume[::4], name="sections", scale=(40.0, 10.0, 10.0))
+    fib = viewer.add_image(volume, name="fib", scale=(10.0, 10.0, 10.0))
+    _, widget = viewer.window.add_plugin_dock_widget("napari-emdiffuse", "Fine-tune")
+    assert widget.target_picker.currentText() != widget.input_picker.currentText()  # a pair differs from the start
+    widget.task.setCurrentIndex(widget.task.findData("isotropic"))
+    assert widget.target_picker.isHidden() and widget.scale.isHidden() and not widget.factor.isHidden()
+    assert widget.form.labelForField(widget.input_picker).text() == "Isotropic volume"
+    viewer.layers.selection = {fib}
+    assert widget.input_picker.currentText() == "fib"
+    widget.base.setCurrentIndex(widget.base.findData(learnt_isotropic))
+    widget.input_picker.setCurrentText("sections")  # 40 nm sections of 10 nm pixels: not isotropic
+    widget.run_button.click()
+    assert widget.worker is None and "isotropic volume" in str(shown[-1])
+    widget.input_picker.setCurrentText("fib")
+    widget.minutes.setValue(0.1)
+    widget.run_button.click()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert len(widget.plot.points) >= 2
+    assert "Validation PSNR" in widget.status.text() or "kept" in widget.status.text()
+    widget.task.setCurrentIndex(widget.task.findData("denoise"))  # and back: the pair's rows return
+    assert not widget.target_picker.isHidden() and widget.factor.isHidden()

@@ -1,4 +1,5 @@
-"""The Fine-tune dock widget: one click from two selected layers to a model tuned to a new tissue."""
+"""The Fine-tune dock widget: one click from two selected layers (or one isotropic volume) to a model tuned to a
+new tissue."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from qtpy.QtCore import QPointF, Qt
 from qtpy.QtGui import QPainter, QPen, QPolygonF
-from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QLineEdit, QWidget
+from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QLineEdit, QSpinBox, QWidget
 
+from ..core.isotropic import FACTORS
 from ..core.tasks import SUPERRES_SCALES
 from ._common import JobWidget, LayerPicker, ModelPicker, noisiness
 
@@ -50,6 +52,15 @@ class LossPlot(QWidget):
         painter.drawPolyline(QPolygonF([to_px(s, v) for s, v in self.points]))
 
 
+# what each task learns from: the input's label, and the hint shown until a run starts
+LEARNS_FROM = {
+    "denoise": ("Input (fast)", "Select the fast and the slow acquisition of one field of view."),
+    "superres": ("Input (fast)", "Select the fast and the slow acquisition of one field of view."),
+    "isotropic": ("Isotropic volume", "Select a small isotropic volume of your tissue (e.g. FIB-SEM): the model "
+                                      "learns to generate the R - 1 slices between every R-th one, along z, y and x."),
+}
+
+
 class FinetuneWidget(JobWidget):
     cancelled_text = "Cancelled; a validated improvement (if any) was saved, nothing else."
 
@@ -59,16 +70,20 @@ class FinetuneWidget(JobWidget):
         self.task = QComboBox(objectName="task")
         self.task.addItem("Denoise", "denoise")
         self.task.addItem("Super-resolution", "superres")
+        self.task.addItem("Isotropic reconstruction", "isotropic")
         form.addRow("Task", self.task)
         self.scale = QComboBox(objectName="scale")
         for factor in SUPERRES_SCALES:
             self.scale.addItem(f"×{factor}", factor)
         form.addRow("Scale", self.scale)
+        self.factor = QSpinBox(objectName="factor", minimum=FACTORS[0], maximum=FACTORS[-1], value=4)
+        self.factor.setToolTip("R: the z spacing of the volumes to reconstruct over their pixel size")
+        form.addRow("z factor R", self.factor)
         self.input_picker = LayerPicker(viewer, follow_selection=False)
         self.input_picker.setObjectName("input_picker")
         self.target_picker = LayerPicker(viewer, follow_selection=False)
         self.target_picker.setObjectName("target_picker")
-        form.addRow("Input (fast)", self.input_picker)
+        form.addRow(LEARNS_FROM["denoise"][0], self.input_picker)
         form.addRow("Target (slow)", self.target_picker)
         self.base = ModelPicker("denoise")
         self.base.setObjectName("base_picker")
@@ -81,47 +96,69 @@ class FinetuneWidget(JobWidget):
         self.progress.setMaximum(1000)
         self.plot = LossPlot()
         self.extra.addWidget(self.plot)
-        self.status.setText("Select the fast and the slow acquisition of one field of view.")
         self.task.currentIndexChanged.connect(self._task_changed)
         viewer.layers.selection.events.changed.connect(self.prefill)
         self._task_changed()
 
     def _task_changed(self, *_) -> None:
         task = self.task.currentData()
-        self.scale.setEnabled(task == "superres")
+        for field, shown in ((self.scale, task == "superres"), (self.factor, task == "isotropic"),
+                             (self.target_picker, task != "isotropic")):
+            field.setVisible(shown)
+            self.form.labelForField(field).setVisible(shown)
+        label, hint = LEARNS_FROM[task]
+        self.form.labelForField(self.input_picker).setText(label)
+        self.status.setText(hint)
         self.base.set_task(task)
         self.prefill()
 
     def prefill(self, event=None) -> None:
-        """Two selected image layers: the noisier (or, for super-resolution, the smaller) is the input."""
+        """Two selected image layers: the noisier (or, for super-resolution, the smaller) is the input; for
+        isotropic reconstruction, the selected volume. Otherwise input and target at least differ."""
         from napari.layers import Image
 
         chosen = [layer for layer in self.viewer.layers.selection if isinstance(layer, Image) and not layer.rgb]
-        if len(chosen) != 2:
+        task = self.task.currentData()
+        if task == "isotropic":
+            volumes = [layer for layer in chosen if layer.ndim == 3]
+            if len(volumes) == 1:
+                self.input_picker.setCurrentText(volumes[0].name)
             return
-        if self.task.currentData() == "superres":
-            chosen.sort(key=lambda layer: np.prod(layer.data.shape))
-        else:
-            chosen.sort(key=lambda layer: -noisiness(layer.data))
-        self.input_picker.setCurrentText(chosen[0].name)
-        self.target_picker.setCurrentText(chosen[1].name)
+        if len(chosen) == 2:
+            chosen.sort(key=(lambda layer: np.prod(layer.data.shape)) if task == "superres" else
+                        (lambda layer: -noisiness(layer.data)))
+            self.input_picker.setCurrentText(chosen[0].name)
+            self.target_picker.setCurrentText(chosen[1].name)
+        elif self.target_picker.currentIndex() == self.input_picker.currentIndex() and self.target_picker.count() > 1:
+            self.target_picker.setCurrentIndex(1 - min(self.input_picker.currentIndex(), 1))
 
     def run(self) -> None:
         from napari.utils.notifications import show_error
 
         from ..core.finetune import finetune
+        from ..core.isotropic import check_isotropic
+        from ..core.normalize import InputError
 
         if self.worker is not None:
             return
-        source, target = self.input_picker.layer(), self.target_picker.layer()
-        if source is None or target is None or source is target:
-            show_error("Choose two different image layers: the fast (input) and the slow (target) acquisition.")
+        task, source = self.task.currentData(), self.input_picker.layer()
+        target = None if task == "isotropic" else self.target_picker.layer()
+        try:
+            if source is None or (task != "isotropic" and (target is None or source is target)):
+                raise InputError("Choose two different image layers: the fast (input) and the slow (target) "
+                                 "acquisition.")
+            if task == "isotropic":
+                if source.ndim != 3:
+                    raise InputError(f"'{source.name}' is not a volume: choose an isotropic volume (z, y, x).")
+                check_isotropic(source.scale)
+        except InputError as error:
+            show_error(str(error))
             return
-        job = finetune(self.task.currentData(), np.asarray(source.data), np.asarray(target.data),
+        job = finetune(task, np.asarray(source.data), None if target is None else np.asarray(target.data),
                        base=self.base.currentData(), name=self.name.text().strip() or None,
-                       scale=self.scale.currentData(), minutes=self.minutes.value())
+                       scale=self.scale.currentData(), factor=self.factor.value(), minutes=self.minutes.value())
         self.plot.clear()
-        self.status.setText("Registering the pair…")
+        self.status.setText("Preparing the volume…" if task == "isotropic" else "Registering the pair…")
         self.start(job, "Fine-tune", self.on_result)
 
     def on_progress(self, p) -> None:

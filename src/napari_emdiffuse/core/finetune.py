@@ -1,16 +1,21 @@
-"""Fine-tuning a model on one registered image pair of a new tissue or microscope (the paper's transfer).
+"""Fine-tuning a model on data of a new tissue or microscope (the paper's transfer).
+
+Denoising and super-resolution models learn from one registered image pair (a fast and a slow acquisition of one
+field of view); an isotropic-reconstruction model (vEMDiffuse-i) learns from one small isotropic volume of the
+tissue (e.g. FIB-SEM), decimated along each of its axes as an anisotropic acquisition would see it.
 
 ``finetune`` is a generator like the restoration jobs: it yields :class:`~.train.TrainProgress` while training
-(and :class:`~.tasks.Progress` while validating) and returns a :class:`FinetuneResult`. A strip of the pair is
-kept aside for validation; its PSNR is measured before training, at every checkpoint and at the end, the best
-weights are kept, and if nothing beats the base model the base model is kept and the user is told.
+(and :class:`~.tasks.Progress` while validating) and returns a :class:`FinetuneResult`. A part of the data (a
+strip of the pair, the last slices of the volume) is kept aside for validation; its PSNR is measured before
+training, at every checkpoint and at the end, the best weights are kept, and if nothing beats the base model the
+base model is kept and the user is told.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from .normalize import InputError, Normalizer, check_image
 from .register import Registration, register_pair, shift_image
 
 PATCH = 128
+TASKS = ("denoise", "superres", "isotropic")
 
 
 @dataclass
@@ -29,10 +35,21 @@ class FinetuneResult:
     path: Path | None  # where the new model was saved (None when the base was kept)
     val_psnr_before: float
     val_psnr_after: float
-    registration: Registration
+    registration: Registration | None  # of the pair (None for a volume)
     steps: int
     message: str
     history: list = field(default_factory=list)  # (step, loss)
+
+
+@dataclass
+class Tuning:
+    """What one kind of fine-tuning learns from, and how a candidate is judged."""
+
+    batches: Callable[[int], Iterator]  # seed -> endless (x0, cond, label) batches in model space
+    validate: Callable  # net -> generator (restoration progress) returning the validation PSNR
+    record: dict  # provenance for the model file
+    about: str  # what the model was tuned on, for its description
+    registration: Registration | None = None
 
 
 def prepare_pair(task: str, image: np.ndarray, target: np.ndarray, scale: int) -> tuple:
@@ -93,34 +110,13 @@ def pair_batches(pairs: list[tuple[np.ndarray, np.ndarray]], batch: int, seed: i
         yield to_model_space(xs), to_model_space(cs), labels
 
 
-def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | None = None, name: str | None = None,
-             scale: int = 2, minutes: float | None = None, iterations: int | None = None, seed: int = 0,
-             output: str | Path | None = None, batch: int = 4, lr: float = 1e-4, device: str = "auto",
-             precision: str = "auto", validate_every_minutes: float = 2.0) -> Generator:
-    """Fine-tune ``base`` (default: the bundled model of ``task``) on one image pair; see the module docstring.
-
-    The result is saved to ``output`` if given, else into the user's model folder as ``name``. ``precision`` of
-    the training steps (see :func:`~.tasks.pick_precision`): bfloat16 where it is native takes 1.65x the steps in
-    the budget, which fine-tunes further (``benchmarks/finetune_transfer.py``).
-    """
-    from .diffusion import training_log_sigma
-    from .models import Model, dated_name, default_model, free_name, install_model, load_model, save_model
+def pair_tuning(task: str, image, target, base_model, scale: int, settings, batch: int) -> Tuning:
+    """Denoising or super-resolution: learn from one image pair, validated on a strip kept aside."""
     from .simulate import area_downsample
-    from .tasks import Progress, Settings, denoise, pick_device, pick_precision, superres, superres_steps, upsample
-    from .train import train
+    from .tasks import denoise, superres, superres_steps, upsample
 
-    if task not in ("denoise", "superres"):
-        raise InputError(f"Fine-tuning supports denoise and superres, not {task}.")
-    if minutes is None and iterations is None:
-        minutes = 10.0
-    if name and output is None:
-        free_name(name)  # before the training, not after it
-    started = time.perf_counter()
-    yield Progress(0, 1, "registering the pair")
     image, aligned, reg = prepare_pair(task, np.asarray(image), np.asarray(target), scale)
     factor = scale if task == "superres" else 1
-    dev = pick_device(device)
-    base_model = load_model(base or default_model(task), device=dev, task=task)
     steps = superres_steps(base_model, scale) if task == "superres" else (1,)
     label = None
     if base_model.meta.get("labels"):
@@ -136,32 +132,129 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | No
         pairs = [(norm(train_in) if factor == 1 else upsample(norm(train_in), factor), norm(train_out))]
     val_truth = norm(val_out)
 
-    def validate(net) -> Generator:
-        """Validation PSNR of ``net`` on the strip kept aside; yields the restoration's progress (cancellable)."""
-        candidate = Model(net=net, meta=base_model.meta, name=base_model.name, sampling=base_model.sampling)
-        settings = Settings(samples=2, seed=seed, device=dev.type, precision=precision)
+    def validate(candidate) -> Generator:
         job = denoise(val_in, candidate, settings) if task == "denoise" else superres(val_in, candidate, settings,
                                                                                          scale)
         result = yield from job
-        restored = norm(result.image.astype(np.float64))
-        return float(10 * np.log10(1.0 / np.mean((restored - val_truth) ** 2)))
+        return psnr(norm(result.image.astype(np.float64)), val_truth)
+
+    record = {"shift": list(reg.shift), "residual_px": reg.residual, "correlation": reg.correlation}
+    return Tuning(lambda seed: pair_batches(pairs, batch, seed, label), validate, record, "one image pair", reg)
+
+
+VALIDATION_PIXELS = 256  # the validation slices' crop in y and x: long enough to judge, quick to reconstruct
+
+
+def volume_tuning(volume, base_model, factor: int, settings, batch: int) -> Tuning:
+    """Isotropic reconstruction (vEMDiffuse-i): learn from an isotropic volume, along each of its three axes, to
+    generate the ``factor`` - 1 slices between two kept ones; validated on the volume's last slices kept aside
+    (decimated along z, reconstructed as a user's volume is, scored on the generated slices)."""
+    from .isotropic import (
+        caches_starts,
+        check_factor,
+        decimate,
+        interpolation_batches,
+        isotropic,
+        label_of,
+        oriented,
+        sees_start,
+    )
+
+    volume = check_image(volume, (3,))
+    factor = check_factor(factor)
+    labels = base_model.meta.get("labels") or {}
+    if any(label_of(factor, j) not in labels for j in range(1, factor)):
+        raise InputError(f"The model '{base_model.name}' does not generate slices for R = {factor}.")
+    held = max(2 * factor + 1, round(0.2 * len(volume)))  # at least two gaps
+    if len(volume) < 2 * held or min(volume.shape[1:]) < 2 * factor + 1:
+        raise InputError(f"Fine-tuning for R = {factor} needs an isotropic volume of at least {2 * held} slices "
+                         f"and {2 * factor + 1} pixels across (this one is {' x '.join(map(str, volume.shape))}).")
+    norm = Normalizer.fit(volume)
+    planes = oriented(norm(volume[: len(volume) - held]))
+    net = base_model.net
+    residual = base_model.meta.get("start", "linear") if base_model.meta.get("residual") else None
+    cache = residual is not None and caches_starts(planes, factor)
+
+    def batches(seed: int) -> Iterator:
+        return interpolation_batches(planes, [factor], batch, 96, seed, multiple=net.config.multiple,
+                                     residual=residual, cache=cache, start_condition=sees_start(net))
+
+    kept_aside = volume[len(volume) - held:][: (held - 1) // factor * factor + 1]
+    y0, x0 = ((n - min(n, VALIDATION_PIXELS)) // 2 for n in kept_aside.shape[1:])
+    truth = kept_aside[:, y0:y0 + VALIDATION_PIXELS, x0:x0 + VALIDATION_PIXELS]
+    generated = np.arange(len(truth)) % factor != 0
+
+    def validate(candidate) -> Generator:
+        result = yield from isotropic(decimate(truth, factor), candidate, settings, factor, norm)
+        return psnr(norm(result.image[generated].astype(np.float64)), norm(truth[generated].astype(np.float64)))
+
+    record = {"factor": factor, "volume_shape": list(volume.shape), "validation_slices": len(truth)}
+    return Tuning(batches, validate, record, f"an isotropic volume for R = {factor}")
+
+
+def psnr(restored: np.ndarray, truth: np.ndarray) -> float:
+    """In normalised units (the data's robust range is 1)."""
+    return float(10 * np.log10(1.0 / np.mean((restored - truth) ** 2)))
+
+
+def finetune(task: str, image: np.ndarray, target: np.ndarray | None = None, *, base: str | None = None,
+             name: str | None = None, scale: int = 2, factor: int = 4, minutes: float | None = None,
+             iterations: int | None = None, seed: int = 0, output: str | Path | None = None, batch: int | None = None,
+             lr: float = 1e-4, device: str = "auto", precision: str = "auto",
+             validate_every_minutes: float = 2.0) -> Generator:
+    """Fine-tune ``base`` (default: the bundled model of ``task``); see the module docstring.
+
+    ``image`` and ``target``: the pair (fast and slow acquisition; for super-resolution at ``scale``), or for
+    ``"isotropic"`` the isotropic volume alone, tuned to generate the slices of gaps of ``factor``. The result is
+    saved to ``output`` if given, else into the user's model folder as ``name``. ``precision`` of the training
+    steps (see :func:`~.tasks.pick_precision`): bfloat16 where it is native takes 1.65x the steps in the budget,
+    which fine-tunes further (``benchmarks/finetune_transfer.py``).
+    """
+    from .diffusion import training_log_sigma
+    from .models import Model, dated_name, default_model, free_name, install_model, load_model, save_model
+    from .tasks import Progress, Settings, pick_device, pick_precision
+    from .train import train
+
+    if task not in TASKS:
+        raise InputError(f"Fine-tuning supports {', '.join(TASKS)}, not {task}.")
+    if (target is None) != (task == "isotropic"):
+        raise InputError("Isotropic fine-tuning learns from one isotropic volume and takes no target."
+                         if task == "isotropic" else "Fine-tuning needs the slow acquisition as the target.")
+    if minutes is None and iterations is None:
+        minutes = 10.0
+    if name and output is None:
+        free_name(name)  # before the training, not after it
+    started = time.perf_counter()
+    dev = pick_device(device)
+    base_model = load_model(base or default_model(task), device=dev, task=task)
+    settings = Settings(samples=2, seed=seed, device=dev.type, precision=precision)
+    if task == "isotropic":
+        yield Progress(0, 1, "preparing the volume")
+        tuning = volume_tuning(np.asarray(image), base_model, factor, settings, batch or 8)
+    else:
+        yield Progress(0, 1, "registering the pair")
+        tuning = pair_tuning(task, image, target, base_model, scale, settings, batch or 4)
+
+    def validate(net) -> Generator:
+        """Validation PSNR of ``net`` on the data kept aside; yields the restoration's progress (cancellable)."""
+        return (yield from tuning.validate(Model(net=net, meta=base_model.meta, name=base_model.name,
+                                                 sampling=base_model.sampling)))
 
     before = yield from validate(base_model.net)
     best = {"psnr": before, "state": None, "step": 0}
     net = copy.deepcopy(base_model.net).float()
 
     def consider(ema, step) -> Generator:
-        psnr = yield from validate(ema)
-        if psnr > best["psnr"]:
-            best.update(psnr=psnr, state=copy.deepcopy(ema.state_dict()), step=step)
+        score = yield from validate(ema)
+        if score > best["psnr"]:
+            best.update(psnr=score, state=copy.deepcopy(ema.state_dict()), step=step)
 
     history = []
     # the noise levels the base model's sampler visits: steps spent elsewhere do not change what users get
     log_sigma = training_log_sigma(base_model.sampling["sigma_end"], base_model.sampling["sigma_max"])
-    job = train(net, pair_batches(pairs, batch, seed, label), iterations=iterations, minutes=minutes, lr=lr,
-                ema_decay=0.995, seed=seed, device=dev, report_every=5, warmup=20,
-                checkpoint_minutes=validate_every_minutes, log_sigma=log_sigma,
-                precision=pick_precision(precision, dev))
+    job = train(net, tuning.batches(seed), iterations=iterations, minutes=minutes, lr=lr, ema_decay=0.995,
+                seed=seed, device=dev, report_every=5, warmup=20, checkpoint_minutes=validate_every_minutes,
+                log_sigma=log_sigma, precision=pick_precision(precision, dev))
     finished = False
     try:
         while True:
@@ -184,11 +277,10 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | No
             meta = {k: v for k, v in base_model.meta.items() if k != "name"}
             meta["finetune"] = {
                 "base": base_model.name, "val_psnr_before": before, "val_psnr_after": best["psnr"],
-                "step": best["step"], "completed": finished, "shift": list(reg.shift),
-                "residual_px": reg.residual, "correlation": reg.correlation,
+                "step": best["step"], "completed": finished, **tuning.record,
                 "seconds": round(time.perf_counter() - started, 1), "date": time.strftime("%Y-%m-%d"),
             }
-            meta["description"] = f"{base_model.name} fine-tuned on one image pair ({time.strftime('%Y-%m-%d')})"
+            meta["description"] = f"{base_model.name} fine-tuned on {tuning.about} ({time.strftime('%Y-%m-%d')})"
             model_name = name or dated_name(f"{base_model.name}-finetuned")
             if output is not None:
                 path = save_model(net, {**meta, "name": Path(output).stem}, output)
@@ -197,11 +289,14 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray, *, base: str | No
                 path = install_model(net, meta, model_name)
     if improved:
         message = (f"Validation PSNR {before:.2f} -> {best['psnr']:.2f} dB (+{best['psnr'] - before:.2f}); saved "
-                   f"as '{model_name}'. Registration shift ({reg.shift[0]:+.2f}, {reg.shift[1]:+.2f}) px, residual "
-                   f"{reg.residual:.2f} px.")
+                   f"as '{model_name}'.")
+        reg = tuning.registration
+        if reg is not None:
+            message += (f" Registration shift ({reg.shift[0]:+.2f}, {reg.shift[1]:+.2f}) px, residual "
+                        f"{reg.residual:.2f} px.")
     else:
         model_name = base_model.name
         message = (f"Fine-tuning did not improve the validation PSNR ({before:.2f} dB); the base model "
                    f"'{base_model.name}' is kept and nothing was saved.")
-    return FinetuneResult(improved, model_name, path, before, best["psnr"], reg, history[-1][0] if history else 0,
-                          message, history)
+    return FinetuneResult(improved, model_name, path, before, best["psnr"], tuning.registration,
+                          history[-1][0] if history else 0, message, history)

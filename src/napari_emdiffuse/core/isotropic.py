@@ -64,6 +64,14 @@ def factor_from_voxel(voxel: Sequence[float]) -> int | None:
     return min(int(ratio + 0.5), FACTORS[-1]) if ratio >= 1.5 else None
 
 
+def check_isotropic(voxel: Sequence[float]) -> None:
+    """Refuse a training volume whose voxel size ``(z, y, x)`` is not about the same along every axis."""
+    z, y, x = (float(v) for v in voxel[-3:])
+    if max(z, y, x) > 1.5 * min(z, y, x):
+        raise InputError(f"Fine-tuning for isotropic reconstruction learns from an isotropic volume (e.g. FIB-SEM "
+                         f"with the same spacing along z, y and x); this one's voxels are {z:g} x {y:g} x {x:g}.")
+
+
 def output_slices(z: int, factor: int) -> int:
     return (z - 1) * factor + 1
 
@@ -254,9 +262,19 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
         yield x0, to_model_space(cs), torch.tensor(ls)
 
 
-def lateral_volumes(volume: np.ndarray) -> list[np.ndarray]:
-    """The anisotropic volume seen with y, then x, as the axis to interpolate across (planes are z-x and z-y)."""
-    return [np.ascontiguousarray(np.moveaxis(volume, 1, 0)), np.ascontiguousarray(np.moveaxis(volume, 2, 0))]
+def oriented(volume: np.ndarray, axes: Sequence[int] = (0, 1, 2)) -> list[np.ndarray]:
+    """The volume with each of ``axes`` in turn as the axis to interpolate across (first). An isotropic volume
+    looks alike along z, y and x, so all three serve; an anisotropic one offers y and x (planes z-x and z-y)."""
+    return [np.ascontiguousarray(np.moveaxis(volume, axis, 0)) for axis in axes]
+
+
+def caches_starts(volumes: Sequence[np.ndarray], factor: int) -> bool:
+    """Whether every plane pair's start fits in :data:`CACHE_PIXELS` (``interpolation_batches(cache=True)``).
+
+    Whole-plane starts pay off while each plane pair is met many times (volumes of a few hundred 256² planes); on
+    bigger ones each example's start is computed on its own patch.
+    """
+    return sum((len(v) - factor) * (factor - 1) * v[0].size for v in volumes) <= CACHE_PIXELS
 
 
 # One step from low noise: the network corrects its start (the motion-compensated interpolation) locally instead of
@@ -294,12 +312,10 @@ def self_supervised(volume, factor: int, minutes: float = 10.0, *, seed: int = 0
     dev = pick_device(device)
     torch.manual_seed(seed)
     net = UNet(UNetConfig(cond_channels=3, num_labels=len(LABELS), **SELF_SUPERVISED_NETWORK))
-    planes = lateral_volumes(norm(volume))
-    # whole-plane starts pay off while each plane pair is met many times (volumes of a few hundred 256² planes);
-    # on bigger ones each example's start is computed on its own patch
-    cache = sum((len(v) - factor) * (factor - 1) * v[0].size for v in planes) <= CACHE_PIXELS
+    planes = oriented(norm(volume), axes=(1, 2))
     batches = interpolation_batches(planes, [factor], batch, patch, seed, multiple=net.config.multiple,
-                                    residual="motion", cache=cache, start_condition=sees_start(net))
+                                    residual="motion", cache=caches_starts(planes, factor),
+                                    start_condition=sees_start(net))
     log_sigma = training_log_sigma(*SELF_SUPERVISED_TRAINING_SIGMAS)
     net = yield from train(net, batches, minutes=minutes, lr=1e-3, ema_decay=0.995, seed=seed, device=dev,
                            warmup=50, checkpoint_minutes=float("inf"), log_sigma=log_sigma)
