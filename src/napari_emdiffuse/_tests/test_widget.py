@@ -252,7 +252,7 @@ def test_finetune_widget_tunes_an_isotropic_model_on_one_isotropic_volume(make_n
     assert widget.target_picker.currentText() != widget.input_picker.currentText()  # a pair differs from the start
     widget.task.setCurrentIndex(widget.task.findData("isotropic"))
     assert widget.target_picker.isHidden() and widget.scale.isHidden() and not widget.factor.isHidden()
-    assert widget.form.labelForField(widget.input_picker).text() == "Isotropic volume"
+    assert widget.form.labelForField(widget.input_picker).text() == "Volume"
     viewer.layers.selection = {fib}
     assert widget.input_picker.currentText() == "fib"
     widget.base.setCurrentIndex(widget.base.findData(learnt_isotropic))

@@ -53,11 +53,12 @@ class LossPlot(QWidget):
 
 
 # what each task learns from: the input's label, and the hint shown until a run starts
+PAIR = ("Input (fast)", "Select the fast and the slow acquisition of one field of view.")
 LEARNS_FROM = {
-    "denoise": ("Input (fast)", "Select the fast and the slow acquisition of one field of view."),
-    "superres": ("Input (fast)", "Select the fast and the slow acquisition of one field of view."),
-    "isotropic": ("Isotropic volume", "Select a small isotropic volume of your tissue (e.g. FIB-SEM): the model "
-                                      "learns to generate the R - 1 slices between every R-th one, along z, y and x."),
+    "denoise": PAIR,
+    "superres": PAIR,
+    "isotropic": ("Volume", "Select a small isotropic volume of your tissue (e.g. FIB-SEM): the model learns to "
+                            "generate the R - 1 slices between every R-th one, along z, y and x."),
 }
 
 

@@ -268,13 +268,15 @@ def oriented(volume: np.ndarray, axes: Sequence[int] = (0, 1, 2)) -> list[np.nda
     return [np.ascontiguousarray(np.moveaxis(volume, axis, 0)) for axis in axes]
 
 
-def caches_starts(volumes: Sequence[np.ndarray], factor: int) -> bool:
-    """Whether every plane pair's start fits in :data:`CACHE_PIXELS` (``interpolation_batches(cache=True)``).
+def caches_starts(volumes: Sequence[np.ndarray], factor: int, limit: int | None = None) -> bool:
+    """Whether every plane pair's start fits in ``limit`` pixels (default :data:`CACHE_PIXELS`), to be kept
+    (``interpolation_batches(cache=True)``).
 
     Whole-plane starts pay off while each plane pair is met many times (volumes of a few hundred 256² planes); on
     bigger ones each example's start is computed on its own patch.
     """
-    return sum((len(v) - factor) * (factor - 1) * v[0].size for v in volumes) <= CACHE_PIXELS
+    limit = CACHE_PIXELS if limit is None else limit
+    return sum((len(v) - factor) * (factor - 1) * v[0].size for v in volumes) <= limit
 
 
 # One step from low noise: the network corrects its start (the motion-compensated interpolation) locally instead of
