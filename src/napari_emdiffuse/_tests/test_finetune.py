@@ -164,6 +164,12 @@ def test_unusable_isotropic_training_volumes_are_refused_with_a_sentence(learnt_
         drive(finetune("isotropic", volume, base=learnt_isotropic, iterations=2, **kwargs))
 
 
+def test_a_volume_too_big_to_learn_from_in_memory_is_refused_before_training(learnt_isotropic, monkeypatch):
+    monkeypatch.setattr("napari_emdiffuse.core.memory.available_bytes", lambda device=None: 2**20)
+    with pytest.raises(InputError, match="crop a smaller block"):
+        drive(finetune("isotropic", np.zeros((40, 48, 48), np.uint8), base=learnt_isotropic, iterations=2))
+
+
 def test_an_anisotropic_volume_is_refused_as_isotropic_training_data():
     from napari_emdiffuse.core.isotropic import check_isotropic
 

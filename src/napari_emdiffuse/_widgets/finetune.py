@@ -12,7 +12,7 @@ from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QLineEdit, QSpinBox, QWidg
 
 from ..core.isotropic import FACTORS
 from ..core.tasks import SUPERRES_SCALES
-from ._common import JobWidget, LayerPicker, ModelPicker, noisiness
+from ._common import JobWidget, LayerPicker, ModelPicker, full_resolution, noisiness
 
 if TYPE_CHECKING:
     import napari
@@ -155,7 +155,8 @@ class FinetuneWidget(JobWidget):
         except InputError as error:
             show_error(str(error))
             return
-        job = finetune(task, np.asarray(source.data), None if target is None else np.asarray(target.data),
+        job = finetune(task, np.asarray(full_resolution(source)),
+                       None if target is None else np.asarray(full_resolution(target)),
                        base=self.base.currentData(), name=self.name.text().strip() or None,
                        scale=self.scale.currentData(), factor=self.factor.value(), minutes=self.minutes.value())
         self.plot.clear()

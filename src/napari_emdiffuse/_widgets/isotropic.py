@@ -20,7 +20,8 @@ class IsotropicWidget(RestoreWidget):
         self.mode = QComboBox(objectName="mode")
         self.mode.addItem("Use the model above", WITH_MODEL)
         self.mode.addItem("Self-supervised: learn from this volume", SELF_SUPERVISED)
-        self.mode.setToolTip("The model above: trained on isotropic data (vEMDiffuse-i), or learnt before. "
+        self.mode.setToolTip("The model above: trained on isotropic data (vEMDiffuse-i: the bundled model, or one fine-tuned "
+                             "on an isotropic volume of your tissue in Fine-tune), or learnt before. "
                              "Self-supervised: without isotropic training data, a model learns to interpolate from "
                              "the volume's own finely sampled y and x axes, then fills in z (vEMDiffuse-a); it is "
                              "saved and joins the model picker, for more of the same acquisition.")

@@ -164,6 +164,7 @@ def volume_tuning(volume, base_model, factor: int, settings, batch: int) -> Tuni
         oriented,
         sees_start,
     )
+    from .memory import available_bytes
 
     volume = check_image(volume, (3,))
     factor = check_factor(factor)
@@ -174,6 +175,11 @@ def volume_tuning(volume, base_model, factor: int, settings, batch: int) -> Tuni
     if len(volume) < 2 * held or min(volume.shape[1:]) < 2 * factor + 1:
         raise InputError(f"Fine-tuning for R = {factor} needs an isotropic volume of at least {2 * held} slices "
                          f"and {2 * factor + 1} pixels across (this one is {' x '.join(map(str, volume.shape))}).")
+    needed, free = 12 * volume.size, 0.7 * available_bytes()  # the three orientations, in float32
+    if needed > free:
+        raise InputError(f"Learning from this volume needs about {needed / 2**30:.1f} GB of memory but only "
+                         f"{free / 2**30:.1f} GB is free; crop a smaller block (a few hundred pixels along each "
+                         "axis are plenty).")
     norm = Normalizer.fit(volume)
     planes = oriented(norm(volume[: len(volume) - held]))
     net = base_model.net
