@@ -246,6 +246,7 @@ def test_finetune_widget_tunes_an_isotropic_model_on_one_isotropic_volume(make_n
     monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
     volume = (synthetic_volume((20, 32, 32), seed=4) * 200 + 20).astype(np.uint8)
     viewer = make_napari_viewer()
+    viewer.add_image(volume[0], name="plane")
     viewer.add_image(volume[::4], name="sections", scale=(40.0, 10.0, 10.0))
     fib = viewer.add_image(volume, name="fib", scale=(10.0, 10.0, 10.0))
     _, widget = viewer.window.add_plugin_dock_widget("napari-emdiffuse", "Fine-tune")
@@ -256,6 +257,9 @@ def test_finetune_widget_tunes_an_isotropic_model_on_one_isotropic_volume(make_n
     viewer.layers.selection = {fib}
     assert widget.input_picker.currentText() == "fib"
     widget.base.setCurrentIndex(widget.base.findData(learnt_isotropic))
+    widget.input_picker.setCurrentText("plane")
+    widget.run_button.click()
+    assert widget.worker is None and "Choose a volume" in str(shown[-1])
     widget.input_picker.setCurrentText("sections")  # 40 nm sections of 10 nm pixels: not isotropic
     widget.run_button.click()
     assert widget.worker is None and "isotropic volume" in str(shown[-1])

@@ -84,7 +84,7 @@ class FinetuneWidget(JobWidget):
         self.input_picker.setObjectName("input_picker")
         self.target_picker = LayerPicker(viewer, follow_selection=False)
         self.target_picker.setObjectName("target_picker")
-        form.addRow(LEARNS_FROM["denoise"][0], self.input_picker)
+        form.addRow(PAIR[0], self.input_picker)
         form.addRow("Target (slow)", self.target_picker)
         self.base = ModelPicker("denoise")
         self.base.setObjectName("base_picker")
@@ -145,13 +145,14 @@ class FinetuneWidget(JobWidget):
         task, source = self.task.currentData(), self.input_picker.layer()
         target = None if task == "isotropic" else self.target_picker.layer()
         try:
-            if source is None or (task != "isotropic" and (target is None or source is target)):
+            if task == "isotropic":
+                if source is None or source.ndim != 3:
+                    raise InputError("Choose a volume (z, y, x) to learn from: a small isotropic block of the "
+                                     "tissue.")
+                check_isotropic(source.scale)
+            elif source is None or target is None or source is target:
                 raise InputError("Choose two different image layers: the fast (input) and the slow (target) "
                                  "acquisition.")
-            if task == "isotropic":
-                if source.ndim != 3:
-                    raise InputError(f"'{source.name}' is not a volume: choose an isotropic volume (z, y, x).")
-                check_isotropic(source.scale)
         except InputError as error:
             show_error(str(error))
             return

@@ -147,7 +147,7 @@ VALIDATION_PIXELS = 256  # the validation slices' crop in y and x: long enough t
 # a minute): on a 100 x 250 x 250 volume (55 M) that filled the whole 10-minute budget (332 steps), and starts
 # computed per patch trained as well (20 nm FIB-SEM, R = 4: 1690 steps, test +0.15 dB over the bundled model;
 # kept starts: 6458 steps, +0.16)
-CACHE_PIXELS = 2 ** 24
+TUNING_CACHE_PIXELS = 2 ** 24
 
 
 def volume_tuning(volume, base_model, factor: int, settings, batch: int) -> Tuning:
@@ -184,7 +184,7 @@ def volume_tuning(volume, base_model, factor: int, settings, batch: int) -> Tuni
     planes = oriented(norm(volume[: len(volume) - held]))
     net = base_model.net
     residual = base_model.meta.get("start", "linear") if base_model.meta.get("residual") else None
-    cache = residual is not None and caches_starts(planes, factor, CACHE_PIXELS)
+    cache = residual is not None and caches_starts(planes, factor, TUNING_CACHE_PIXELS)
 
     def batches(seed: int) -> Iterator:
         return interpolation_batches(planes, [factor], batch, 96, seed, multiple=net.config.multiple,
