@@ -270,6 +270,9 @@ def _models(args) -> None:
         print(f"{e.name:<28} {e.task:<10} {'bundled' if e.bundled else 'user':<8} {e.path}")
 
 
+PRINT_SECONDS = 5.0
+
+
 def _finetune(args) -> None:
     from .core.finetune import finetune
     from .core.io import read_tiff
@@ -287,12 +290,18 @@ def _finetune(args) -> None:
         check_isotropic(source.scale)
     image, target = source.data, None if args.target is None else read_tiff(args.target).data
 
+    shown, last_step = -float("inf"), None
+
     def show(p) -> None:
-        if isinstance(p, TrainProgress) and not args.json:
-            print(f"step {p.step:6d}  loss {p.loss:8.4f}  {p.seconds:7.1f} s  {100 * p.fraction:5.1f}%",
-                  file=sys.stderr, flush=True)
-        elif not args.json:
-            print(p.message, file=sys.stderr, flush=True)
+        """A line every few seconds (a 10-minute run reports thousands of steps) and the last training step."""
+        nonlocal shown, last_step
+        training = isinstance(p, TrainProgress)
+        due = time.perf_counter() - shown >= PRINT_SECONDS or (training and p.fraction >= 1)
+        if args.json or not due or (training and p.step == last_step):
+            return
+        shown, last_step = time.perf_counter(), p.step if training else last_step
+        print(f"step {p.step:6d}  loss {p.loss:8.4f}  {p.seconds:7.1f} s  {100 * p.fraction:5.1f}%" if training else
+              f"validating: {p.message}" if p.message.startswith(args.task) else p.message, file=sys.stderr, flush=True)
 
     result = drive(finetune(args.task, image, target, base=args.base, scale=args.scale, factor=args.factor,
                             minutes=args.minutes, iterations=args.iterations, seed=args.seed, output=args.output,

@@ -191,6 +191,10 @@ def test_cli_finetunes_an_isotropic_model_and_refuses_an_anisotropic_file(tmp_pa
     assert main([*args, "--input", str(tmp_path / "iso.tif"), "-o", str(tmp_path / "m.npz")]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"val_psnr_before", "improved", "steps"} <= set(summary) and "shift" not in summary
+    assert main([*args[:-1], "--input", str(tmp_path / "iso.tif"), "-o", str(tmp_path / "m.npz"), "--overwrite"]) == 0
+    out, err = capsys.readouterr()  # progress: a line every few seconds, not one per step, and the last step
+    assert [line.split()[:2] for line in err.splitlines() if line.startswith("step")] == [["step", "3"]]
+    assert "Validation PSNR" in out or "kept" in out
     assert main([*args, "--input", str(tmp_path / "aniso.tif"), "-o", str(tmp_path / "n.npz")]) == 2
     assert "isotropic volume" in capsys.readouterr().err
     assert main(["finetune", "--task", "denoise", "--input", str(tmp_path / "iso.tif"), "-o",
