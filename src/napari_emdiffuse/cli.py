@@ -301,7 +301,7 @@ def _finetune(args) -> None:
             return
         shown, last_step = time.perf_counter(), p.step if training else last_step
         print(f"step {p.step:6d}  loss {p.loss:8.4f}  {p.seconds:7.1f} s  {100 * p.fraction:5.1f}%" if training else
-              f"validating: {p.message}" if p.message.startswith(args.task) else p.message, file=sys.stderr, flush=True)
+              p.message, file=sys.stderr, flush=True)
 
     result = drive(finetune(args.task, image, target, base=args.base, scale=args.scale, factor=args.factor,
                             minutes=args.minutes, iterations=args.iterations, seed=args.seed, output=args.output,

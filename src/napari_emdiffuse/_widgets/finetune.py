@@ -174,7 +174,7 @@ class FinetuneWidget(JobWidget):
                 self.status.setText(f"Training: step {p.step}, {p.seconds:.0f} s")  # before the bar: see RestoreWidget
                 self.show_progress(int(1000 * p.fraction), 1000, "training")
         elif self.update_due():
-            self.status.setText(f"Validating ({p.message})…")
+            self.status.setText(f"{p.message[0].upper()}{p.message[1:]}…")
 
     def on_result(self, result) -> None:
         from napari.utils.notifications import show_info

@@ -247,9 +247,17 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray | None = None, *, 
         tuning = pair_tuning(task, image, target, base_model, scale, settings, batch or 4)
 
     def validate(net) -> Generator:
-        """Validation PSNR of ``net`` on the data kept aside; yields the restoration's progress (cancellable)."""
-        return (yield from tuning.validate(Model(net=net, meta=base_model.meta, name=base_model.name,
-                                                 sampling=base_model.sampling)))
+        """Validation PSNR of ``net`` on the data kept aside; yields the restoration's progress as validation's."""
+        job = tuning.validate(Model(net=net, meta=base_model.meta, name=base_model.name, sampling=base_model.sampling))
+        try:
+            while True:
+                try:
+                    p = next(job)
+                except StopIteration as stop:
+                    return stop.value
+                yield Progress(p.done, p.total, f"validating: {p.message}")
+        finally:  # cancelled: the restoration's own clean-up runs now
+            job.close()
 
     before = yield from validate(base_model.net)
     best = {"psnr": before, "state": None, "step": 0}
