@@ -223,7 +223,7 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray | None = None, *, 
     """
     from .diffusion import training_log_sigma
     from .models import Model, dated_name, default_model, free_name, install_model, load_model, save_model
-    from .tasks import Progress, Settings, pick_device, pick_precision
+    from .tasks import Progress, Settings, pick_device, pick_precision, relayed
     from .train import train
 
     if task not in TASKS:
@@ -249,15 +249,7 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray | None = None, *, 
     def validate(net) -> Generator:
         """Validation PSNR of ``net`` on the data kept aside; yields the restoration's progress as validation's."""
         job = tuning.validate(Model(net=net, meta=base_model.meta, name=base_model.name, sampling=base_model.sampling))
-        try:
-            while True:
-                try:
-                    p = next(job)
-                except StopIteration as stop:
-                    return stop.value
-                yield Progress(p.done, p.total, f"validating: {p.message}")
-        finally:  # cancelled: the restoration's own clean-up runs now
-            job.close()
+        return (yield from relayed(job, lambda p: Progress(p.done, p.total, f"validating: {p.message}")))
 
     before = yield from validate(base_model.net)
     best = {"psnr": before, "state": None, "step": 0}

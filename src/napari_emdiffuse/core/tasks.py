@@ -498,14 +498,19 @@ def _superres_in_two_steps(image, model, settings: Settings, norm: Normalizer | 
     return Restoration(second.image, uncertainty, combined(first.difficulty, second.difficulty), info)
 
 
-def _share_of_progress(job: Generator, start: int, end: int):
-    """Run ``job``, reporting its progress as the part from ``start`` to ``end`` of 100."""
+def relayed(job: Generator, report: Callable[[Progress], Progress]) -> Generator:
+    """Run ``job`` inside another job: yield ``report(p)`` for each of its progress reports, return its result."""
     try:
         while True:
             try:
                 p = next(job)
             except StopIteration as stop:
                 return stop.value
-            yield Progress(start + round((end - start) * p.done / max(p.total, 1)), 100, p.message)
+            yield report(p)
     finally:
         job.close()  # cancelled between two yields: stop the inner job too
+
+
+def _share_of_progress(job: Generator, start: int, end: int):
+    """Run ``job``, reporting its progress as the part from ``start`` to ``end`` of 100."""
+    return relayed(job, lambda p: Progress(start + round((end - start) * p.done / max(p.total, 1)), 100, p.message))
