@@ -277,7 +277,7 @@ def _finetune(args) -> None:
     from .core.finetune import finetune
     from .core.io import read_tiff
     from .core.isotropic import check_isotropic
-    from .core.tasks import drive
+    from .core.tasks import Throttle, drive
     from .core.train import TrainProgress
 
     if args.output.exists() and not args.overwrite:
@@ -290,16 +290,15 @@ def _finetune(args) -> None:
         check_isotropic(source.scale)
     image, target = source.data, None if args.target is None else read_tiff(args.target).data
 
-    shown, last_step = -float("inf"), None
+    due, last_step = Throttle(PRINT_SECONDS), None
 
     def show(p) -> None:
         """A line every few seconds (a 10-minute run reports thousands of steps) and the last training step."""
-        nonlocal shown, last_step
+        nonlocal last_step
         training = isinstance(p, TrainProgress)
-        due = time.perf_counter() - shown >= PRINT_SECONDS or (training and p.fraction >= 1)
-        if args.json or not due or (training and p.step == last_step):
+        if args.json or (training and p.step == last_step) or not due(last=training and p.fraction >= 1):
             return
-        shown, last_step = time.perf_counter(), p.step if training else last_step
+        last_step = p.step if training else last_step
         print(f"step {p.step:6d}  loss {p.loss:8.4f}  {p.seconds:7.1f} s  {100 * p.fraction:5.1f}%" if training else
               p.message, file=sys.stderr, flush=True)
 

@@ -6,7 +6,6 @@ a job generator (``make_job``). Running, progress, cancellation and the output l
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,7 +26,7 @@ from qtpy.QtWidgets import (
 )
 
 from .._layers import MAPS, pixel_size, result_layers
-from ..core.tasks import PRECISIONS, UNCERTAINTY_THRESHOLD, Settings, TimeLeft, time_left_text, verdict
+from ..core.tasks import PRECISIONS, UNCERTAINTY_THRESHOLD, Settings, Throttle, TimeLeft, time_left_text, verdict
 
 if TYPE_CHECKING:
     import napari
@@ -266,7 +265,6 @@ class JobWidget(QWidget):
     """
 
     cancelled_text = "Cancelled; nothing was added."
-    _updated = -np.inf  # when progress was last shown
 
     def __init__(self, viewer: napari.viewer.Viewer, parent=None):
         super().__init__(parent)
@@ -274,6 +272,7 @@ class JobWidget(QWidget):
         self.worker = None
         self._pbar = None
         self._time_left = TimeLeft()
+        self.update_due = Throttle(UPDATE_SECONDS)  # (last=False) -> whether to show progress now
         self.form = QFormLayout()
         self.run_button = QPushButton("Run", objectName="run_button")
         self.cancel_button = QPushButton("Cancel", objectName="cancel_button", enabled=False)
@@ -337,14 +336,6 @@ class JobWidget(QWidget):
 
     def on_progress(self, p) -> None:
         self.show_progress(p.done, p.total, p.message)
-
-    def update_due(self, last: bool = False) -> bool:
-        """Whether to show progress now: at the end, or when the last update is ``UPDATE_SECONDS`` old."""
-        now = time.monotonic()
-        if not last and now - self._updated < UPDATE_SECONDS:
-            return False
-        self._updated = now
-        return True
 
     def _set_running(self, running: bool) -> None:
         self.run_button.setEnabled(not running)

@@ -131,7 +131,7 @@ class FinetuneWidget(JobWidget):
             self.input_picker.setCurrentText(chosen[0].name)
             self.target_picker.setCurrentText(chosen[1].name)
         elif self.target_picker.currentIndex() == self.input_picker.currentIndex() and self.target_picker.count() > 1:
-            self.target_picker.setCurrentIndex(1 - min(self.input_picker.currentIndex(), 1))
+            self.target_picker.setCurrentIndex(0 if self.input_picker.currentIndex() else 1)
 
     def run(self) -> None:
         from napari.utils.notifications import show_error

@@ -58,6 +58,21 @@ class Progress:
     message: str
 
 
+class Throttle:
+    """Whether to show progress now: at most once every ``seconds``, and always for the last report (a widget's
+    every update repaints the window; a terminal's every line scrolls)."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.clock, self.shown = seconds, clock, -np.inf
+
+    def __call__(self, last: bool = False) -> bool:
+        now = self.clock()
+        if not last and now - self.shown < self.seconds:
+            return False
+        self.shown = now
+        return True
+
+
 class TimeLeft:
     """How long a job still needs, extrapolated from its progress so far; call it with each progress report.
 
