@@ -33,10 +33,23 @@ def result_layers(name: str, maps_name: str, image, uncertainty, difficulty, met
     (``scale``, ``translate``)."""
     layers = [(image, {"name": name, "metadata": meta, "contrast_limits": contrast_limits, **grid}, "image")]
     if uncertainty is not None:
-        layers.append((uncertainty, {
-            "name": f"{maps_name}_uncertainty", "colormap": uncertainty_colormap(), "contrast_limits": (0.0, 2 * threshold),
-            "blending": "translucent", "opacity": 0.8, "metadata": {**meta, "map": "uncertainty"}, **grid}, "image"))
+        layers.append(map_layer(uncertainty, "uncertainty", f"{maps_name}_uncertainty", meta, threshold, **grid))
     if difficulty is not None:
-        layers.append((difficulty, {"name": f"{maps_name}_difficulty", "colormap": "magma", "visible": False,
-                                    "metadata": {**meta, "map": "difficulty"}, **grid}, "image"))
+        data, kwargs, kind = map_layer(difficulty, "difficulty", f"{maps_name}_difficulty", meta, threshold, **grid)
+        layers.append((data, {**kwargs, "visible": False}, kind))
     return layers
+
+
+def map_layer(data, kind: str, name: str, meta: dict, threshold: float, **grid) -> tuple:
+    """One per-pixel map (``kind`` in ``MAPS``) as a layer data tuple, marked so that no widget takes it as input."""
+    style = ({"colormap": uncertainty_colormap(), "contrast_limits": (0.0, 2 * threshold), "blending": "translucent",
+              "opacity": 0.8} if kind == "uncertainty" else {"colormap": "magma"})
+    return data, {"name": name, **style, "metadata": {**meta, "map": kind}, **grid}, "image"
+
+
+def run_summary(metadata: dict) -> dict | None:
+    """What a result layer's metadata says of the run that made it (for the file it is saved in); None for a
+    layer that is not one of our results. Where the layer was read from, and its pixel size, stay out."""
+    if "task" not in metadata or "model" not in metadata:
+        return None
+    return {k: v for k, v in metadata.items() if k not in ("path", "pixel_size", "unit")}

@@ -35,17 +35,22 @@ def _layer_name(path) -> str:
 
 
 def read_tiff_layer(path):
+    """One layer; a result or map we wrote (``emdiffuse ... -o``, or a result layer saved from napari) gets back
+    the run's summary in its metadata, and a map its style."""
+    from ._layers import MAPS, map_layer
     from .core.io import read_tiff
+    from .core.tasks import UNCERTAINTY_THRESHOLD
 
     if isinstance(path, list):
         path = path[0]
     image = read_tiff(path)
+    name = _layer_name(path)
+    meta = {**(image.summary or {}), "path": str(path), "unit": image.unit, "pixel_size": image.scale}
+    if meta.get("map") in MAPS and image.data.ndim in (2, 3):
+        return [map_layer(image.data, meta["map"], name, meta, meta.get("threshold", UNCERTAINTY_THRESHOLD),
+                          scale=image.scale, **_units(image))]
     rgb = image.data.ndim in (3, 4) and image.data.shape[-1] in (3, 4)
-    kwargs = {
-        "name": _layer_name(path),
-        "metadata": {"path": str(path), "unit": image.unit, "pixel_size": image.scale},
-        "rgb": rgb,
-    }
+    kwargs = {"name": name, "metadata": meta, "rgb": rgb}
     if not rgb:
         kwargs.update(scale=image.scale, **_units(image))
     return [(image.data, kwargs, "image")]

@@ -192,11 +192,13 @@ def _restore(args, job_factory) -> dict:
     if args.uncertainty is not None and result.uncertainty is None:
         raise CLIError("This model gives no uncertainty from one sample; use --samples 2 or more.")
     written = []
+    summary = {**result.info, "source": args.input.name}  # recorded in each file: how it was made
     try:  # all outputs or none
-        for path, data in ((args.output, result.image), (args.uncertainty, result.uncertainty),
-                           (args.difficulty, result.difficulty)):
+        for path, data, kind in ((args.output, result.image, None), (args.uncertainty, result.uncertainty,
+                                 "uncertainty"), (args.difficulty, result.difficulty, "difficulty")):
             if path is not None and data is not None:
-                written.append(write_tiff(path, data, tuple(pixel), image.unit, overwrite=args.overwrite))
+                written.append(write_tiff(path, data, tuple(pixel), image.unit, overwrite=args.overwrite,
+                                          summary={**summary, **({"map": kind} if kind else {})}))
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)

@@ -32,6 +32,10 @@ def test_denoise_writes_output_and_uncertainty_and_json(tmp_path, noisy_tif, tin
     assert u.dtype == np.float32 and u.shape == (128, 160)
     assert summary["uncertainty_score"] == pytest.approx(float(np.percentile(u, 99)), rel=1e-5)
     assert noisy_tif.read_bytes() == before  # the input file is untouched
+    recorded = result.summary  # each file says how it was made
+    assert recorded["task"] == "denoise" and recorded["source"] == noisy_tif.name and recorded["seed"] == 3
+    assert recorded["uncertainty_score"] == pytest.approx(summary["uncertainty_score"]) and "map" not in recorded
+    assert read_tiff(unc).summary["map"] == "uncertainty" and read_tiff(unc).summary["samples"] == 2
 
 
 @pytest.mark.parametrize("make, message", [

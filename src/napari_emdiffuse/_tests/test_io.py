@@ -92,6 +92,34 @@ def test_a_stack_of_four_slices_is_a_stack_for_imagej_not_four_channels(tmp_path
     assert read_tiff(path).scale == pytest.approx((40.0, 8.0, 8.0))
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16])  # an ImageJ file, and one ImageJ cannot hold
+def test_a_tiff_records_how_it_was_made_and_gives_it_back(tmp_path, dtype):
+    summary = {"task": "denoise", "model": "denoise-sem", "uncertainty_score": np.float32(0.25), "seed": 3,
+               "notes": ["a note"], "reliable": False}
+    path = write_tiff(tmp_path / "out.tif", np.zeros((3, 8, 8), dtype), (40.0, 8.0, 8.0), summary=summary)
+    back = read_tiff(path)
+    assert back.summary == {**summary, "uncertainty_score": 0.25} and back.data.shape == (3, 8, 8)
+    assert read_tiff(write_tiff(tmp_path / "plain.tif", np.zeros((8, 8), dtype))).summary is None
+    other = tmp_path / "other.tif"
+    tifffile.imwrite(other, np.zeros((8, 8), np.uint8), imagej=True, metadata={"Info": "acquired on the Helios"})
+    assert read_tiff(other).summary is None
+
+
+def test_a_saved_uncertainty_map_opens_again_as_one(tmp_path):
+    meta = {"task": "denoise", "model": "denoise-sem", "threshold": 0.1, "uncertainty_score": 0.05, "map":
+            "uncertainty", "path": "/elsewhere/noisy.tif", "unit": "nm", "pixel_size": (4.0, 4.0)}
+    data = np.random.default_rng(0).random((10, 12)).astype(np.float32)
+    [written] = write_image(str(tmp_path / "noisy_uncertainty.tif"), data, {"scale": (4.0, 4.0), "metadata": meta})
+    [(back, kwargs, _)] = get_reader(written)(written)
+    assert np.array_equal(back, data) and kwargs["name"] == "noisy_uncertainty"
+    assert kwargs["contrast_limits"] == (0.0, 0.2) and kwargs["colormap"].name == "emdiffuse_uncertainty"
+    assert kwargs["metadata"]["map"] == "uncertainty" and kwargs["metadata"]["model"] == "denoise-sem"
+    assert kwargs["metadata"]["path"] == written and kwargs["scale"] == pytest.approx((4.0, 4.0))
+    [written] = write_image(str(tmp_path / "raw.tif"), data, {"scale": (4.0, 4.0), "metadata": {"map": "uncertainty"}})
+    [(_, kwargs, _)] = get_reader(written)(written)  # not a result of ours: nothing recorded, a plain layer
+    assert "map" not in kwargs["metadata"] and "colormap" not in kwargs
+
+
 def test_write_refuses_to_overwrite_by_default(tmp_path):
     path = tmp_path / "x.tif"
     write_tiff(path, np.zeros((4, 4), np.uint8))

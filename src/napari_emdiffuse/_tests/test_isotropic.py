@@ -226,7 +226,7 @@ def test_cli_writes_the_reconstruction_with_z_pixel_size_divided(tmp_path, tiny_
     assert "R = 5, from the voxel size 40 x 8 x 8 nm" in capsys.readouterr().err
     assert read_tiff(out).data.shape == (16, 24, 40) and read_tiff(out).scale == pytest.approx((8.0, 8.0, 8.0))
     unknown = tmp_path / "plain.tif"
-    tifffile.imwrite(unknown, volume)
+    tifffile.imwrite(unknown, volume, photometric="minisblack")
     assert main(["isotropic", str(unknown), "-o", str(tmp_path / "y.tif"), "--model", tiny_isotropic]) == 2
     assert "give the z factor with --factor R" in capsys.readouterr().err and not (tmp_path / "y.tif").exists()
     assert main(["isotropic", str(src), "-o", str(tmp_path / "x.tif"), "--factor", "4", "--self-supervised",

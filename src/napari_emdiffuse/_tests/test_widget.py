@@ -20,7 +20,8 @@ def dock_denoise(viewer):
     return widget
 
 
-def test_denoise_widget_adds_result_and_uncertainty_layers(make_napari_viewer, qtbot, em_pair, user_models):
+def test_denoise_widget_adds_result_and_uncertainty_layers(make_napari_viewer, qtbot, em_pair, user_models,
+                                                         tmp_path):
     viewer = make_napari_viewer()
     noisy = em_pair[1]
     viewer.add_image(noisy, name="noisy", scale=(4.0, 4.0), translate=(10.0, 20.0))
@@ -51,6 +52,13 @@ def test_denoise_widget_adds_result_and_uncertainty_layers(make_napari_viewer, q
     assert widget.layer_picker.currentText() == "noisy" and other.layer_picker.currentText() == "noisy_denoised"
     offered = [other.layer_picker.itemText(i) for i in range(other.layer_picker.count())]
     assert offered == ["noisy", "noisy_denoised"]
+    # saved and opened again, the map is still a map (styled, never an input) and says how it was made
+    [path] = unc.save(str(tmp_path / "map.tif"), plugin="napari-emdiffuse")
+    viewer.layers.remove(unc)
+    [again] = viewer.open(path, plugin="napari-emdiffuse")
+    assert again.metadata["seed"] == 7 and again.metadata["map"] == "uncertainty"
+    assert again.colormap.name == unc.colormap.name and tuple(again.contrast_limits) == pytest.approx((0.0, 0.24))
+    assert [other.layer_picker.itemText(i) for i in range(other.layer_picker.count())] == offered
 
 
 def test_model_menu_adds_saves_and_removes_user_models(make_napari_viewer, tiny_model, tiny_superres, tmp_path,

@@ -556,7 +556,7 @@ class RestoreWidget(JobWidget):
         """Add the output layers; ``start`` is the region's first input pixel (its place in the layer)."""
         info = dict(result.info)
         meta = {k: info[k] for k in ("uncertainty_score", "threshold", "reliable", "model", "samples", "steps",
-                                     "seed")}
+                                     "seed", "software")}
         meta.update(source=layer.name, task=self.task, sampler=info["sampler"], seconds=info["seconds"],
                     device=info["device"], precision=info["precision"], flagged_fraction=info.get("flagged_fraction"))
         if "unit" in layer.metadata:  # nm or pixel, for the writer's pixel size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class ImageFile:
     data: np.ndarray  # or array-like (Zarr, dask); a list of levels from open_volume(levels=True)
     scale: tuple[float, ...]  # pixel size per axis (z, y, x or y, x); 1.0 where unknown
     unit: str  # "nm" when the file told us, else "pixel"
+    summary: dict | None = None  # how napari-emdiffuse made the file (``write_tiff(summary=...)``), else None
 
 
 def is_tiff(path: str | os.PathLike) -> bool:
@@ -67,13 +69,24 @@ def read_tiff(path: str | os.PathLike) -> ImageFile:
                     data = None
             if data is None:
                 data = tif.asarray()
+            summary = _recorded_summary(tif)
     except InputError:
         raise
     except Exception as err:  # tifffile raises many types for damaged files
         reason = (str(err).strip().splitlines() or [""])[0]
         raise InputError(f"{path.name} could not be read as a TIFF ({type(err).__name__}: {reason}).") from err
     data = np.squeeze(data) if data.ndim > 2 else data
-    return ImageFile(data, tuple(scale[-data.ndim:]) if data.ndim <= 3 else (1.0,) * data.ndim, unit)
+    return ImageFile(data, tuple(scale[-data.ndim:]) if data.ndim <= 3 else (1.0,) * data.ndim, unit, summary)
+
+
+def _recorded_summary(tif) -> dict | None:
+    """The run summary ``write_tiff`` stored: ImageJ's Info text, or tifffile's JSON description."""
+    info = (tif.imagej_metadata or {}).get("Info")
+    try:
+        found = json.loads(info).get("emdiffuse") if info else (tif.shaped_metadata or ({},))[0].get("emdiffuse")
+    except (ValueError, AttributeError):  # someone else's Info text
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def _pixel_size(tif) -> tuple[tuple[float, float, float], str]:
@@ -108,8 +121,12 @@ def _pixel_size(tif) -> tuple[tuple[float, float, float], str]:
 
 
 def write_tiff(path: str | os.PathLike, data: np.ndarray, scale: tuple[float, ...] | None = None,
-               unit: str = "nm", overwrite: bool = False) -> Path:
-    """Write an ImageJ-compatible TIFF atomically (temporary file, then rename); pixel sizes in ``unit``."""
+               unit: str = "nm", overwrite: bool = False, summary: dict | None = None) -> Path:
+    """Write an ImageJ-compatible TIFF atomically (temporary file, then rename); pixel sizes in ``unit``.
+
+    ``summary``, how the image was made (task, model, settings, uncertainty score, ...), goes into the file as JSON:
+    ImageJ and Fiji show it under *Image > Show Info*, and ``read_tiff`` gives it back.
+    """
     import tifffile
 
     path = Path(path)
@@ -126,7 +143,17 @@ def write_tiff(path: str | os.PathLike, data: np.ndarray, scale: tuple[float, ..
         kwargs["resolution"] = (1.0 / scale[-1], 1.0 / scale[-2])
         kwargs["metadata"].update(unit="nm", **({"spacing": scale[-3]} if data.ndim == 3 and len(scale) >= 3 else {}))
     imagej = data.dtype in (np.uint8, np.uint16, np.float32) and data.ndim <= 3
+    if summary:
+        summary = json.loads(json.dumps(summary, default=_plain))  # numpy scalars, tuples: plain JSON
+    if imagej:
+        if summary:
+            kwargs["metadata"]["Info"] = json.dumps({"emdiffuse": summary}, indent=1)
+    else:  # grey-level planes: without photometric, tifffile would store a stack of 3 or 4 planes as RGB(A)
+        kwargs = {"photometric": "minisblack", "metadata": {"emdiffuse": summary} if summary else {}}
     with atomic_path(path) as tmp:
-        # grey-level planes: without photometric, tifffile would store a stack of 3 or 4 planes as RGB(A)
-        tifffile.imwrite(tmp, data, imagej=imagej, **(kwargs if imagej else {"photometric": "minisblack"}))
+        tifffile.imwrite(tmp, data, imagej=imagej, **kwargs)
     return path
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else str(value)

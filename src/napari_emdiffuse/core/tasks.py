@@ -364,6 +364,8 @@ def sample_planes(model, jobs, count: int, results: PlaneResults, settings: Sett
 def summarise(task: str, model, settings: Settings, device, uncertainty: np.ndarray | None, tile: int,
               notes: list[str], started: float, **extra) -> dict:
     """The result's ``info``: what was run, and the uncertainty score and verdict of ``uncertainty``."""
+    from .. import __version__
+
     score = uncertainty_score(uncertainty) if uncertainty is not None else float("nan")
     return {
         "task": task,
@@ -382,6 +384,7 @@ def summarise(task: str, model, settings: Settings, device, uncertainty: np.ndar
         "tile": tile,
         "notes": notes,
         "seconds": round(time.perf_counter() - started, 3),
+        "software": f"napari-emdiffuse {__version__}",
         **extra,
     }
 
