@@ -46,14 +46,13 @@ def read_tiff_layer(path):
     image = read_tiff(path)
     name = _layer_name(path)
     meta = {**(image.summary or {}), "path": str(path), "unit": image.unit, "pixel_size": image.scale}
+    grid = {"scale": image.scale, **_units(image)}
+    if len(meta.get("translate", ())) == image.data.ndim:
+        grid["translate"] = tuple(meta.pop("translate"))
     if meta.get("map") in MAPS and image.data.ndim in (2, 3):
-        return [map_layer(image.data, meta["map"], name, meta, meta.get("threshold", UNCERTAINTY_THRESHOLD),
-                          scale=image.scale, **_units(image))]
+        return [map_layer(image.data, meta["map"], name, meta, meta.get("threshold", UNCERTAINTY_THRESHOLD), **grid)]
     rgb = image.data.ndim in (3, 4) and image.data.shape[-1] in (3, 4)
-    kwargs = {"name": name, "metadata": meta, "rgb": rgb}
-    if not rgb:
-        kwargs.update(scale=image.scale, **_units(image))
-    return [(image.data, kwargs, "image")]
+    return [(image.data, {"name": name, "metadata": meta, "rgb": rgb, **({} if rgb else grid)}, "image")]
 
 
 def _units(image) -> dict:

@@ -109,9 +109,11 @@ def test_a_saved_uncertainty_map_opens_again_as_one(tmp_path):
     meta = {"task": "denoise", "model": "denoise-sem", "threshold": 0.1, "uncertainty_score": 0.05, "map":
             "uncertainty", "path": "/elsewhere/noisy.tif", "unit": "nm", "pixel_size": (4.0, 4.0)}
     data = np.random.default_rng(0).random((10, 12)).astype(np.float32)
-    [written] = write_image(str(tmp_path / "noisy_uncertainty.tif"), data, {"scale": (4.0, 4.0), "metadata": meta})
+    [written] = write_image(str(tmp_path / "noisy_uncertainty.tif"), data,
+                            {"scale": (4.0, 4.0), "translate": (40.0, 8.0), "metadata": meta})
     [(back, kwargs, _)] = get_reader(written)(written)
     assert np.array_equal(back, data) and kwargs["name"] == "noisy_uncertainty"
+    assert kwargs["translate"] == pytest.approx((40.0, 8.0))  # e.g. the current view's result: where it was
     assert kwargs["contrast_limits"] == (0.0, 0.2) and kwargs["colormap"].name == "emdiffuse_uncertainty"
     assert kwargs["metadata"]["map"] == "uncertainty" and kwargs["metadata"]["model"] == "denoise-sem"
     assert kwargs["metadata"]["path"] == written and kwargs["scale"] == pytest.approx((4.0, 4.0))
