@@ -49,7 +49,7 @@ def read_tiff_layer(path):
     grid = {"scale": image.scale, **_units(image)}
     if len(meta.get("translate", ())) == image.data.ndim:
         grid["translate"] = tuple(meta.pop("translate"))
-    if meta.get("map") in MAPS and image.data.ndim in (2, 3):
+    if meta.get("map") in MAPS:
         return [map_layer(image.data, meta["map"], name, meta, meta.get("threshold", UNCERTAINTY_THRESHOLD), **grid)]
     rgb = image.data.ndim in (3, 4) and image.data.shape[-1] in (3, 4)
     return [(image.data, {"name": name, "metadata": meta, "rgb": rgb, **({} if rgb else grid)}, "image")]

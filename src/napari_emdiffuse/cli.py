@@ -194,11 +194,12 @@ def _restore(args, job_factory) -> dict:
     written = []
     summary = {**result.info, "source": args.input.name}  # recorded in each file: how it was made
     try:  # all outputs or none
-        for path, data, kind in ((args.output, result.image, None), (args.uncertainty, result.uncertainty,
-                                 "uncertainty"), (args.difficulty, result.difficulty, "difficulty")):
+        for path, data, made in ((args.output, result.image, summary),
+                                 (args.uncertainty, result.uncertainty, {**summary, "map": "uncertainty"}),
+                                 (args.difficulty, result.difficulty, {**summary, "map": "difficulty"})):
             if path is not None and data is not None:
                 written.append(write_tiff(path, data, tuple(pixel), image.unit, overwrite=args.overwrite,
-                                          summary={**summary, **({"map": kind} if kind else {})}))
+                                          summary=made))
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
