@@ -133,6 +133,10 @@ def verdict(score: float, threshold: float) -> str:
 def pick_device(name: str = "auto"):
     import torch
 
+    from .triton_guard import keep_triton_out
+
+    keep_triton_out()  # every job starts here: no torch work of ours may load triton where it would crash
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
