@@ -36,6 +36,7 @@ from .tasks import Progress, Settings, drive
 
 DEFAULT_LATERAL_CHUNK = 2048  # output pixels; a chunk with its halo needs well under 1 GB with the bundled model
 HISTOGRAM_BINS, HISTOGRAM_MAX = 5000, 0.5  # uncertainty histogram per chunk: score and flagged fraction to 1e-4
+BRIGHTNESS_REACH = 4  # sigmas: how far the brightness kept from the input reaches (scipy's Gaussian truncation)
 RUN_GROUP = "run"  # bookkeeping inside the output store: which chunks are done, their histograms
 
 
@@ -260,11 +261,18 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
     store ``output``; yields progress per chunk and returns the run summary (as the in-memory ``info``).
 
     ``chunk`` (z, y, x) and ``halo`` are in input pixels (defaults: 2048 output pixels across, one plane or gap,
-    one tile of halo). An existing ``output`` of the same run is resumed; of another run, it is an error unless
+    one tile of halo, and the reach of the brightness kept from the input). An existing ``output`` of the same run is resumed; of another run, it is an error unless
     ``overwrite``.
     """
     from .models import default_model, load_model, resolve
-    from .tasks import gives_uncertainty, pick_device, summarise, superres_steps
+    from .tasks import (
+        BRIGHTNESS_SIGMA,
+        gives_uncertainty,
+        keeps_input_brightness,
+        pick_device,
+        summarise,
+        superres_steps,
+    )
 
     started = time.perf_counter()
     settings = settings or Settings()
@@ -290,9 +298,11 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
     chunk = tuple(int(c) for c in (chunk or default_chunk))
     if len(chunk) != 3 or min(chunk) < 1:
         raise InputError("The chunk must be three positive sizes (z, y, x).")
-    if halo is None:  # one tile of each step's output grid, in input pixels
+    if halo is None:  # one tile of each step's output grid, and the reach of its brightness, in input pixels
         steps = superres_steps(model_info, task.factor) if task.name == "superres" else (1,)
-        halo = sum(math.ceil(settings.tile / math.prod(steps[:i + 1])) for i in range(len(steps)))
+        reach = BRIGHTNESS_REACH * BRIGHTNESS_SIGMA if keeps_input_brightness(model_info) and task.axial == 1 else 0
+        halo = sum(math.ceil(settings.tile / math.prod(steps[:i + 1]) + reach / math.prod(steps[:i]))
+                   for i in range(len(steps)))
     halo = int(halo)
     maps = ("image",) + (("uncertainty",) if gives_uncertainty(model_info, settings) else ()) + (
         ("difficulty",) if settings.difficulty else ())

@@ -286,6 +286,7 @@ class PlaneJob:
     label: int | None
     index: int
     where: str  # for progress messages, e.g. " slice 3/40"
+    brightness: float | None = None  # keep the start's brightness at this scale (output pixels): see keep_brightness
 
 
 class PlaneResults:
@@ -355,6 +356,8 @@ def sample_planes(model, jobs, count: int, results: PlaneResults, settings: Sett
                     notes += [n for n in plane_notes if n not in notes]
                     break
                 yield Progress(done, total, f"{task}{plane.where}")
+            if plane.brightness:
+                mean = keep_brightness(mean, plane.start, plane.brightness)
             results.put(plane.index, mean, std, phi)
     finally:
         if device.type == "cuda":
@@ -363,6 +366,28 @@ def sample_planes(model, jobs, count: int, results: PlaneResults, settings: Sett
             torch.cuda.empty_cache()
     yield Progress(total, total, f"{task}: done")
     return tile, notes
+
+
+BRIGHTNESS_SIGMA = 8.0  # input pixels: far above the scale of any structure a model restores, far below a field
+
+
+def keeps_input_brightness(model) -> bool:
+    """Whether ``model``'s results keep the input's brightness (all models, unless one was fine-tuned to adopt its
+    target acquisition's, on request)."""
+    return model.meta.get("brightness", "input") == "input"
+
+
+def keep_brightness(mean: np.ndarray, reference: np.ndarray, sigma: float) -> np.ndarray:
+    """``mean`` with its local brightness (a Gaussian average of ``sigma`` pixels) made ``reference``'s.
+
+    Noise averages out at that scale, so the degraded image itself says how bright the field is; a model need not
+    know it, and may have learnt otherwise: the bundled denoiser, trained on a pair whose long-dwell image is 3 grey
+    levels darker, darkened unseen real SEM by as much. Only the local mean moves (detail, and the uncertainty, are
+    the model's); a chunk's halo of one tile is many sigmas wide, so chunked and whole-plane results still agree.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    return mean + gaussian_filter(reference, sigma, mode="nearest") - gaussian_filter(mean, sigma, mode="nearest")
 
 
 def summarise(task: str, model, settings: Settings, device, uncertainty: np.ndarray | None, tile: int,
@@ -400,19 +425,23 @@ def restore(image, model, settings: Settings, task: str,
     """Restore a 2D image or each plane of a 3D stack.
 
     ``condition(plane)`` maps a normalised input plane to ``(cond, start)`` on the output grid. The stack is
-    normalised as a whole (consistent intensities along z). ``variant`` picks the label of models that serve
+    normalised as a whole (consistent intensities along z). The result keeps the start's brightness (see
+    :func:`keep_brightness`) unless the model was tuned to adopt another acquisition's. ``variant`` picks the label of models that serve
     several settings (e.g. the scale factor ``"2"`` of a super-resolution model).
     """
     started = time.perf_counter()
     image, device, model, norm = prepare(image, model, settings, task, norm)
     label = model_label(model, variant)
     planes = image[None] if image.ndim == 2 else image
-    results = new_results(model, settings, (len(planes), *out_shape(planes.shape[-2:])), norm)
+    plane_shape = out_shape(planes.shape[-2:])
+    results = new_results(model, settings, (len(planes), *plane_shape), norm)
+    brightness = BRIGHTNESS_SIGMA * plane_shape[0] / planes.shape[-2] if keeps_input_brightness(model) else None
 
     def jobs():
         for z, plane in enumerate(planes):
             cond, start = condition(norm(plane))
-            yield PlaneJob(cond, start, label, z, f" slice {z + 1}/{len(planes)}" if len(planes) > 1 else "")
+            yield PlaneJob(cond, start, label, z, f" slice {z + 1}/{len(planes)}" if len(planes) > 1 else "",
+                           brightness)
 
     tile, notes = yield from sample_planes(model, jobs(), len(planes), results, settings, device, task)
     squeeze = (lambda a: a if a is None or image.ndim == 3 else a[0])  # noqa: E731
