@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .normalize import InputError, Normalizer, check_image
-from .register import Registration, register_pair, shift_image
+from .register import Registration, apply_registration, register_pair
 
 PATCH = 128
 TASKS = ("denoise", "superres", "isotropic")
@@ -69,11 +69,7 @@ def prepare_pair(task: str, image: np.ndarray, target: np.ndarray, scale: int) -
     image = image[: target.shape[0] // factor, : target.shape[1] // factor]
     coarse_target = area_downsample(target, factor) if factor > 1 else target
     reg = register_pair(image.astype(np.float64), coarse_target)
-    aligned = shift_image(target, (reg.shift[0] * factor, reg.shift[1] * factor))
-    ys, xs = reg.crop
-    image = image[ys, xs]
-    aligned = aligned[ys.start * factor: ys.stop * factor, xs.start * factor: xs.stop * factor]
-    return image, aligned, reg
+    return image[reg.crop], apply_registration(target, reg, factor), reg
 
 
 def split_validation(image: np.ndarray, target: np.ndarray, factor: int, fraction: float = 0.2):
