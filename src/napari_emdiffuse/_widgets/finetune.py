@@ -76,7 +76,7 @@ class LossPlot(QWidget):
         painter.drawText(x0, y1, x1 - x0, self.BOTTOM, Qt.AlignLeft | Qt.AlignBottom, "0")
         painter.setPen(QPen(Qt.cyan, 1.5))
         painter.drawText(x0, 0, x1 - x0, self.TOP, Qt.AlignLeft | Qt.AlignVCenter,
-                         f"loss {losses[-1]:.4f} (log scale)")
+                         f"loss {losses[-1]:.4f} (log)")
         painter.drawPolyline(QPolygonF([QPointF(to_x(s), to_y(v, lo, hi)) for s, v in zip(steps, logs)]))
         if not self.validation:
             return
@@ -93,7 +93,7 @@ class LossPlot(QWidget):
         for v in (p_lo + 0.1, p_hi - 0.1):
             painter.drawText(x1 + 3, int(to_y(v, p_lo, p_hi)) - 8, self.RIGHT - 3, 16, left_aligned, f"{v:.2f}")
         painter.drawText(x0, 0, x1 - x0, self.TOP, Qt.AlignRight | Qt.AlignVCenter,
-                         f"validation PSNR {self.validation[-1][1]:.2f} dB (dashed: base)")
+                         f"validation {self.validation[-1][1]:.2f} dB, base - -")
 
 
 # what each task learns from: the input's label, and the hint shown until a run starts
