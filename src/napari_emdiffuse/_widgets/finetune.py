@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 class LossPlot(QWidget):
-    """The training loss (its running mean, on a log axis so that a fall late in training stays visible) and the
+    """The training loss (its running mean; on a log axis when positive, so that a late fall stays visible) and the
     validation PSNR of each checkpoint on a second axis, against the base model's (dashed); no plotting library
     needed. Axis labels sit in margins of their own, never on the curves."""
 
@@ -34,7 +34,7 @@ class LossPlot(QWidget):
 
     def add(self, step: int, loss: float) -> None:
         """Record a point; drawn at the next ``update()``."""
-        if np.isfinite(loss) and loss > 0:
+        if np.isfinite(loss):
             self.points.append((step, loss))
 
     def add_validation(self, step: int, psnr: float, base: float) -> None:
@@ -56,8 +56,10 @@ class LossPlot(QWidget):
             painter.drawText(self.rect(), Qt.AlignCenter, "training loss and validation PSNR")
             return
         steps, losses = map(np.asarray, zip(*self.points))
-        # the first steps' loss is far above the rest: scaled to the bulk, the trend after them stays readable
-        logs = np.log10(losses)
+        # the first steps' loss is far above the rest: scaled to the bulk, the trend after them stays readable; a
+        # loss with a learnt difficulty (a likelihood) can be negative, and then has a linear axis
+        log = bool((losses > 0).all())
+        logs = np.log10(losses) if log else losses
         lo, hi = np.percentile(logs[len(logs) // 20:], [1, 100])
         lo, hi = (lo - 0.05, hi + 0.05) if hi - lo < 0.1 else (lo, hi)
         x0, x1 = self.LEFT, self.width() - self.RIGHT
@@ -71,12 +73,12 @@ class LossPlot(QWidget):
         painter.setFont(small)
         right_aligned = Qt.AlignRight | Qt.AlignVCenter
         for v in (lo, hi):
-            painter.drawText(0, int(to_y(v, lo, hi)) - 8, x0 - 3, 16, right_aligned, f"{10 ** v:.3g}")
+            painter.drawText(0, int(to_y(v, lo, hi)) - 8, x0 - 3, 16, right_aligned, f"{10 ** v if log else v:.3g}")
         painter.drawText(x0, y1, x1 - x0, self.BOTTOM, Qt.AlignRight | Qt.AlignBottom, f"step {steps[-1]}")
         painter.drawText(x0, y1, x1 - x0, self.BOTTOM, Qt.AlignLeft | Qt.AlignBottom, "0")
         painter.setPen(QPen(Qt.cyan, 1.5))
         painter.drawText(x0, 0, x1 - x0, self.TOP, Qt.AlignLeft | Qt.AlignVCenter,
-                         f"loss {losses[-1]:.4f} (log)")
+                         f"loss {losses[-1]:.4f}{' (log)' if log else ''}")
         painter.drawPolyline(QPolygonF([QPointF(to_x(s), to_y(v, lo, hi)) for s, v in zip(steps, logs)]))
         if not self.validation:
             return
@@ -140,7 +142,7 @@ class FinetuneWidget(JobWidget):
         form.addRow("Save as", self.name)
         self.residual_map = QCheckBox("Show the registration's residual map", objectName="residual_map")
         self.residual_map.setToolTip("A layer with the misalignment left after registration, per 64-pixel block")
-        form.addRow("", self.residual_map)
+        form.addRow(self.residual_map)
         self.progress.setMaximum(1000)
         self.plot = LossPlot()
         self.extra.addWidget(self.plot)
@@ -153,7 +155,8 @@ class FinetuneWidget(JobWidget):
         for field, shown in ((self.scale, task == "superres"), (self.factor, task == "isotropic"),
                              (self.target_picker, task != "isotropic"), (self.residual_map, task != "isotropic")):
             field.setVisible(shown)
-            self.form.labelForField(field).setVisible(shown)
+            if self.form.labelForField(field) is not None:  # the check box has no label of its own
+                self.form.labelForField(field).setVisible(shown)
         label, hint = LEARNS_FROM[task]
         self.form.labelForField(self.input_picker).setText(label)
         self.status.setText(hint)
