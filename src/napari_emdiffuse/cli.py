@@ -312,9 +312,8 @@ def _finetune(args) -> None:
         print(json.dumps({"improved": result.improved, "model": result.model_name,
                           "path": str(result.path) if result.path else None,
                           "val_psnr_before": result.val_psnr_before, "val_psnr_after": result.val_psnr_after,
-                          "steps": result.steps, **({} if result.registration is None else {
-                              "shift": list(result.registration.shift),
-                              "residual_px": result.registration.residual})}))
+                          "val_psnr_spread": result.val_psnr_spread, "steps": result.steps,
+                          **({} if result.registration is None else result.registration.summary())}))
     else:
         print(result.message)
 
