@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from napari_emdiffuse.core.bioimageio import restorer, test_image
+from napari_emdiffuse.core.bioimageio import restorer, synthetic_input
 from napari_emdiffuse.core.models import list_models, load_model
 
 
@@ -50,7 +50,7 @@ def main():
         model = load_model(entry.path)
         scale = 2 if entry.task == "superres" else 1
         module = restorer(model, samples=2, seed=0, scale=scale)
-        raw = torch.from_numpy(test_image(scale))[None, None]
+        raw = torch.from_numpy(synthetic_input(scale))[None, None]
         started = time.perf_counter()
         reference = [t.numpy() for t in module(raw)]
         seconds = time.perf_counter() - started

@@ -348,7 +348,7 @@ def _cover(path: Path, left: np.ndarray, right: np.ndarray) -> None:
     iio.imwrite(path, np.concatenate([eight_bit(left), eight_bit(right)], axis=1))
 
 
-def test_image(scale: int = 1) -> np.ndarray:
+def synthetic_input(scale: int = 1) -> np.ndarray:
     """The synthetic noisy EM image a package is tested on (float32 values of an 8-bit acquisition)."""
     from .simulate import SEMNoise, synthetic_em
 
@@ -387,7 +387,7 @@ def export_package(name_or_path: str | os.PathLike, destination: str | os.PathLi
         folder = Path(tmp)
         weights = folder / "restorer.pt"
         module.save(str(weights))
-        raw = test_image(scale)[None, None]
+        raw = synthetic_input(scale)[None, None]
         loaded = torch.jit.load(str(weights))  # the outputs of the file, as a consumer loads it
         restored, spread = (t.numpy() for t in loaded(torch.from_numpy(raw)))
         for tensor_id, values in (("input", raw), ("restored", restored), ("uncertainty", spread)):
@@ -507,8 +507,9 @@ def _validated(path: Path):
     try:
         with ValidationContext(perform_io_checks=True):
             descr = load_model_description(path, format_version="latest")
-    except Exception as err:  # bioimageio.spec raises many types for unreadable descriptions
-        raise BioImageIOError(f"{path.name} is not a readable BioImage.io package ({type(err).__name__}).") from err
+    except Exception as err:  # bioimageio.spec raises many types, e.g. for a file whose checksum does not match
+        reason = next((line.strip() for line in reversed(str(err).splitlines()) if line.strip()), type(err).__name__)
+        raise BioImageIOError(f"{path.name} is not a valid BioImage.io model ({reason[:300]}).") from err
     if not hasattr(descr, "weights"):  # an InvalidDescr
         errors = [f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in descr.validation_summary.errors][:2]
         raise BioImageIOError(f"{path.name} is not a valid BioImage.io model ({'; '.join(errors) or 'invalid'}).")
