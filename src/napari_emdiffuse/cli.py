@@ -91,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     action = models.add_mutually_exclusive_group()
     action.add_argument("--remove", metavar="NAME", help="delete one of your own models")
     action.add_argument("--export", nargs=2, metavar=("NAME", "FILE"), help="copy a model to a file")
-    action.add_argument("--import", dest="import_file", metavar="FILE", help="add a model file to your models")
+    action.add_argument("--import", dest="import_file", metavar="FILE",
+                        help="add a model file (.npz) or a BioImage.io package of ours (.zip) to your models")
+    models.add_argument("--format", choices=["npz", "bioimageio"], default=None,
+                        help="of --export: our .npz, or a BioImage.io model package (.zip; the default for FILE.zip)")
     finetune = sub.add_parser("finetune", help="fine-tune a model on one image pair (or, for isotropic "
                                                "reconstruction, one isotropic volume) of your tissue")
     finetune.add_argument("--task", choices=["denoise", "superres", "isotropic"], required=True)
@@ -259,7 +262,10 @@ def _models(args) -> None:
         print(f"removed {remove_model(args.remove)}")
         return
     if args.export:
-        print(f"exported to {export_model(*args.export)}")
+        name, file = args.export
+        if args.format is not None:  # the file's suffix says the format
+            file = str(Path(file).with_suffix(".zip" if args.format == "bioimageio" else ".npz"))
+        print(f"exported to {export_model(name, file)}")
         return
     if args.import_file:
         print(f"imported as {import_model(args.import_file).stem}")

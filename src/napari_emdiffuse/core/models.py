@@ -242,7 +242,12 @@ def remove_model(name: str) -> Path:
 
 
 def export_model(name_or_path: str, destination: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Copy a model to a file of the user's choice (atomically; never over an existing file unless asked)."""
+    """Copy a model to a file of the user's choice (atomically; never over an existing file unless asked); to a
+    ``.zip``: as a BioImage.io model package."""
+    if Path(destination).suffix == ".zip":
+        from .bioimageio import export_package
+
+        return export_package(name_or_path, destination, overwrite=overwrite)
     source = resolve(name_or_path)
     read_metadata(source)  # refuse to export something that is not a model
     destination = Path(destination)
@@ -256,8 +261,13 @@ def export_model(name_or_path: str, destination: str | os.PathLike, overwrite: b
 
 
 def import_model(path: str | os.PathLike, name: str | None = None) -> Path:
-    """Check a model file (plain arrays only, matching network) and copy it into the user's folder."""
+    """Check a model file (plain arrays only, matching network) and copy it into the user's folder; from a
+    BioImage.io package of ours, its model file, with the same checks."""
+    from .bioimageio import import_package, is_package
+
     path = Path(path)
+    if is_package(path):
+        return import_package(path, name)
     meta, _ = _read(path)
     name = name or Path(path).stem
     model = _load_cached(str(path.resolve()), path.stat().st_mtime_ns, path.stat().st_size, "cpu")
