@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--scale", type=int, default=2, choices=[2, 4])
     finetune.add_argument("--factor", type=int, default=4, help="isotropic: R, the z factor to generate slices for")
     finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--target-brightness", action="store_true",
+                          help="the tuned model gives the target acquisition's brightness and contrast (by default "
+                               "results keep their input's)")
     finetune.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     finetune.add_argument("--precision", default="auto", choices=PRECISIONS)
     finetune.add_argument("--overwrite", action="store_true")
@@ -313,6 +316,7 @@ def _finetune(args) -> None:
 
     result = drive(finetune(args.task, image, target, base=args.base, scale=args.scale, factor=args.factor,
                             minutes=args.minutes, iterations=args.iterations, seed=args.seed, output=args.output,
+                            target_brightness=args.target_brightness,
                             device=args.device, precision=args.precision), show)
     if args.json:
         print(json.dumps({"improved": result.improved, "model": result.model_name,

@@ -236,3 +236,22 @@ def test_cli_finetunes_an_isotropic_model_and_refuses_an_anisotropic_file(tmp_pa
     assert "isotropic volume" in capsys.readouterr().err
     assert main(["finetune", "--task", "denoise", "--input", str(tmp_path / "iso.tif"), "-o",
                  str(tmp_path / "d.npz")]) == 2  # a pair's task without its target
+
+
+@pytest.mark.parametrize("adopt", [False, True])
+def test_a_tuned_model_keeps_the_input_brightness_unless_asked_to_adopt_the_targets(pair, tiny_model, tmp_path,
+                                                                                     adopt):
+    from napari_emdiffuse.core.finetune import pair_tuning
+    from napari_emdiffuse.core.models import load_model
+
+    noisy, clean = pair
+    brighter = 1.3 * clean + 0.2  # another detector setting: more gain, more offset
+    tuning = pair_tuning("denoise", noisy, brighter, load_model(tiny_model), 1, 64, target_brightness=adopt)
+    x0, cond, _ = next(tuning.batches(0))  # model space: targets and conditions of 64 random patches
+    offset = float((x0.mean(dim=(1, 2, 3)) - cond.mean(dim=(1, 2, 3))).abs().mean())
+    assert (offset > 0.3) if adopt else (offset < 0.02)  # brightness learnt only when asked for
+    if adopt:  # and the tuned model says so: its results are not brought back to the input's brightness
+        result = drive(finetune("denoise", noisy, brighter, base=tiny_model, iterations=30, lr=2e-3,
+                                output=tmp_path / "tuned.npz", target_brightness=True))
+        if result.improved:
+            assert load_model(result.path).meta["brightness"] == "target"

@@ -143,6 +143,10 @@ class FinetuneWidget(JobWidget):
         self.residual_map = QCheckBox("Show the registration's residual map", objectName="residual_map")
         self.residual_map.setToolTip("A layer with the misalignment left after registration, per 64-pixel block")
         form.addRow(self.residual_map)
+        self.target_brightness = QCheckBox("Adopt the slow acquisition's brightness", objectName="target_brightness")
+        self.target_brightness.setToolTip("Off: results keep their input's brightness and contrast (for measuring "
+                                          "intensities). On: the tuned model gives the target acquisition's.")
+        form.addRow(self.target_brightness)
         self.progress.setMaximum(1000)
         self.plot = LossPlot()
         self.extra.addWidget(self.plot)
@@ -153,7 +157,8 @@ class FinetuneWidget(JobWidget):
     def _task_changed(self, *_) -> None:
         task = self.task.currentData()
         for field, shown in ((self.scale, task == "superres"), (self.factor, task == "isotropic"),
-                             (self.target_picker, task != "isotropic"), (self.residual_map, task != "isotropic")):
+                             (self.target_picker, task != "isotropic"), (self.residual_map, task != "isotropic"),
+                             (self.target_brightness, task != "isotropic")):
             field.setVisible(shown)
             if self.form.labelForField(field) is not None:  # the check box has no label of its own
                 self.form.labelForField(field).setVisible(shown)
@@ -209,7 +214,8 @@ class FinetuneWidget(JobWidget):
         job = finetune(task, np.asarray(full_resolution(source)),
                        None if target is None else np.asarray(full_resolution(target)),
                        base=self.base.currentData(), name=self.name.text().strip() or None,
-                       scale=self.scale.currentData(), factor=self.factor.value(), minutes=self.minutes.value())
+                       scale=self.scale.currentData(), factor=self.factor.value(), minutes=self.minutes.value(),
+                       target_brightness=self.target_brightness.isChecked())
         self.plot.clear()
         self.status.setText("Preparing the volume…" if task == "isotropic" else "Registering the pair…")
         self.source = source

@@ -112,13 +112,33 @@ def pair_batches(pairs: list[tuple[np.ndarray, np.ndarray]], batch: int, seed: i
         yield to_model_space(xs), to_model_space(cs), labels
 
 
-def pair_tuning(task: str, image, target, base_model, scale: int, batch: int) -> Tuning:
-    """Denoising or super-resolution: learn from one image pair, validated on a strip kept aside."""
+def in_input_brightness(target: np.ndarray, reference: np.ndarray, sigma: float) -> np.ndarray:
+    """``target`` in the brightness and contrast of ``reference`` (the input on the target's grid): a straight line
+    through their local means (the acquisitions may differ in gain, offset and even bit depth), then the local
+    brightness itself (:func:`~.tasks.keep_brightness`, as every result is made)."""
+    from scipy.ndimage import gaussian_filter
+
+    from .tasks import keep_brightness
+
+    gain, offset = np.polyfit(gaussian_filter(target, sigma).ravel(), gaussian_filter(reference, sigma).ravel(), 1)
+    return keep_brightness(gain * target + offset, reference, sigma)
+
+
+def pair_tuning(task: str, image, target, base_model, scale: int, batch: int,
+                target_brightness: bool = False) -> Tuning:
+    """Denoising or super-resolution: learn from one image pair, validated on a strip kept aside.
+
+    The target is brought to the input's local brightness first (two acquisitions rarely agree on it, and a model
+    must not learn their difference), unless ``target_brightness``: then the model adopts the target's.
+    """
     from .simulate import area_downsample
-    from .tasks import denoise, superres, superres_steps, upsample
+    from .tasks import BRIGHTNESS_SIGMA, denoise, superres, superres_steps, upsample
 
     image, aligned, reg = prepare_pair(task, np.asarray(image), np.asarray(target), scale)
     factor = scale if task == "superres" else 1
+    if not target_brightness:
+        reference = image.astype(np.float64) if factor == 1 else upsample(image.astype(np.float32), factor)
+        aligned = in_input_brightness(aligned, reference, BRIGHTNESS_SIGMA * factor)
     steps = superres_steps(base_model, scale) if task == "superres" else (1,)
     label = None
     if base_model.meta.get("labels"):
@@ -214,14 +234,15 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray | None = None, *, 
              name: str | None = None, scale: int = 2, factor: int = 4, minutes: float | None = None,
              iterations: int | None = None, seed: int = 0, output: str | Path | None = None, batch: int | None = None,
              lr: float = 1e-4, device: str = "auto", precision: str = "auto",
-             validate_every_minutes: float = 2.0) -> Generator:
+             validate_every_minutes: float = 2.0, target_brightness: bool = False) -> Generator:
     """Fine-tune ``base`` (default: the bundled model of ``task``); see the module docstring.
 
     ``image`` and ``target``: the pair (fast and slow acquisition; for super-resolution at ``scale``), or for
     ``"isotropic"`` the isotropic volume alone, tuned to generate the slices of gaps of ``factor``. The result is
     saved to ``output`` if given, else into the user's model folder as ``name``. ``precision`` of the training
     steps (see :func:`~.tasks.pick_precision`): bfloat16 where it is native takes 1.65x the steps in the budget,
-    which fine-tunes further (``benchmarks/finetune_transfer.py``).
+    which fine-tunes further (``benchmarks/finetune_transfer.py``). ``target_brightness``: the tuned model gives
+    the target acquisition's brightness instead of keeping its input's (see :func:`pair_tuning`).
     """
     from .diffusion import training_log_sigma
     from .models import Model, dated_name, default_model, free_name, install_model, load_model, save_model
@@ -246,7 +267,7 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray | None = None, *, 
         tuning = volume_tuning(np.asarray(image), base_model, factor, batch or 8)
     else:
         yield Progress(0, 1, "registering the pair")
-        tuning = pair_tuning(task, image, target, base_model, scale, batch or 4)
+        tuning = pair_tuning(task, image, target, base_model, scale, batch or 4, target_brightness)
 
     def validate(net, seed: int) -> Generator:
         """Validation PSNR of ``net`` on the data kept aside, sampled with ``seed``; yields the restoration's
@@ -297,6 +318,7 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray | None = None, *, 
     path = None
     if verdict.improved:
         meta = {k: v for k, v in base_model.meta.items() if k != "name"}
+        meta["brightness"] = "target" if target_brightness and task != "isotropic" else "input"
         meta["finetune"] = {
             "base": base_model.name, "val_psnr_before": verdict.before, "val_psnr_after": verdict.after,
             "val_psnr_spread": verdict.spread, "val_seeds": seeds, "step": best["step"], **tuning.record,
