@@ -36,6 +36,7 @@ from .tasks import Progress, Settings, drive
 
 DEFAULT_LATERAL_CHUNK = 2048  # output pixels; a chunk with its halo needs well under 1 GB with the bundled model
 HISTOGRAM_BINS, HISTOGRAM_MAX = 5000, 0.5  # uncertainty histogram per chunk: score and flagged fraction to 1e-4
+LOOPBACK = "127.0.0.1"  # a local cluster listens here only
 RUN_GROUP = "run"  # bookkeeping inside the output store: which chunks are done, their histograms
 
 
@@ -243,14 +244,22 @@ def dask_client(scheduler: str = "threads", workers: int | None = None, dashboar
 
     A local cluster listens on the loopback interface only (its scheduler and workers serve unauthenticated
     connections) and serves no dashboard unless ``dashboard`` (then at http://127.0.0.1:8787 or a free port)."""
+    import dask
     from dask.distributed import Client, LocalCluster
 
     if scheduler in ("threads", "local"):
         processes = scheduler == "local"
-        cluster = LocalCluster(n_workers=(workers or 2) if processes else 1, processes=processes,
-                               threads_per_worker=1 if processes else (workers or 1), host="127.0.0.1",
-                               dashboard_address="127.0.0.1:8787" if dashboard else None,
-                               worker_dashboard_address=None, silence_logs=logging.CRITICAL)
+        # every HTTP server on loopback; without a dashboard they serve only the health check (the default routes
+        # show worker logs and call stacks to anyone who can connect)
+        quiet = {} if dashboard else {"distributed.scheduler.http.routes": ["distributed.http.health"],
+                                      "distributed.worker.http.routes": ["distributed.http.health"]}
+        with dask.config.set(quiet):
+            cluster = LocalCluster(n_workers=(workers or 2) if processes else 1, processes=processes,
+                                   threads_per_worker=1 if processes else (workers or 1),
+                                   **({"host": LOOPBACK} if processes else {}),
+                                   dashboard_address=f"{LOOPBACK}:{8787 if dashboard else 0}",
+                                   worker_dashboard_address=f"{LOOPBACK}:0", scheduler_kwargs={"dashboard": dashboard},
+                                   silence_logs=logging.CRITICAL)
         client = Client(cluster)
     else:
         cluster, client = None, Client(scheduler)
@@ -340,7 +349,7 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
     maps = ("image",) + (("uncertainty",) if gives_uncertainty(model_info, settings) else ()) + (
         ("difficulty",) if settings.difficulty else ())
     run = {"task": task.name, "factor": task.factor, "model": model_info.name, "model_path": model_path,
-           "input": input_fingerprint(data), "chunk": list(chunk), "halo": halo, "maps": list(maps),
+           "input_fingerprint": input_fingerprint(data), "chunk": list(chunk), "halo": halo, "maps": list(maps),
            "settings": {k: v for k, v in asdict(settings).items() if k not in ("device", "threshold", "origin")}}
     blocks = plan_blocks(shape3, task, chunk, halo, model_info.net.config.multiple)
     grid = tuple(max(b.index[i] for b in blocks) + 1 for i in range(3))
@@ -350,7 +359,7 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
     fitted = {"low": norm.low, "high": norm.high, "dtype": norm.dtype.str}
     if created:
         root = _create_output(Path(output), data, task, chunk, maps,
-                              {**run, "normalizer": fitted, "input_path": source if isinstance(source, str) else None},
+                              {**run, "normalizer": fitted, "input": source if isinstance(source, str) else None},
                               grid, pixel_size, unit)
     elif root.attrs["emdiffuse"]["run"].get("normalizer") != fitted:
         raise InputError(f"{output} was started on input of other intensities (its normalisation differs); choose "
@@ -370,6 +379,8 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
         yield Progress(finished, total, f"{task.name}: {finished} of {total} chunks done")
         if pending:
             with dask_client(scheduler, workers, dashboard) as client:
+                if dashboard:
+                    yield Progress(finished, total, f"{task.name}: Dask dashboard at {client.dashboard_link}")
                 yield from _run_blocks(client, pending, job, finished, total, notes)
     except Exception:
         if created:  # a failed run leaves nothing behind that it made (an interrupted one keeps its chunks)
@@ -433,7 +444,7 @@ def _open_output(path: Path, run: dict, overwrite: bool, inputs: list):
     if own_store(path):
         root = zarr.open_group(str(path), mode="r+")
         previous = {k: v for k, v in dict(root.attrs["emdiffuse"]["run"]).items()
-                    if k not in ("normalizer", "input_path")}
+                    if k not in ("normalizer", "input")}  # the path may differ (relative, absolute)
     if previous == run and not overwrite:
         return root
     if overwrite:

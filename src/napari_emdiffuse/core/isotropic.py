@@ -22,7 +22,6 @@ of the others (a volume can be processed in chunks along z with one acquired sli
 from __future__ import annotations
 
 import math
-
 import time
 from collections.abc import Generator, Iterator, Sequence
 
@@ -80,7 +79,7 @@ def check_voxel_factor(voxel: Sequence[float]) -> int:
                          "factor R.")
     if factor not in FACTORS:
         raise InputError(f"The voxel size {size} gives a z factor of {_ratio(voxel):.3g}, "
-                         f"outside the supported {FACTORS[0]} to {FACTORS[-1]}; give the z factor R yourself.")
+                         f"outside the supported {FACTORS[0]} to {FACTORS[-1]}; give the z factor R.")
     return factor
 
 

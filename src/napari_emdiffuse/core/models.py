@@ -193,8 +193,8 @@ def check_meta(meta: dict, name: str) -> None:
             raise InputError(f"{name}'s network setting mults is unusable ({mults!r}).")
     except InputError as err:
         raise ModelFileError(str(err)) from err
-    if sampling["sigma_end"] >= sampling["sigma_max"]:
-        raise ModelFileError(f"{name}'s sampling settings are unusable: sigma_end must be below sigma_max.")
+    if sampling["sigma_end"] > sampling["sigma_max"]:
+        raise ModelFileError(f"{name}'s sampling settings are unusable: sigma_end must not exceed sigma_max.")
     if sampling["sampler"] not in SAMPLERS:
         raise ModelFileError(f"{name} asks for an unknown sampler {sampling['sampler']!r} (known: "
                              f"{', '.join(SAMPLERS)}).")

@@ -23,7 +23,7 @@ def check_layout(shape: tuple[int, ...], dtype, ndims: tuple[int, ...] = (2, 3))
     shape, dtype = tuple(shape), np.dtype(dtype)
     if 0 in shape:
         raise InputError("The image is empty.")
-    if not (dtype == bool or np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+    if not (dtype == np.bool_ or np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
         raise InputError(f"Images of type {dtype} are not supported; use integer or float grey values.")
     if len(shape) >= 3 and shape[-1] in (3, 4) and min(shape[-3:-1]) > 4:
         raise InputError("This looks like an RGB(A) image; convert it to greyscale first.")

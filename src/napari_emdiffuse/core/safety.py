@@ -86,7 +86,9 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
 def check_outputs(outputs: Iterable[str | os.PathLike | None], inputs: Iterable[str | os.PathLike] = (),
                   overwrite: bool = False, stores: Iterable[str | os.PathLike] = ()) -> list[Path]:
     """:func:`check_output` for every output of a run (or of a whole batch) against every input, and no location
-    named twice (``-o X --uncertainty X``). ``stores``: the outputs that are Zarr stores."""
+    named twice (``-o X --uncertainty X``). ``stores``: the outputs that are Zarr stores; an existing one of ours
+    passes here even without ``overwrite``, as the chunked runner resumes it if it is the same run (and refuses it
+    otherwise)."""
     outputs = [Path(p) for p in outputs if p is not None]
     inputs, stores = list(inputs), {_absolute(s) for s in stores}
     seen: dict[Path, Path] = {}
@@ -95,7 +97,8 @@ def check_outputs(outputs: Iterable[str | os.PathLike | None], inputs: Iterable[
         if key in seen:
             raise UnsafeOutput(f"{path} is given twice as an output; each output needs its own name.")
         seen[key] = path
-    return [check_output(path, inputs, overwrite, store=_absolute(path) in stores) for path in outputs]
+    return [check_output(path, inputs, overwrite or _absolute(path) in stores, store=_absolute(path) in stores)
+            for path in outputs]
 
 
 def check_writable(folder: str | os.PathLike) -> None:
