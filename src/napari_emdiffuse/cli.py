@@ -445,7 +445,10 @@ def _restore_all(args, batch: list[argparse.Namespace], job_factory) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a bad option (one line already on stderr)
+        return done.code if isinstance(done.code, int) else 2
     try:
         if args.command == "models":
             _models(args)

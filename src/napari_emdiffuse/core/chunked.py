@@ -118,11 +118,25 @@ def plan_blocks(shape: tuple[int, int, int], task: ChunkedTask, chunk: tuple[int
 
 
 def read_window(data, region: tuple[slice, ...]) -> np.ndarray:
-    """``data[region]`` as a numpy array, for zarr, numpy/memmap and dask sources alike."""
-    part = data[region]
-    if hasattr(part, "compute"):  # a dask array: compute here, not on the cluster this may be running on
-        part = part.compute(scheduler="synchronous")
-    return np.asarray(part)
+    """``data[region]`` as a numpy array, for zarr, numpy/memmap and dask sources alike; a part that cannot be read
+    (a damaged chunk file) is an InputError naming where."""
+    try:
+        part = data[region]
+        if hasattr(part, "compute"):  # a dask array: compute here, not on the cluster this may be running on
+            part = part.compute(scheduler="synchronous")
+        return np.asarray(part)
+    except (InputError, MemoryError):
+        raise
+    except Exception as err:  # zarr and its codecs raise many types for a damaged chunk
+        raise InputError(f"The input could not be read{region_text(region, data.ndim)}: a chunk file is damaged or "
+                         f"missing ({err}).") from err
+
+
+def region_text(region: tuple, ndim: int) -> str:
+    """`` (in the part at z 3-4, y 0-512, x 0-512)``"""
+    parts = [f"{axis} {r.start or 0}-{r.stop if r.stop is not None else 'end'}" if isinstance(r, slice) else
+             f"{axis} {r}" for axis, r in zip("zyx"[-ndim:], region)]
+    return f" (in the part at {', '.join(parts)})"
 
 
 def fit_normalizer(data, max_samples: int = 2_000_000) -> Normalizer:
@@ -187,13 +201,8 @@ def process_block(block: Block, job: ChunkJob) -> dict:
         torch.set_num_threads(job.torch_threads)
     data = open_source(job.source)
     region = block.read[3 - job.ndim:]
-    where = " (in the part at " + ", ".join(f"{axis} {r.start}-{r.stop}" for axis, r in zip("zyx"[-job.ndim:], region))
-    try:
-        window = read_window(data, region)
-    except Exception as err:  # zarr and its codecs raise many types for a damaged chunk
-        raise InputError(f"The input could not be read{where}): {type(err).__name__}: {err}; is a chunk file "
-                         "damaged?") from err
-    check_finite(window, where + ")")  # every chunk as it is read: the up-front checks see only a sample
+    window = read_window(data, region)
+    check_finite(window, region_text(region, job.ndim))  # every chunk as it is read: the up-front checks see a sample
     settings = replace(job.settings, origin=block.origin)
 
     def check_cancelled(_):

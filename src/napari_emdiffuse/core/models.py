@@ -339,8 +339,9 @@ def resolve(name_or_path: str | os.PathLike, task: str | None = None) -> Path:
             if entry.error:
                 raise ModelFileError(f"The model '{entry.name}' is unreadable: {entry.error}")
             return entry.path
-    if task is not None and any(e.name == str(name_or_path) and e.error for e in list_models()):
-        raise ModelFileError(f"The model '{name_or_path}' is unreadable; see `emdiffuse models`.")
+    unreadable = next((e for e in list_models() if e.name == str(name_or_path) and e.error), None)
+    if unreadable is not None:
+        raise ModelFileError(f"The model '{unreadable.name}' is unreadable: {unreadable.error}")
     known = ", ".join(e.name for e in list_models(task) if not e.error) or "none"
     raise ModelFileError(f"No model named '{name_or_path}' (available: {known}).")
 
@@ -424,14 +425,18 @@ def remove_model(name: str) -> Path:
 
 def export_model(name_or_path: str, destination: str | os.PathLike, overwrite: bool = False) -> Path:
     """Copy a model to a file of the user's choice (atomically; never over an existing file unless asked)."""
-    source = resolve(name_or_path)
-    read_metadata(source)  # refuse to export something that is not a model
+    from .normalize import InputError
     from .safety import check_output
 
+    source = resolve(name_or_path)
+    read_metadata(source)  # refuse to export something that is not a model
     destination = Path(destination)
     if destination.suffix != ".npz":  # written exactly where asked, or refused
         raise ModelFileError(f"Model files end in .npz; {destination.name} does not.")
-    check_output(destination, [source], overwrite)
+    try:
+        check_output(destination, [source], overwrite)
+    except InputError as err:  # one kind of error from this module
+        raise ModelFileError(str(err)) from err
     with atomic_path(destination) as tmp:
         tmp.write_bytes(source.read_bytes())
     return destination

@@ -62,7 +62,7 @@ def open_volume(path: str | os.PathLike, levels: bool = False) -> ImageFile:
                 if not all(isinstance(a, zarr.Array) for a in arrays):
                     raise TypeError("a level is not an array")
             except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
-                raise InputError(f"{path.name} has malformed OME-Zarr metadata ({type(err).__name__}: {err}).") from err
+                raise InputError(f"{path.name} has malformed OME-Zarr metadata ({err!r}).") from err
             if scale is not None:
                 check_voxel(scale, path.name)
         else:
