@@ -155,9 +155,10 @@ def _progress_bar(quiet: bool):
 def _settings(args):
     from .core.tasks import Settings
 
-    return Settings(samples=args.samples, steps=args.steps, seed=args.seed, tile=args.tile, device=args.device,
-                    precision=args.precision, threshold=args.threshold, sampler=args.sampler, eta=args.eta,
-                    difficulty=args.difficulty is not None)
+    overlap = min(Settings.overlap, max(args.tile, 0) // 4)  # what tiling uses of it: a quarter of the tile at most
+    return Settings(samples=args.samples, steps=args.steps, seed=args.seed, tile=args.tile, overlap=overlap,
+                    device=args.device, precision=args.precision, threshold=args.threshold, sampler=args.sampler,
+                    eta=args.eta, difficulty=args.difficulty is not None)
 
 
 def _z_factor(args, image) -> int:

@@ -131,9 +131,9 @@ def write_tiff(path: str | os.PathLike, data: np.ndarray, scale: tuple[float, ..
     """
     import tifffile
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} exists; choose another name or allow overwriting.")
+    from .safety import check_output
+
+    path = check_output(path, overwrite=overwrite)  # a regular file only, never a link, FIFO or device
     data = np.asarray(data)
     if data.dtype == np.float64:
         data = data.astype(np.float32)  # ImageJ reads float32, not float64

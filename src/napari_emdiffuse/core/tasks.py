@@ -46,7 +46,9 @@ class Settings:
         self.steps = check_optional("steps", self.steps)
         self.seed = check_number("seed", self.seed)
         self.tile = check_number("tile", self.tile)
-        self.overlap = check_number("overlap", self.overlap)  # at most a quarter of the tile is used (tiling.py)
+        self.overlap = check_number("overlap", self.overlap)
+        if self.overlap >= self.tile:
+            raise InputError("The tile overlap must be smaller than the tile.")
         self.threshold = check_number("threshold", self.threshold)
         self.eta = check_optional("eta", self.eta)
         if self.sampler is not None:
