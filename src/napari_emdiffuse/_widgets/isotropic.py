@@ -44,9 +44,9 @@ class IsotropicWidget(RestoreWidget):
     def _factor_from_layer(self, *_) -> None:
         layer = self.layer_picker.layer()
         factor = factor_from_voxel(layer.scale) if layer is not None and layer.ndim == 3 else None
-        if factor in FACTORS and not self.factor_chosen:
+        if factor is not None and not self.factor_chosen:
             self.factor.blockSignals(True)
-            self.factor.setValue(factor)
+            self.factor.setValue(min(factor, FACTORS[-1]))  # shown in the box, for the user to change
             self.factor.blockSignals(False)
 
     def _mode_changed(self) -> None:
