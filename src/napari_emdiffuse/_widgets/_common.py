@@ -524,8 +524,13 @@ class RestoreWidget(JobWidget):
         out_scale, _ = self.output_grid(layer)
         factor = max(round(a / b) for a, b in zip(layer.scale, out_scale))  # x2/x4 in y, x or R along z
         pixel, unit = pixel_size(layer.scale, layer.metadata, layer.units)
+        try:
+            settings = self.settings()  # the shared validation (core/limits.py): its sentence, before any work
+        except ValueError as err:
+            show_error(str(err))
+            return
         job = restore_volume(full_resolution(layer), path, ChunkedTask(self.task, factor),
-                             self.model_picker.currentData(), self.settings(), pixel_size=pixel,
+                             self.model_picker.currentData(), settings, pixel_size=pixel,
                              unit=unit, scheduler="threads")
         self.cancelled_text = f"Cancelled; finished chunks are kept in {path}: run again to resume."
         self.doing = f"Running {self.task} on {layer.name} into {path}…"

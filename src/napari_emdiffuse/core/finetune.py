@@ -245,6 +245,7 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray | None = None, *, 
     the target acquisition's brightness instead of keeping its input's (see :func:`pair_tuning`).
     """
     from .diffusion import training_log_sigma
+    from .limits import check_budget
     from .models import Model, dated_name, default_model, free_name, install_model, load_model, save_model
     from .tasks import Progress, Settings, pick_device, pick_precision, relayed
     from .train import train
@@ -254,6 +255,9 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray | None = None, *, 
     if (target is None) != (task == "isotropic"):
         raise InputError("Isotropic fine-tuning learns from one isotropic volume and takes no target."
                          if task == "isotropic" else "Fine-tuning needs the slow acquisition as the target.")
+    check_budget(minutes, iterations)  # a zero or negative budget trained forever
+    if output is not None and Path(output).suffix != ".npz":  # written exactly there, or refused before training
+        raise InputError(f"Model files end in .npz; {Path(output).name} does not.")
     if minutes is None and iterations is None:
         minutes = 10.0
     if name and output is None:

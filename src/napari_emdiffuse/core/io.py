@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .files import atomic_path
+from .limits import check_voxel
 from .normalize import InputError
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -77,7 +78,8 @@ def read_tiff(path: str | os.PathLike) -> ImageFile:
         reason = (str(err).strip().splitlines() or [""])[0]
         raise InputError(f"{path.name} could not be read as a TIFF ({type(err).__name__}: {reason}).") from err
     data = np.squeeze(data) if data.ndim > 2 else data
-    return ImageFile(data, tuple(scale[-data.ndim:]) if data.ndim <= 3 else (1.0,) * data.ndim, unit, summary)
+    scale = check_voxel(scale[-data.ndim:], path.name) if data.ndim <= 3 else (1.0,) * data.ndim
+    return ImageFile(data, scale, unit, summary)
 
 
 def _recorded_summary(tif) -> dict | None:
@@ -131,9 +133,9 @@ def write_tiff(path: str | os.PathLike, data: np.ndarray, scale: tuple[float, ..
     """
     import tifffile
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} exists; choose another name or allow overwriting.")
+    from .safety import check_output
+
+    path = check_output(path, overwrite=overwrite)  # a regular file only, never a link, FIFO or device
     data = np.asarray(data)
     if data.dtype in (np.float16, np.float64):
         data = data.astype(np.float32)  # ImageJ reads float32, neither float16 nor float64

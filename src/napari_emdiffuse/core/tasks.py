@@ -38,15 +38,22 @@ class Settings:
     origin: tuple[int, int] = (0, 0)
 
     def __post_init__(self):
-        if self.samples < 1:
-            raise InputError("The number of samples must be at least 1.")
-        if self.steps is not None and not 1 <= self.steps <= 1000:
-            raise InputError("The number of steps must be between 1 and 1000.")
-        if self.tile < 32:
-            raise InputError("Tiles must be at least 32 pixels.")
-        if not 0 <= self.overlap < self.tile:
+        """Every number checked by the one validation (core/limits.py), whichever front end made the settings."""
+        from .diffusion import SAMPLERS
+        from .limits import check_choice, check_number, check_optional
+
+        self.samples = check_number("samples", self.samples)
+        self.steps = check_optional("steps", self.steps)
+        self.seed = check_number("seed", self.seed)
+        self.tile = check_number("tile", self.tile)
+        self.overlap = check_number("overlap", self.overlap)
+        if self.overlap >= self.tile:
             raise InputError("The tile overlap must be smaller than the tile.")
-        if min(self.origin) < 0:
+        self.threshold = check_number("threshold", self.threshold)
+        self.eta = check_optional("eta", self.eta)
+        if self.sampler is not None:
+            check_choice("sampler", self.sampler, SAMPLERS)
+        if len(self.origin) != 2 or min(self.origin) < 0:
             raise InputError("The origin of a chunk cannot be negative.")
         check_precision(self.precision)
 
@@ -124,8 +131,27 @@ def uncertainty_score(uncertainty: np.ndarray) -> float:
     return float(np.percentile(uncertainty, 99))
 
 
+class ResultError(InputError):
+    """The model gave values that are not finite (NaN or infinity): nothing of it may be written or called reliable."""
+
+
+NOT_FINITE_RESULT = ("The model gave NaN or infinite values, so nothing was written; check the model file and the "
+                     "sampler settings (steps, eta).")
+
+
+def check_finite_result(*maps: np.ndarray | None) -> None:
+    """Refuse a result (or one plane or chunk of it) with a value that is not finite."""
+    if any(m is not None and not np.isfinite(m).all() for m in maps):
+        raise ResultError(NOT_FINITE_RESULT)
+
+
+def is_reliable(score: float, threshold: float) -> bool:
+    """The verdict: a finite score at most the threshold (a NaN score is never reliable)."""
+    return bool(np.isfinite(score) and score <= threshold)
+
+
 def verdict(score: float, threshold: float) -> str:
-    if score <= threshold:
+    if is_reliable(score, threshold):
         return f"reliable: uncertainty score {score:.3f} ≤ {threshold:.2f}"
     return f"NOT reliable: uncertainty score {score:.3f} > {threshold:.2f}; check the flagged areas"
 
@@ -308,6 +334,9 @@ class PlaneResults:
         self.difficulty = np.zeros(shape, np.float32) if difficulty else None
 
     def put(self, index: int, mean: np.ndarray, std: np.ndarray, phi: np.ndarray | None) -> None:
+        """Store one plane, refusing it if any value is not finite (clipping would hide NaN as zeros)."""
+        check_finite_result(mean, std if self.uncertainty is not None else None,
+                            phi if self.difficulty is not None else None)
         self.image[index] = self.norm.inverse(mean)
         if self.uncertainty is not None:
             self.uncertainty[index] = std
@@ -408,7 +437,7 @@ def summarise(task: str, model, settings: Settings, device, uncertainty: np.ndar
         "precision": pick_precision(settings.precision, device),
         "threshold": settings.threshold,
         "uncertainty_score": score,
-        "reliable": bool(score <= settings.threshold) if uncertainty is not None else None,
+        "reliable": is_reliable(score, settings.threshold) if uncertainty is not None else None,
         "flagged_fraction": float((uncertainty > settings.threshold).mean()) if uncertainty is not None else None,
         "tile": tile,
         "notes": notes,

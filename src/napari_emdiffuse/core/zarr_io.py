@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import _UNIT_TO_NM, ImageFile
+from .limits import check_voxel
 from .normalize import InputError
 
 NGFF_UNIT = "nanometer"  # pixel sizes are handled in nm everywhere else
@@ -53,11 +54,18 @@ def open_volume(path: str | os.PathLike, levels: bool = False) -> ImageFile:
     if isinstance(node, zarr.Group):
         multiscales = _multiscales(node.attrs)
         if multiscales:
-            image = multiscales[0]
-            datasets = image["datasets"] if levels else image["datasets"][:1]
-            arrays = [node[level["path"]] for level in datasets]
-            scale, unit = _ngff_pixel_size(image.get("axes", []), datasets[0].get("coordinateTransformations", []),
-                                           arrays[0].ndim)
+            try:
+                image = multiscales[0]
+                datasets = image["datasets"] if levels else image["datasets"][:1]
+                arrays = [node[level["path"]] for level in datasets]
+                scale, unit = _ngff_pixel_size(image.get("axes", []),
+                                               datasets[0].get("coordinateTransformations", []), arrays[0].ndim)
+                if not all(isinstance(a, zarr.Array) for a in arrays):
+                    raise TypeError("a level is not an array")
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+                raise InputError(f"{path.name} has malformed OME-Zarr metadata ({err!r}).") from err
+            if scale is not None:
+                check_voxel(scale, path.name)
         else:
             arrays = [a for _, a in node.arrays()]
             if len(arrays) != 1:
