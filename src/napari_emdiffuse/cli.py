@@ -274,8 +274,9 @@ def _models(args) -> None:
         return
     if args.export:
         name, file = args.export
-        if args.format is not None:  # the file's suffix says the format
-            file = str(Path(file).with_suffix(".zip" if args.format == "bioimageio" else ".npz"))
+        suffix = {"bioimageio": ".zip", "npz": ".npz"}.get(args.format)
+        if suffix and Path(file).suffix != suffix:  # a file is written exactly where asked
+            raise CLIError(f"--format {args.format} writes a {suffix} file; name it so ({Path(file).stem}{suffix}).")
         print(f"exported to {export_model(name, file)}")
         return
     if args.import_file:

@@ -128,8 +128,10 @@ def test_a_package_is_added_back_and_restores_exactly_as_its_model(tmp_path, use
                                                                     tiny_model):
     from napari_emdiffuse.cli import main
 
-    assert main(["models", "--export", tiny_model, str(tmp_path / "shared"), "--format", "bioimageio"]) == 0
-    package = tmp_path / "shared.zip"
+    assert main(["models", "--export", tiny_model, str(tmp_path / "shared"), "--format", "bioimageio"]) == 2
+    package = tmp_path / "shared.zip"  # written exactly where asked, or refused
+    assert not (tmp_path / "shared").exists() and not package.exists()
+    assert main(["models", "--export", tiny_model, str(package), "--format", "bioimageio"]) == 0
     assert main(["models", "--import", str(package)]) == 0
     added = load_model("shared", task="denoise")
     settings = Settings(samples=2, seed=5, tile=64, overlap=16)

@@ -369,6 +369,8 @@ def export_package(name_or_path: str | os.PathLike, destination: str | os.PathLi
     from .files import atomic_path
     from .io import write_tiff
     from .models import load_model
+    from .normalize import InputError
+    from .safety import check_output
     from .tasks import Settings
 
     source = resolve(name_or_path)
@@ -377,10 +379,12 @@ def export_package(name_or_path: str | os.PathLike, destination: str | os.PathLi
         raise BioImageIOError(f"{meta['task']} models cannot be exported to BioImage.io: they estimate the motion "
                               "between sections before sampling, which a package's single forward does not express.")
     destination = Path(destination)
-    if destination.suffix != ".zip":
-        destination = destination.with_suffix(".zip")
-    if destination.exists() and not overwrite:
-        raise BioImageIOError(f"{destination} exists; choose another name.")
+    if destination.suffix != ".zip":  # written exactly where asked, or refused
+        raise BioImageIOError(f"BioImage.io packages end in .zip; {destination.name} does not.")
+    try:
+        check_output(destination, [source], overwrite)  # what may be replaced: core/safety.py decides
+    except InputError as err:
+        raise BioImageIOError(str(err)) from err
     model = load_model(source, device="cpu")
     samples = samples or Settings().samples
     if samples < 2 and not model.net.config.difficulty_head:
