@@ -215,9 +215,13 @@ def test_an_anisotropic_volume_is_refused_as_isotropic_training_data():
         check_isotropic((40, 10, 10))
 
 
-def test_cli_finetunes_an_isotropic_model_and_refuses_an_anisotropic_file(tmp_path, learnt_isotropic, capsys):
+def test_cli_finetunes_an_isotropic_model_and_refuses_an_anisotropic_file(tmp_path, learnt_isotropic, capsys,
+                                                                          monkeypatch):
     import json
 
+    from napari_emdiffuse import cli
+
+    monkeypatch.setattr(cli, "PRINT_SECONDS", 1e9)  # however slow the machine: one line for the first report
     from napari_emdiffuse.core.io import write_tiff
     from napari_emdiffuse.core.simulate import synthetic_volume
 
@@ -229,7 +233,7 @@ def test_cli_finetunes_an_isotropic_model_and_refuses_an_anisotropic_file(tmp_pa
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"val_psnr_before", "improved", "steps"} <= set(summary) and "shift" not in summary
     assert main([*args[:-1], "--input", str(tmp_path / "iso.tif"), "-o", str(tmp_path / "m.npz"), "--overwrite"]) == 0
-    out, err = capsys.readouterr()  # progress: a line every few seconds, not one per step, and the last step
+    out, err = capsys.readouterr()  # progress: a line every PRINT_SECONDS, not one per step, and the last step
     assert [line.split()[:2] for line in err.splitlines() if line.startswith("step")] == [["step", "3"]]
     assert "Validation PSNR" in out or "kept" in out
     assert main([*args, "--input", str(tmp_path / "aniso.tif"), "-o", str(tmp_path / "n.npz")]) == 2
