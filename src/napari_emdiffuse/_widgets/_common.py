@@ -6,6 +6,7 @@ a job generator (``make_job``). Running, progress, cancellation and the output l
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -190,9 +191,21 @@ class ModelPicker(QComboBox):
     def _choose_file_to_add(self) -> None:
         from qtpy.QtWidgets import QFileDialog
 
-        path, _ = QFileDialog.getOpenFileName(self, "Add a model file", "", "napari-emdiffuse models (*.npz)")
+        path, _ = QFileDialog.getOpenFileName(self, "Add a model file", "", "Model files (*.npz *.pth *.pt);;"
+                                              "napari-emdiffuse models (*.npz);;EMDiffuse authors' checkpoints "
+                                              "(*.pth *.pt)")
         if path:
             self.add_file(path)
+
+    def ask_task(self, path: str) -> str | None:
+        """The task of a model file that does not record it (the authors' checkpoints); None if the user cancels."""
+        from qtpy.QtWidgets import QInputDialog
+
+        from ..core.models import TASKS
+
+        task, ok = QInputDialog.getItem(self, "Which task?", f"{Path(path).name} does not say what it was trained "
+                                        "for.\nIt is a model for:", list(TASKS), TASKS.index(self.task), False)
+        return task if ok else None
 
     def _choose_file_to_save(self) -> None:
         from qtpy.QtWidgets import QFileDialog
@@ -208,10 +221,15 @@ class ModelPicker(QComboBox):
         its task)."""
         from napari.utils.notifications import show_error, show_info
 
-        from ..core.models import ModelFileError, import_model, read_metadata
+        from ..core.models import CHECKPOINT_SUFFIXES, ModelFileError, import_model, read_metadata
 
+        task = None
+        if Path(path).suffix in CHECKPOINT_SUFFIXES:
+            task = self.ask_task(path)
+            if task is None:
+                return
         try:
-            installed = import_model(path)
+            installed = import_model(path, task=task)
         except ModelFileError as err:
             show_error(f"The model was not added: {err}")
             return

@@ -35,18 +35,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .models import ModelFileError
+
 ARCHITECTURE = "emdiffuse-guided"
 TRAIN_SCHEDULE = {"n_timestep": 2000, "linear_start": 1e-6, "linear_end": 1e-2}
 TEST_SCHEDULE = {"n_timestep": 1000, "linear_start": 1e-4, "linear_end": 0.09}
-# the z factors of the authors' vEM configurations: vEMDiffuse-i 6 (OpenOrganelle liver), vEMDiffuse-a 10 (MICrONS)
-AUTHORS_Z_FACTOR = 6
 MAX_CHECKPOINT_BYTES = 2 << 30  # the full-width networks are 63 MB; nothing sensible comes near this
 # buffers of the authors' wrapping module (their noise schedule), saved with the weights; not part of the network
 SCHEDULE_BUFFERS = ("gammas", "sqrt_recip_gammas", "sqrt_recipm1_gammas", "posterior_log_variance_clipped",
                     "posterior_mean_coef1", "posterior_mean_coef2")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelFileError):
     """A ``.pth`` file is not a checkpoint of the authors' networks that we can use; the message says why."""
 
 
@@ -382,8 +382,8 @@ def checkpoint_meta(config: GuidedConfig, task: str, name: str, source: str = ""
     }
     if task == "superres":
         meta["labels"] = {"2": 0}  # x2 only: x4 runs as two x2 steps
-    if task == "isotropic":
-        meta["labels"] = {f"{AUTHORS_Z_FACTOR}:{j}": j - 1 for j in range(1, AUTHORS_Z_FACTOR)}
+    if task == "isotropic":  # slice j of a gap of R is their slice index j - 1, for the R the model was trained for
+        meta["labels"] = {f"{r}:{j}": j - 1 for r in range(2, 11) for j in range(1, r)}
         meta["start"] = "linear"
     return meta
 
@@ -392,7 +392,7 @@ def checkpoint_meta(config: GuidedConfig, task: str, name: str, source: str = ""
 SAMPLING = {"steps": 10, "sampler": "dpmpp_2m_sde", "eta": 0.0, "sigma_max": 20.0, "sigma_end": 0.01}
 
 
-def load_checkpoint(path: str | os.PathLike, task: str, z_factor: int | None = None) -> tuple[GuidedUNet, dict]:
+def load_checkpoint(path: str | os.PathLike, task: str) -> tuple[GuidedUNet, dict]:
     """An authors' ``.pth`` checkpoint as a checked network and our metadata, for ``task`` (the file does not say
     it). The network kind must suit the task: 2 input channels for denoise/superres, 3 for isotropic."""
     path = Path(path)
@@ -405,7 +405,4 @@ def load_checkpoint(path: str | os.PathLike, task: str, z_factor: int | None = N
                 else f"an EMDiffuse-n/-r network with {config.in_channel} input channels")
         raise CheckpointError(f"{path.name} is {kind}; it cannot do {task}.")
     net = network_from_tensors(tensors, config, path.name)
-    meta = checkpoint_meta(config, task, path.stem, source=path.name)
-    if z_factor is not None and task == "isotropic":
-        meta["labels"] = {f"{z_factor}:{j}": j - 1 for j in range(1, z_factor)}
-    return net, meta
+    return net, checkpoint_meta(config, task, path.stem, source=path.name)

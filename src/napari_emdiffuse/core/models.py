@@ -25,6 +25,7 @@ FORMAT = "napari-emdiffuse-model"
 META_KEY = "__meta__"
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models"
 TASKS = ("denoise", "superres", "isotropic")
+CHECKPOINT_SUFFIXES = (".pth", ".pt")  # the EMDiffuse authors' checkpoints (core.guided_unet)
 SAMPLING_DEFAULTS = {"steps": 6, "sampler": "euler_ancestral", "eta": 1.0, "sigma_max": 3.0, "sigma_end": 0.02}
 
 
@@ -123,7 +124,9 @@ def save_model(net, meta: dict, path: str | os.PathLike) -> Path:
     meta = {**meta, "format": FORMAT, "version": 1, "network": net.config.to_dict()}
     if meta.get("task") not in TASKS:
         raise ValueError(f"task must be one of {TASKS}")
-    arrays = {k: v.detach().cpu().to(dtype=_storage_dtype(v)).numpy() for k, v in net.state_dict().items()}
+    keep = meta.get("weights_dtype") == "float32"  # the authors' weights stay as trained
+    arrays = {k: v.detach().cpu().to(dtype=v.dtype if keep else _storage_dtype(v)).numpy()
+              for k, v in net.state_dict().items()}
     arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -153,7 +156,7 @@ def list_models(task: str | None = None) -> list[ModelEntry]:
 def resolve(name_or_path: str | os.PathLike, task: str | None = None) -> Path:
     """Path of a model given by name (bundled or user) or by file path."""
     candidate = Path(name_or_path)
-    if candidate.suffix == ".npz" or candidate.exists():
+    if candidate.suffix in (".npz", *CHECKPOINT_SUFFIXES) or candidate.exists():
         if not candidate.is_file():
             raise ModelFileError(f"Model file not found: {candidate}")
         return candidate
@@ -174,6 +177,10 @@ def default_model(task: str) -> str:
 def load_model(name_or_path: str | os.PathLike, device="cpu", task: str | None = None) -> Model:
     path = resolve(name_or_path, task)
     stat = path.stat()
+    if path.suffix in CHECKPOINT_SUFFIXES:  # the file does not say its task: the caller does
+        if task is None:
+            raise ModelFileError(f"{path.name} is an EMDiffuse checkpoint: say which task it is for.")
+        return _load_checkpoint_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size, str(device), task)
     model = _load_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size, str(device))
     if task is not None and model.task != task:
         raise ModelFileError(f"The model '{model.name}' is a {model.task} model, not a {task} model.")
@@ -188,16 +195,35 @@ def _load_cached(path: str, mtime_ns: int, size: int, device: str) -> Model:
 
     meta, arrays = _read(Path(path))
     try:
-        net = UNet(UNetConfig.from_dict(meta["network"]))
+        if meta.get("architecture") == "emdiffuse-guided":
+            from .guided_unet import GuidedConfig, GuidedUNet
+
+            net = GuidedUNet(GuidedConfig.from_dict(meta["network"]))
+        else:
+            net = UNet(UNetConfig.from_dict(meta["network"]))
         state = net.state_dict()
         if set(arrays) != set(state):
             raise ModelFileError(f"{Path(path).name} does not match its network description (weights differ).")
         net.load_state_dict({k: torch.from_numpy(arrays[k]).to(state[k].dtype) for k in state})
-    except (KeyError, TypeError, RuntimeError) as err:
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ModelFileError(f"{Path(path).name} does not match its network description ({err}).") from err
+    return _ready(net, meta, Path(path), device)
+
+
+def _ready(net, meta: dict, path: Path, device: str) -> Model:
+    import torch
+
     net = net.eval().to(device).to(memory_format=torch.channels_last)
     sampling = {**SAMPLING_DEFAULTS, **meta.get("sampling", {})}
-    return Model(net=net, meta=meta, name=meta.get("name", Path(path).stem), path=Path(path), sampling=sampling)
+    return Model(net=net, meta=meta, name=meta.get("name", path.stem), path=path, sampling=sampling)
+
+
+@lru_cache(maxsize=2)
+def _load_checkpoint_cached(path: str, mtime_ns: int, size: int, device: str, task: str) -> Model:
+    from .guided_unet import load_checkpoint
+
+    net, meta = load_checkpoint(path, task)
+    return _ready(net, meta, Path(path), device)
 
 
 def _user_entry(name: str) -> ModelEntry:
@@ -255,10 +281,23 @@ def export_model(name_or_path: str, destination: str | os.PathLike, overwrite: b
     return destination
 
 
-def import_model(path: str | os.PathLike, name: str | None = None) -> Path:
-    """Check a model file (plain arrays only, matching network) and copy it into the user's folder."""
+def import_model(path: str | os.PathLike, name: str | None = None, task: str | None = None) -> Path:
+    """Check a model file (plain arrays only, matching network) and copy it into the user's folder.
+
+    An EMDiffuse authors' checkpoint (``.pth``) is converted into a model file; it needs ``task``, which the
+    checkpoint does not record (for our own files, ``task`` if given must be the file's)."""
     path = Path(path)
+    if path.suffix in CHECKPOINT_SUFFIXES:
+        if task is None:
+            raise ModelFileError(f"{path.name} is an EMDiffuse checkpoint, which does not say its task: give it "
+                                 "(denoise, superres or isotropic).")
+        from .guided_unet import load_checkpoint
+
+        net, meta = load_checkpoint(path, task)
+        return install_model(net, meta, name or path.stem)
     meta, _ = _read(path)
+    if task is not None and meta["task"] != task:
+        raise ModelFileError(f"{path.name} is a {meta['task']} model, not a {task} model.")
     name = name or Path(path).stem
     model = _load_cached(str(path.resolve()), path.stat().st_mtime_ns, path.stat().st_size, "cpu")
     return install_model(model.net, meta, name)
