@@ -24,7 +24,17 @@ import numpy as np
 import tifffile
 import torch
 
-from napari_emdiffuse.core.guided_unet import SCHEDULE_BUFFERS, TRAIN_SCHEDULE, GuidedConfig, GuidedUNet, linear_gammas
+from napari_emdiffuse.core.guided_unet import (
+    SCHEDULE_BUFFERS,
+    TRAIN_SCHEDULE,
+    GuidedConfig,
+    GuidedUNet,
+    infer_config,
+    linear_gammas,
+    network_from_tensors,
+    network_tensors,
+    read_state_dict,
+)
 from napari_emdiffuse.core.normalize import Normalizer
 
 
@@ -45,6 +55,7 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint (authors' format)")
     parser.add_argument("--width", type=int, default=32, help="inner_channel (the authors' 32; 16 is their small one)")
     args = parser.parse_args()
 
@@ -64,6 +75,9 @@ def main() -> None:
             torch.nn.init.zeros_(module.out_layers[3].bias)
     torch.nn.init.zeros_(net.out[2].weight)
     torch.nn.init.zeros_(net.out[2].bias)
+    if args.init:  # read as any user's checkpoint is: tensors only, checked against the network
+        tensors = network_tensors(read_state_dict(args.init))
+        net = network_from_tensors(tensors, infer_config(tensors))
     net.train()
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     gammas = torch.tensor(linear_gammas(TRAIN_SCHEDULE), dtype=torch.float32)

@@ -258,3 +258,30 @@ def test_the_chunked_runner_takes_a_checkpoint(tmp_path, user_dir):
     drive(restore_volume(str(tmp_path / "in.zarr"), tmp_path / "out.zarr", ChunkedTask("denoise", 1),
                          model=str(path), settings=Settings(samples=2, steps=2, tile=32, overlap=8), chunk=(1, 32, 32)))
     assert (tmp_path / "out.zarr").exists()
+
+
+def test_the_denoise_widget_adds_a_checkpoint_after_asking_its_task_and_runs_it(make_napari_viewer, qtbot, tmp_path,
+                                                                                user_dir, monkeypatch):
+    said = []
+    monkeypatch.setattr("napari.utils.notifications.show_info", said.append)
+    monkeypatch.setattr("napari.utils.notifications.show_error", said.append)
+    viewer = make_napari_viewer()
+    noisy = (np.random.default_rng(5).random((64, 64)) * 255).astype(np.uint8)
+    viewer.add_image(noisy, name="noisy")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-emdiffuse", "Denoise")
+    picker = widget.model_picker
+    path = tiny_checkpoint(tmp_path)
+    asked = []
+    monkeypatch.setattr(type(picker), "ask_task", lambda self, p: asked.append(p) or None)  # the user cancels
+    picker.add_file(str(path))
+    assert asked == [str(path)] and picker.findText("best_Network") < 0 and not said
+    monkeypatch.setattr(type(picker), "ask_task", lambda self, p: "isotropic")  # the wrong kind of network
+    picker.add_file(str(path))
+    assert said[-1].startswith("The model was not added") and "cannot do isotropic" in said[-1]
+    monkeypatch.setattr(type(picker), "ask_task", lambda self, p: "denoise")
+    picker.add_file(str(path))
+    assert picker.currentText() == "best_Network" and said[-1].startswith("Added")
+    widget.steps.setValue(2)
+    widget.findChild(type(widget.run_button), "run_button").click()
+    qtbot.waitUntil(lambda: "noisy_uncertainty" in viewer.layers and widget.worker is None, timeout=60_000)
+    assert viewer.layers["noisy_denoised"].data.shape == noisy.shape
