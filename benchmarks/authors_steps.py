@@ -48,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("data", type=Path)
-    parser.add_argument("--crop", type=int, default=256)
+    parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--skip-authors", action="store_true")
     args = parser.parse_args()
 

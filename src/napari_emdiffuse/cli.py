@@ -260,6 +260,8 @@ def _summary(info: dict, as_json: bool) -> None:
 def _models(args) -> None:
     from .core.models import export_model, import_model, list_models, remove_model
 
+    if (args.task or args.name) and not args.import_file:
+        raise CLIError("--task and --name go with --import.")
     if args.remove:
         print(f"removed {remove_model(args.remove)}")
         return

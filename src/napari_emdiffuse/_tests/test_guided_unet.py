@@ -199,16 +199,30 @@ def test_a_checkpoint_denoises_directly_and_once_imported_with_the_same_result(t
         load_model(path)
 
 
+@pytest.mark.slow
 def test_the_authors_sampler_runs_their_whole_schedule(tmp_path, user_dir):
     path = tiny_checkpoint(tmp_path)
     image = (np.random.default_rng(1).random((32, 32)) * 255).astype(np.uint8)
     result = drive(denoise(image, str(path), Settings(samples=1, tile=32, overlap=8, sampler="authors")))
     assert result.info["steps"] == 1000 and result.info["sampler"] == "authors"
     assert np.isfinite(result.image.astype(float)).all() and result.image.std() > 0
+
+
+def test_the_authors_sampler_needs_an_authors_model(tiny_model):
     from napari_emdiffuse.core.normalize import InputError
 
+    image = np.zeros((32, 32), np.uint8)
     with pytest.raises(InputError, match="authors' models"):
-        drive(denoise(image, None, Settings(samples=1, sampler="authors")))
+        drive(denoise(image, tiny_model, Settings(samples=1, tile=32, overlap=8, sampler="authors")))
+
+
+def test_a_superres_checkpoint_makes_x2_and_x4_as_two_x2_steps(tmp_path, user_dir):
+    from napari_emdiffuse.core.tasks import superres
+
+    path = tiny_checkpoint(tmp_path)
+    image = (np.random.default_rng(6).random((16, 12)) * 255).astype(np.uint8)
+    x4 = drive(superres(image, str(path), Settings(samples=2, steps=1, tile=64, overlap=8), scale=4))
+    assert x4.image.shape == (64, 48) and x4.info["passes"] == 2 and x4.uncertainty.max() > 0
 
 
 def test_a_vem_checkpoint_reconstructs_a_volume(tmp_path, user_dir):
@@ -228,6 +242,10 @@ def test_the_cli_imports_a_checkpoint_and_runs_it_by_name_or_by_file(tmp_path, u
     path = tiny_checkpoint(tmp_path)
     src = tmp_path / "noisy.tif"
     tifffile.imwrite(src, (np.random.default_rng(3).random((48, 48)) * 255).astype(np.uint8))
+    assert main(["models", "--import", str(path)]) == 2
+    assert "does not say its task" in capsys.readouterr().err
+    assert main(["models", "--task", "denoise"]) == 2
+    assert "go with --import" in capsys.readouterr().err
     assert main(["models", "--import", str(path)]) == 2
     assert "does not say its task" in capsys.readouterr().err
     assert main(["models", "--import", str(path), "--task", "isotropic"]) == 2
