@@ -56,10 +56,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint (authors' format)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 avoids thrashing a busy CPU)")
     parser.add_argument("--width", type=int, default=32, help="inner_channel (the authors' 32; 16 is their small one)")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     noisy = tifffile.imread(args.data / "sem_pair22_noisy.tif")
     clean = tifffile.imread(args.data / "sem_pair22_clean.tif")

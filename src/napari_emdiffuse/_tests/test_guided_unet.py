@@ -303,3 +303,14 @@ def test_the_denoise_widget_adds_a_checkpoint_after_asking_its_task_and_runs_it(
     widget.findChild(type(widget.run_button), "run_button").click()
     qtbot.waitUntil(lambda: "noisy_uncertainty" in viewer.layers and widget.worker is None, timeout=60_000)
     assert viewer.layers["noisy_denoised"].data.shape == noisy.shape
+
+
+def test_a_model_file_describing_a_giant_authors_network_is_refused_before_building_it(tmp_path):
+    import json
+
+    meta = {"format": "napari-emdiffuse-model", "task": "denoise", "architecture": "emdiffuse-guided",
+            "network": {**GuidedConfig().to_dict(), "inner_channel": 1_000_000}}
+    path = tmp_path / "giant.npz"
+    np.savez(path, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    with pytest.raises(ModelFileError, match="not a configuration of the authors' networks"):
+        load_model(path)

@@ -65,6 +65,13 @@ class GuidedConfig:
     # what our pipeline asks of every network
     difficulty_head: bool = field(default=False, init=False)
 
+    def __post_init__(self):  # bounds that keep a crafted description from allocating a giant network
+        if (self.in_channel not in (2, 3) or not 16 <= self.inner_channel <= 256 or self.inner_channel % 16
+                or not 1 <= len(self.channel_mults) <= 6 or not all(1 <= m <= 16 for m in self.channel_mults)
+                or not 1 <= self.res_blocks <= 4 or not 8 <= self.num_head_channels <= 256
+                or not 0 <= self.dropout < 1 or self.slice_embedding != (self.in_channel == 3)):
+            raise ValueError(f"not a configuration of the authors' networks: {self.to_dict()}")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("difficulty_head")
@@ -335,10 +342,11 @@ def infer_config(tensors: dict[str, torch.Tensor], name: str = "checkpoint") -> 
             mults.append(width // base)
             if f"input_blocks.{first}.1.qkv.weight" in tensors:
                 attn.append(2**level)
+        return GuidedConfig(in_channel=in_channel, inner_channel=base, channel_mults=tuple(mults),
+                            res_blocks=res_blocks, attn_res=tuple(attn),
+                            slice_embedding="channel_embed.0.weight" in tensors)
     except (KeyError, StopIteration, IndexError, ValueError, ZeroDivisionError) as err:
         raise CheckpointError(f"{name} does not have the layout of the authors' U-Net.") from err
-    return GuidedConfig(in_channel=in_channel, inner_channel=base, channel_mults=tuple(mults), res_blocks=res_blocks,
-                        attn_res=tuple(attn), slice_embedding="channel_embed.0.weight" in tensors)
 
 
 def network_from_tensors(tensors: dict[str, torch.Tensor], config: GuidedConfig,
