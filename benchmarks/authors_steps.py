@@ -2,8 +2,11 @@
 levels against their own 1000-step ancestral schedule. It chose the default sampling of imported authors' models
 (``core.guided_unet.SAMPLING``).
 
-    python training/train_authors_denoise.py ../shared/data/em -o runs/authors-n/best_Network.pth --width 16
-    python benchmarks/authors_steps.py runs/authors-n/best_Network.pth ../shared/data/em
+    python training/train_authors_denoise.py ../shared/data/em -o runs/authors-n/stage1.pth --width 16 \
+        --minutes 22 --batch 2 --patch 128 --lr 3e-4                                      # 79 steps (a busy CPU)
+    python training/train_authors_denoise.py ../shared/data/em -o runs/authors-n/best_Network.pth \
+        --init runs/authors-n/stage1.pth --minutes 11 --batch 2 --patch 128 --lr 3e-4 --seed 1 --threads 1  # 971
+    python benchmarks/authors_steps.py runs/authors-n/best_Network.pth ../shared/data/em --threads 1
 
 Data: a central crop of the held-out bottom half of the real SEM pair (short-dwell input, long-dwell truth).
 Each setting draws one sample with the same seed (the quality of a sample, not of a mean of several), runs the whole

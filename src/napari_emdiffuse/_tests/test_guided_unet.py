@@ -314,3 +314,23 @@ def test_a_model_file_describing_a_giant_authors_network_is_refused_before_build
     np.savez(path, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8))
     with pytest.raises(ModelFileError, match="not a configuration of the authors' networks"):
         load_model(path)
+
+
+def test_a_network_without_a_difficulty_head_adds_no_difficulty_to_the_uncertainty(tmp_path):
+    """The uncertainty of the authors' networks is the spread between the samples alone."""
+    from napari_emdiffuse.core.tiling import TiledDenoiser
+
+    model = load_model(tiny_checkpoint(tmp_path), task="denoise")
+    denoiser = TiledDenoiser(model.net, torch.zeros(1, 1, 32, 32), 32, 8, 2, torch.device("cpu"))
+    drive(denoiser(torch.randn(2, 1, 32, 32), 20.0))
+    assert denoiser.first_log_phi is None
+
+
+def test_fine_tuning_refuses_an_authors_network_with_one_clear_sentence(tmp_path, user_dir):
+    from napari_emdiffuse.core.finetune import finetune
+    from napari_emdiffuse.core.normalize import InputError
+
+    installed = import_model(tiny_checkpoint(tmp_path), name="theirs", task="denoise")
+    image = np.zeros((64, 64), np.uint8)
+    with pytest.raises(InputError, match="authors' networks"):
+        drive(finetune("denoise", image, image, base=str(installed), iterations=1, device="cpu"))
