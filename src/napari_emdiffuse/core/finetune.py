@@ -265,6 +265,9 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray | None = None, *, 
     started = time.perf_counter()
     dev = pick_device(device)
     base_model = load_model(base or default_model(task), device=dev, task=task)
+    if base_model.meta.get("architecture") == "emdiffuse-guided":
+        raise InputError(f"'{base_model.name}' is one of the EMDiffuse authors' networks; fine-tune it with their "
+                         "code, or fine-tune one of this plugin's models here.")
     settings = Settings(samples=2, seed=seed, device=dev.type, precision=precision)
     if task == "isotropic":
         yield Progress(0, 1, "preparing the volume")
