@@ -46,12 +46,12 @@ def main() -> None:
     truth = lateral_truth(aside, args.factor)
     norm = Normalizer.fit(volume)
     kept = []
+    original = train_module.train
 
     def train_keeping(*a, **k):  # the plugin's training, with the moving average handed out every --every minutes
-        k["checkpoint_minutes"] = args.every
-        return train_module.train(*a, **k)
+        return original(*a, **{**k, "checkpoint_minutes": args.every})
 
-    original, train_module.train = train_module.train, train_keeping
+    train_module.train = train_keeping
     try:
         job = self_supervised(learn, args.factor, args.minutes)
         while True:
