@@ -210,7 +210,7 @@ def _restore(args, job_factory) -> dict:
     if axial_factor > 1 and len(pixel) > 2:
         pixel[-3] /= axial_factor
     result = drive(job_factory(image.data, args), _progress_bar(args.quiet or args.json))
-    if args.uncertainty is not None and result.uncertainty is None:
+    if args.uncertainty is not None and result.uncertainty is None and result.info["samples"]:
         raise CLIError("This model gives no uncertainty from one sample; use --samples 2 or more.")
     written = []
     summary = {**result.info, "source": args.input.name}  # recorded in each file: how it was made
@@ -268,7 +268,7 @@ def _summary(info: dict, as_json: bool) -> None:
     elif info.get("reliable") is not None:
         print(f"{verdict(info['uncertainty_score'], info['threshold'])} ({info['seconds']:.1f} s)")
     else:
-        print(f"done in {info['seconds']:.1f} s (one sample: no uncertainty)")
+        print(f"done in {info['seconds']:.1f} s ({'one sample' if info['samples'] else info['model']}: no uncertainty)")
 
 
 def _models(args) -> None:
@@ -477,12 +477,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "finetune":
             _finetune(args)
         elif args.command == "isotropic":
-            from .core.isotropic import isotropic, isotropic_self_supervised
+            from .core.isotropic import check_budget, isotropic, isotropic_self_supervised
 
             if args.self_supervised and args.model:
                 raise CLIError("--self-supervised trains its own model; leave out --model.")
             if args.save_model and not args.self_supervised:
                 raise CLIError("--save-model keeps a model learnt with --self-supervised; add that option.")
+            if args.self_supervised:
+                check_budget(args.train_minutes)  # before reading the volume
 
             def job(image, a):
                 if a.self_supervised:

@@ -112,6 +112,15 @@ def test_a_candidate_must_beat_the_base_by_more_than_the_seed_spread(before, aft
     assert verdict.spread == pytest.approx(max(np.std(before, ddof=1), np.std(after, ddof=1)))
 
 
+def test_a_margin_sets_the_least_gain_where_the_base_draws_no_noise():
+    from napari_emdiffuse.core.finetune import judge
+
+    start = [23.24] * 3  # the same with every seed: the spread comes from the candidate alone
+    barely = [23.24002, 23.24003, 23.24001]  # a barely trained model: its start, give or take a rounding
+    assert judge(start, barely).improved and not judge(start, barely, margin=0.05).improved
+    assert judge(start, [23.41, 23.42, 23.40], margin=0.05).improved
+
+
 def test_tuned_and_base_models_are_validated_with_the_same_seeds(pair, tiny_model, user_dir, monkeypatch):
     import napari_emdiffuse.core.finetune as ft
 

@@ -596,7 +596,7 @@ class RestoreWidget(JobWidget):
         self.layer_picker.setCurrentText(layer.name)  # new layers get selected; keep the input for the next run
         done = f"Done in {info['seconds']:.1f} s ({info['device']}, {info['precision']})"
         if info["reliable"] is None:
-            text = f"{done}; one sample: no uncertainty."
+            text = f"{done}; {'one sample' if info['samples'] else info['model']}: no uncertainty."
         else:
             flagged = 100 * info["flagged_fraction"]
             text = (f"{done}. {verdict(info['uncertainty_score'], info['threshold'])} "

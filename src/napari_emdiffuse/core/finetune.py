@@ -383,11 +383,12 @@ class Verdict:
     spread: float  # seed-to-seed standard deviation (the larger of the two models')
 
 
-def judge(before: list[float], after: list[float]) -> Verdict:
+def judge(before: list[float], after: list[float], margin: float = 0.0) -> Verdict:
     """A candidate improves on the base only when it is better with every seed and its mean gain exceeds the
-    seed-to-seed spread: a difference within that spread is chance of the sampling, not learning."""
+    seed-to-seed spread: a difference within that spread is chance of the sampling, not learning. ``margin`` (dB):
+    the least gain that counts where the spread says little (a base that draws no noise)."""
     b, a = np.asarray(before, float), np.asarray(after, float)
     spread = float(max(b.std(ddof=1), a.std(ddof=1))) if len(b) > 1 else 0.0
     gain = float(a.mean() - b.mean())
-    improved = bool(len(a) == len(b) and (a > b).all() and gain > spread)
+    improved = bool(len(a) == len(b) and (a > b).all() and gain > max(spread, margin))
     return Verdict(improved, float(b.mean()), float(a.mean()), gain, spread)
