@@ -125,9 +125,15 @@ def uncertainty_score(uncertainty: np.ndarray) -> float:
 
 
 def verdict(score: float, threshold: float) -> str:
+    """The reliability verdict, with both numbers printed to as many decimals as it takes for them to compare as
+    the values do (0.12018 against 0.12 prints as 0.12018 > 0.12000, never 0.120 > 0.120)."""
+    digits = 3
+    while digits < 9 and (round(score, digits) <= round(threshold, digits)) != (score <= threshold):
+        digits += 1
+    shown, limit = f"{score:.{digits}f}", f"{threshold:.{digits}f}"
     if score <= threshold:
-        return f"reliable: uncertainty score {score:.3f} ≤ {threshold:.2f}"
-    return f"NOT reliable: uncertainty score {score:.3f} > {threshold:.2f}; check the flagged areas"
+        return f"reliable: uncertainty score {shown} ≤ {limit}"
+    return f"NOT reliable: uncertainty score {shown} > {limit}; check the flagged areas"
 
 
 def pick_device(name: str = "auto"):

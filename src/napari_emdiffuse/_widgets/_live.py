@@ -1,0 +1,200 @@
+"""Live mode of a task widget: the region on screen of the current slice, restored as the user looks around.
+
+The planning, the tile cache and the worker's loop are Qt-free (:mod:`..core.live`); this glue turns camera and
+slice changes into view requests (throttled) and places what the worker yields in one result layer, plus its
+uncertainty map, overlaying the input. The GUI thread never evaluates the network.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+from superqt.utils import qdebounced, qthrottled
+
+from .._layers import map_layer
+from ..core.live import Canvas, LiveRestorer, Source, Tile, TileCache, View, ViewDone, plan_view
+from ..core.tasks import verdict
+
+VIEW_THROTTLE_MS = 100  # camera events arrive at every frame of a pan; the worker only needs the latest view
+
+
+class LiveMode:
+    """Start, follow and stop live restoration for ``widget`` (a :class:`~._common.RestoreWidget`)."""
+
+    def __init__(self, widget, cache_mb: int):
+        self.widget, self.viewer = widget, widget.viewer
+        self.cache = TileCache(cache_mb * 2**20)
+        self.restorer = self.worker = self.input = None
+        self.layer = self.map = None  # the live result and its map, reused from view to view
+        self.box = None  # the output-pixel box the live layer covers now
+        self.plane = None
+        self.request_view = qthrottled(self._request_view_now, timeout=VIEW_THROTTLE_MS, leading=True)
+        self.restart_later = qdebounced(self.restart, timeout=300)
+
+    @property
+    def active(self) -> bool:
+        return self.restorer is not None
+
+    def set_cache_mb(self, mb: int) -> None:
+        self.cache.max_bytes = mb * 2**20
+
+    # --- start and stop
+    def start(self) -> str | None:
+        """Start following the view; a sentence saying why not, or None."""
+        from napari.qt.threading import create_worker
+
+        from ..core.models import load_model
+        from ._common import full_resolution
+
+        w = self.widget
+        layer = w.layer_picker.layer()
+        if layer is None:
+            return "Choose an image layer first."
+        if w.model_picker.currentIndex() < 0:
+            return f"No {w.task} model is available."
+        data = full_resolution(layer)
+        if data.ndim not in (2, 3):
+            return "Live mode restores 2D images and the slices of 3D stacks."
+        path = w.model_picker.currentData()
+        try:
+            settings = w.settings()
+        except ValueError as err:
+            return str(err)
+        model = functools.cache(lambda: load_model(path, device=settings.device, task=w.task))  # in the worker
+
+        def restore_window(window, settings, norm):
+            return w.make_job(window, model(), settings, norm=norm)
+
+        source = Source(data, w.live_scale(), (w.task, path, os.path.getmtime(path), *w.live_key()))
+        self.input = layer
+        self.restorer = LiveRestorer(source, restore_window, settings, self.cache)
+        self.worker = create_worker(self.restorer.run, _start_thread=False)
+        self.worker.yielded.connect(self._place)
+        self.worker.errored.connect(self._failed)
+        self.worker.start()
+        camera, dims = self.viewer.camera, self.viewer.dims
+        for emitter in (camera.events.center, camera.events.zoom, dims.events.current_step, dims.events.ndisplay,
+                        dims.events.order, self.viewer.canvas.events.size, layer.events.scale,
+                        layer.events.translate):
+            emitter.connect(self.request_view)
+        layer.events.data.connect(self.restart_later)
+        self._request_view_now()
+        return None
+
+    def stop(self) -> None:
+        """Stop all live work now (a tile in progress ends at its next network evaluation); the last view stays."""
+        if self.restorer is None:
+            return
+        camera, dims = self.viewer.camera, self.viewer.dims
+        for emitter in (camera.events.center, camera.events.zoom, dims.events.current_step, dims.events.ndisplay,
+                        dims.events.order, self.viewer.canvas.events.size, self.input.events.scale,
+                        self.input.events.translate):
+            emitter.disconnect(self.request_view)
+        self.input.events.data.disconnect(self.restart_later)
+        self.restorer.stop()
+        self.worker.quit()
+        self.restorer = self.worker = None
+
+    def restart(self, *_) -> None:
+        """New settings, model or input: serve the view again (tiles restored before stay cached)."""
+        if self.active:
+            self.stop()
+            message = self.start()
+            if message:
+                self.widget.status.setText(f"Live mode stopped: {message}")
+
+    # --- the view
+    def current_view(self) -> tuple[View | None, str]:
+        """The output-pixel box on screen of the current slice, or None and why nothing is restored."""
+        layer, viewer = self.input, self.viewer
+        data_ndim = layer.ndim
+        if viewer.dims.ndisplay != 2 or tuple(viewer.dims.displayed)[-2:] != (viewer.dims.ndim - 2,
+                                                                               viewer.dims.ndim - 1):
+            return None, "Live: paused; it follows the 2D view of y and x."
+        height, width = viewer.canvas.size
+        cy, cx = viewer.camera.center[-2:]
+        zoom = viewer.camera.zoom
+        corners = []
+        for dy, dx in ((-1, -1), (1, 1)):
+            point = list(viewer.dims.point)
+            point[-2], point[-1] = cy + dy * height / 2 / zoom, cx + dx * width / 2 / zoom
+            corners.append(layer.world_to_data(point))
+        corners = np.sort(np.asarray(corners), axis=0)
+        plane = None
+        if data_ndim == 3:
+            plane = int(round(corners[0, 0]))
+            if not 0 <= plane < layer.data[0].shape[0] if layer.multiscale else not 0 <= plane < layer.data.shape[0]:
+                return None, "Live: the current slice is outside the image."
+        box_in = (corners[0, -2] + 0.5, corners[0, -1] + 0.5, corners[1, -2] + 0.5, corners[1, -1] + 0.5)
+        box, message = plan_view(box_in, self.restorer.source.in_shape, self.restorer.source.scale)
+        return (None if box is None else View(plane, box)), message
+
+    def _request_view_now(self, *_) -> None:
+        if self.restorer is None:
+            return
+        view, message = self.current_view()
+        self.widget.status.setText(message)
+        self.restorer.request(view)
+
+    # --- placing what the worker yields (GUI thread)
+    def _place(self, event) -> None:
+        if isinstance(event, Canvas):
+            self._show_canvas(event)
+        elif isinstance(event, Tile):
+            if self.layer is None or event.plane != self.plane or not _inside(event.box, self.box):
+                return  # the view has moved on
+            y0, x0, y1, x1 = event.box
+            at = slice(y0 - self.box[0], y1 - self.box[0]), slice(x0 - self.box[1], x1 - self.box[1])
+            self.layer.data[at] = event.image
+            self.layer.refresh()
+            if self.map is not None and event.uncertainty is not None:
+                self.map.data[at] = event.uncertainty
+                self.map.refresh()
+        elif isinstance(event, ViewDone):
+            restored = f"{event.restored} new tiles" if event.restored else "all tiles from the cache"
+            text = f"Live: view restored ({restored})."
+            if event.score is not None:
+                text += f" {verdict(event.score, self.restorer_threshold())} in this view."
+            self.widget.status.setText(text)
+
+    def restorer_threshold(self) -> float:
+        return self.widget.threshold.value()
+
+    def _show_canvas(self, canvas: Canvas) -> None:
+        w, layer = self.widget, self.input
+        scale, translate = w.output_grid(layer)
+        scale, translate = tuple(scale[-2:]), tuple(translate[-2:])
+        translate = tuple(t + s * b for t, s, b in zip(translate, scale, canvas.box[:2]))
+        name = f"{layer.name}_{w.suffix} (live)"
+        meta = {"source": layer.name, "task": w.task, "live": True}
+        if self.layer is None or self.layer not in self.viewer.layers:
+            self.layer = self.viewer.add_image(canvas.image, name=name, scale=scale, translate=translate,
+                                               contrast_limits=layer.contrast_limits, metadata=meta)
+        else:
+            self.layer.translate = translate
+            self.layer.data = canvas.image
+        self.layer.name = name
+        threshold = w.threshold.value()
+        if self.map is None or self.map not in self.viewer.layers:
+            data, kwargs, _ = map_layer(canvas.uncertainty, "uncertainty", f"{name}_uncertainty", meta, threshold,
+                                        scale=scale, translate=translate)
+            self.map = self.viewer.add_image(data, **kwargs)
+        else:
+            self.map.translate = translate
+            self.map.data = canvas.uncertainty
+            self.map.contrast_limits = (0.0, 2 * threshold)
+        self.box, self.plane = canvas.box, canvas.view.plane
+        w.show_layers(layer, self.layer, self.map)
+
+    def _failed(self, err: Exception) -> None:
+        from napari.utils.notifications import show_error
+
+        self.widget.live.setChecked(False)
+        show_error(f"Live {self.widget.task} stopped: {err}")
+
+
+def _inside(box, outer) -> bool:
+    return outer is not None and box[0] >= outer[0] and box[1] >= outer[1] and box[2] <= outer[2] and \
+        box[3] <= outer[3]
