@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 SCOPES = (("Whole layer", "layer"), ("Current slice", "slice"), ("Current view", "view"),
           ("Whole layer to a Zarr file (chunk by chunk)", "zarr"))
 LARGE_LAYER_BYTES = 512 * 2**20
+DOCK_WIDTH = 230  # pixels the task docks ask for: napari's default window then keeps half its width for the canvas
 # at most one progress update a second: each repaints the window, which with software OpenGL (remote desktops,
 # virtual machines) costs the job measurable time (isotropic reconstruction of the sample volume: 19 s at five
 # updates a second, 10-11 s at one, 7-10 s with the window hidden)
@@ -69,6 +70,16 @@ def software_opengl() -> bool:
         except Exception:  # no OpenGL information: assume a GPU (and ask again next time)
             return False
     return _software_opengl
+
+
+def compact(widget: QWidget, *forms: QFormLayout) -> None:
+    """Narrow enough for napari's default window to keep most of its width for the canvas: labels go above their
+    fields when a row does not fit, and drop-down lists are as wide as the dock, not as their longest entry."""
+    for form in forms:
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+    for box in widget.findChildren(QComboBox):
+        box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        box.setMinimumContentsLength(8)
 
 
 def full_resolution(layer):
@@ -400,7 +411,7 @@ class RestoreWidget(JobWidget):
         self.scope.setToolTip("Big or lazily loaded (e.g. OME-Zarr) layers: try settings on the current view, then "
                               "process the whole layer chunk by chunk into a Zarr file, opened lazily when done.")
         form.addRow("Process", self.scope)
-        self.live = QCheckBox("Live: restore what is on screen", objectName="live")
+        self.live = QCheckBox("Live view", objectName="live")
         self.live.setToolTip("Restores the part of the current slice on screen as you pan, zoom or change slice, "
                              "tile by tile from the centre, into one result layer over the image. Tiles seen before "
                              "come from memory. Zoomed far out it waits until the view shows at most 4 million "
@@ -408,7 +419,8 @@ class RestoreWidget(JobWidget):
         form.addRow("", self.live)
 
         # rarely changed: folded away, so that the dock leaves the canvas most of the window
-        more = QCollapsible("More settings", objectName="more_settings")
+        more = QCollapsible("More settings")
+        more.setObjectName("more_settings")
         advanced_widget = QWidget()
         advanced = QFormLayout(advanced_widget)
         advanced.setContentsMargins(0, 0, 0, 0)
@@ -430,7 +442,7 @@ class RestoreWidget(JobWidget):
                                         singleStep=0.01, value=UNCERTAINTY_THRESHOLD)
         self.threshold.setToolTip("Uncertainty (std, in [0, 1] intensity units) above which pixels are flagged.")
         advanced.addRow("Threshold", self.threshold)
-        self.difficulty = QCheckBox("Add difficulty map (phi)", objectName="difficulty")
+        self.difficulty = QCheckBox("Difficulty map (phi)", objectName="difficulty")
         advanced.addRow("", self.difficulty)
         self.zarr_path = QLineEdit(objectName="zarr_path", placeholderText="result.zarr")
         browse = QPushButton("…", objectName="browse_zarr")
@@ -455,6 +467,13 @@ class RestoreWidget(JobWidget):
         self.scope.currentIndexChanged.connect(lambda: self.zarr_path.setEnabled(self.scope.currentData() == "zarr"))
         self.layer_picker.currentTextChanged.connect(self._default_scope)
         self._default_scope()
+        compact(self, form, advanced)
+
+    def sizeHint(self):
+        """Ask the dock for little width (the rows wrap when narrow), so that the canvas keeps most of the window."""
+        hint = super().sizeHint()
+        hint.setWidth(min(hint.width(), DOCK_WIDTH))
+        return hint
 
     def _toggle_live(self, on: bool) -> None:
         from napari.utils.notifications import show_error
