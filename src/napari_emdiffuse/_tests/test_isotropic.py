@@ -261,7 +261,7 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     iso = viewer.layers["sections_isotropic"]
     assert iso.data.shape == (16, 24, 40) and tuple(iso.scale) == pytest.approx((10.0, 4.0, 4.0))
     np.testing.assert_allclose(iso.extent.world, sections.extent.world)  # first and last slice centres coincide
-    assert viewer.layers["sections_uncertainty"].metadata["reliable"] is not None
+    assert viewer.layers["sections_isotropic_uncertainty"].metadata["reliable"] is not None
 
     widget.mode.setCurrentIndex(widget.mode.findData(SELF_SUPERVISED))  # vEMDiffuse-a needs no model
     assert not widget.model_picker.isEnabled() and widget.minutes.isEnabled()

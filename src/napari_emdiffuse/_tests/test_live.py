@@ -5,8 +5,19 @@ import threading
 import numpy as np
 import pytest
 
-from napari_emdiffuse.core.live import (Canvas, LiveRestorer, Source, Tile, TileCache, View, ViewDone, data_token,
-                                        plan_view, tile_geometry, view_tiles)
+from napari_emdiffuse.core.live import (
+    Canvas,
+    LiveRestorer,
+    Source,
+    Tile,
+    TileCache,
+    View,
+    ViewDone,
+    data_token,
+    plan_view,
+    tile_geometry,
+    view_tiles,
+)
 from napari_emdiffuse.core.tasks import Settings, denoise, drive, superres
 
 

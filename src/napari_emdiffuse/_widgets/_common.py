@@ -105,13 +105,14 @@ class LayerPicker(QComboBox):
         self.refresh()
         if follow_selection:
             viewer.layers.selection.events.active.connect(self._follow_selection)
-            self._follow_selection()
+            self._follow_now()
 
     def _images(self):
         from napari.layers import Image
 
         return [layer for layer in self.viewer.layers
-                if isinstance(layer, Image) and not layer.rgb and layer.metadata.get("map") not in MAPS]
+                if isinstance(layer, Image) and not layer.rgb and layer.metadata.get("map") not in MAPS
+                and not layer.metadata.get("live")]  # live mode's canvas is no input
 
     def refresh(self, event=None):
         current = self.currentText()
@@ -129,6 +130,11 @@ class LayerPicker(QComboBox):
         self.refresh()
 
     def _follow_selection(self, event=None):
+        from qtpy.QtCore import QTimer
+
+        QTimer.singleShot(0, self._follow_now)  # after the insertion that may have caused it is known
+
+    def _follow_now(self) -> None:
         active = self.viewer.layers.selection.active
         just_added, self._just_added = self._just_added, None
         if active is just_added and active is not None and "task" in active.metadata:

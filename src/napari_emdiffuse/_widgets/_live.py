@@ -26,7 +26,7 @@ class LiveMode:
     def __init__(self, widget, cache_mb: int):
         self.widget, self.viewer = widget, widget.viewer
         self.cache = TileCache(cache_mb * 2**20)
-        self.restorer = self.worker = self.input = None
+        self.restorer = self.worker = self.input = self.signature = None
         self.layer = self.map = None  # the live result and its map, reused from view to view
         self.box = None  # the output-pixel box the live layer covers now
         self.plane = None
@@ -46,6 +46,7 @@ class LiveMode:
         from napari.qt.threading import create_worker
 
         from ..core.models import load_model
+        from ..core.tasks import pick_device
         from ._common import full_resolution
 
         w = self.widget
@@ -60,24 +61,23 @@ class LiveMode:
         path = w.model_picker.currentData()
         try:
             settings = w.settings()
+            device = pick_device(settings.device)
         except ValueError as err:
             return str(err)
-        model = functools.cache(lambda: load_model(path, device=settings.device, task=w.task))  # in the worker
+        model = functools.cache(lambda: load_model(path, device=device, task=w.task))  # loaded in the worker
 
         def restore_window(window, settings, norm):
             return w.make_job(window, model(), settings, norm=norm)
 
         source = Source(data, w.live_scale(), (w.task, path, os.path.getmtime(path), *w.live_key()))
         self.input = layer
+        self.signature = self._signature()
         self.restorer = LiveRestorer(source, restore_window, settings, self.cache)
         self.worker = create_worker(self.restorer.run, _start_thread=False)
         self.worker.yielded.connect(self._place)
         self.worker.errored.connect(self._failed)
         self.worker.start()
-        camera, dims = self.viewer.camera, self.viewer.dims
-        for emitter in (camera.events.center, camera.events.zoom, dims.events.current_step, dims.events.ndisplay,
-                        dims.events.order, self.viewer.canvas.events.size, layer.events.scale,
-                        layer.events.translate):
+        for emitter in self._view_events():
             emitter.connect(self.request_view)
         layer.events.data.connect(self.restart_later)
         self._request_view_now()
@@ -87,19 +87,34 @@ class LiveMode:
         """Stop all live work now (a tile in progress ends at its next network evaluation); the last view stays."""
         if self.restorer is None:
             return
-        camera, dims = self.viewer.camera, self.viewer.dims
-        for emitter in (camera.events.center, camera.events.zoom, dims.events.current_step, dims.events.ndisplay,
-                        dims.events.order, self.viewer.canvas.events.size, self.input.events.scale,
-                        self.input.events.translate):
+        for emitter in self._view_events():
             emitter.disconnect(self.request_view)
         self.input.events.data.disconnect(self.restart_later)
         self.restorer.stop()
         self.worker.quit()
         self.restorer = self.worker = None
 
+    def _signature(self) -> tuple:
+        """What live mode restores with: the input, the model, the settings, the task's options."""
+        from ..core.live import settings_key
+
+        w = self.widget
+        try:
+            settings = settings_key(w.settings())
+        except ValueError:
+            settings = None
+        layer = w.layer_picker.layer()
+        return layer, None if layer is None else id(layer.data), w.model_picker.currentData(), settings, w.live_key()
+
+    def _view_events(self) -> tuple:
+        """What moves the view: the camera, the slice, the canvas's size, the input's place in the world."""
+        cam, dims = camera(self.viewer), self.viewer.dims
+        return (cam.events.center, cam.events.zoom, dims.events.current_step, dims.events.ndisplay, dims.events.order,
+                self.viewer.canvas.events.size, self.input.events.scale, self.input.events.translate)
+
     def restart(self, *_) -> None:
         """New settings, model or input: serve the view again (tiles restored before stay cached)."""
-        if self.active:
+        if self.active and self._signature() != self.signature:
             self.stop()
             message = self.start()
             if message:
@@ -114,8 +129,8 @@ class LiveMode:
                                                                                viewer.dims.ndim - 1):
             return None, "Live: paused; it follows the 2D view of y and x."
         height, width = viewer.canvas.size
-        cy, cx = viewer.camera.center[-2:]
-        zoom = viewer.camera.zoom
+        cy, cx = camera(viewer).center[-2:]
+        zoom = camera(viewer).zoom
         corners = []
         for dy, dx in ((-1, -1), (1, 1)):
             point = list(viewer.dims.point)
@@ -193,6 +208,11 @@ class LiveMode:
 
         self.widget.live.setChecked(False)
         show_error(f"Live {self.widget.task} stopped: {err}")
+
+
+def camera(viewer):
+    """The viewer's camera (``viewer.scene.camera`` from napari 0.9 on)."""
+    return viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
 
 
 def _inside(box, outer) -> bool:
