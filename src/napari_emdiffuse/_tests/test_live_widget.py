@@ -134,7 +134,7 @@ def test_results_named_after_their_task_replaced_when_run_again_and_pickers_stay
     # the user can still choose a result as input, by selecting it
     viewer.layers.selection.active = viewer.layers["noisy"]
     viewer.layers.selection.active = first
-    assert upscaler.layer_picker.currentText() == "noisy_denoised"
+    qtbot.waitUntil(lambda: upscaler.layer_picker.currentText() == "noisy_denoised", timeout=2_000)
 
 
 def test_result_input_and_map_buttons(make_napari_viewer, qtbot, em_pair, user_models):
