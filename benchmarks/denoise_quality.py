@@ -7,7 +7,9 @@ Data sets (none of it was used for training, see training/train_denoise.py):
 - ``real``: bottom half of the real short-dwell/long-dwell SEM pair (768 x 384);
 - ``mild`` / ``strong``: central 512 x 512 crops of FIB-SEM 5 nm slices 22-26 with simulated short-dwell SEM noise,
   at about the real pair's level and at a much stronger one.
-Baselines (Gaussian, non-local means, BM3D) are tuned per data set on its first image by PSNR against the truth;
+Brightness: the output's mean and 31-px local-mean offsets against its input (grey levels) and, for the real pair,
+the metrics against its long-dwell truth brought linearly to the short-dwell input's brightness (the pair's two
+acquisitions differ by 3 grey levels, which the output no longer copies). Baselines (Gaussian, non-local means, BM3D) are tuned per data set on its first image by PSNR against the truth;
 their results are cached in ``benchmarks/results/denoise_baselines.json``. Uncertainty is checked as the Spearman
 correlation between per-16x16-patch mean std and mean absolute error.
 """
@@ -25,6 +27,8 @@ import tifffile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import BASELINES, metrics, patch_spearman, to_uint8, tune  # noqa: E402
+
+BRIGHTNESS_WINDOW = 31  # pixels: the local means whose offset the brightness figure reports
 
 from napari_emdiffuse.core.models import default_model, load_model  # noqa: E402
 from napari_emdiffuse.core.simulate import SEMNoise  # noqa: E402
@@ -80,19 +84,47 @@ def baselines(sets) -> dict:
 def evaluate(sets, settings: Settings, model: str) -> dict:
     out = {}
     for name, pairs in sets.items():
-        scores, spearman, seconds = [], [], 0.0
+        scores, spearman, kept, seconds = [], [], [], 0.0
         for noisy, clean in pairs:
             t = time.perf_counter()
             result = drive(denoise(noisy, model, settings))
             seconds += time.perf_counter() - t
             scores.append(metrics(result.image, clean))
+            kept.append(brightness(result.image, noisy))
+            if name == "real":
+                kept[-1].update({f"{m}_vs_truth_in_input_brightness": v
+                                 for m, v in metrics(result.image, in_input_brightness(clean, noisy)).items()})
             if result.uncertainty is not None:
                 err = np.abs(result.image.astype(np.float64) - clean.astype(np.float64)) / 255
                 spearman.append(patch_spearman(result.uncertainty, err))
         out[name] = {m: float(np.mean([s[m] for s in scores])) for m in scores[0]}
         out[name]["uncertainty_spearman"] = float(np.mean(spearman)) if spearman else None
         out[name]["seconds_per_image"] = seconds / len(pairs)
+        out[name]["brightness"] = {k: float(np.mean([e[k] for e in kept])) for k in kept[0]}
     return out
+
+
+def local_means(image: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import uniform_filter
+
+    return uniform_filter(image.astype(np.float64), BRIGHTNESS_WINDOW)[16:-16, 16:-16]
+
+
+def brightness(result: np.ndarray, noisy: np.ndarray) -> dict:
+    """How the output's brightness departs from its input's, in grey levels: mean offset, mean absolute offset of
+    31-px local means, and the straight line through the local means (output = gain * input + offset)."""
+    out, inp = local_means(result), local_means(noisy)
+    gain, offset = np.polyfit(inp.ravel(), out.ravel(), 1)
+    return {"mean_offset": float(result.astype(np.float64).mean() - noisy.astype(np.float64).mean()),
+            "local_mean_offset": float(np.abs(out - inp).mean()), "local_gain": float(gain),
+            "local_intercept": float(offset)}
+
+
+def in_input_brightness(clean: np.ndarray, noisy: np.ndarray) -> np.ndarray:
+    """The long-dwell truth mapped linearly onto the short-dwell input's intensities (least squares): the real pair's
+    two acquisitions differ in brightness (the clean one is 3 grey levels darker), which no denoiser can know."""
+    gain, offset = np.polyfit(clean.astype(np.float64).ravel(), noisy.astype(np.float64).ravel(), 1)
+    return to_uint8(gain * clean.astype(np.float64) + offset)
 
 
 def report(label: str, ours: dict, base: dict) -> None:
@@ -108,6 +140,7 @@ def report(label: str, ours: dict, base: dict) -> None:
         wins = all(r[m] > best[m] for m in best)
         print(f"{name:<7} {'EMDiffuse':<10} {r['psnr']:7.2f} {r['ssim']:7.4f} {r['fsim']:7.4f} {r['sharpness']:6.2f}"
               f"  {r['uncertainty_spearman']:.3f}   beats every baseline on all three: {wins}")
+        print(f"{name:<7} brightness against the input: {r['brightness']}")
 
 
 def main():

@@ -22,6 +22,13 @@ class CLIError(Exception):
     """Ends the command with one line on stderr and a non-zero exit code."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option ends with one line on stderr (exit 2), like every other refusal."""
+
+    def error(self, message: str):
+        self.exit(2, f"emdiffuse: error: {message} (see {self.prog} --help)\n")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", type=Path, nargs="+",
                         help="input TIFF (2D image or 3D stack), or Zarr/OME-Zarr volume; several TIFFs: a batch")
@@ -56,19 +63,25 @@ def _common(parser: argparse.ArgumentParser) -> None:
     chunked.add_argument("--chunk", type=_chunk, default=None, metavar="Z,Y,X",
                          help="chunk size in input pixels (default 1 plane of 2048 output pixels across)")
     chunked.add_argument("--halo", type=int, default=None, help="margin read around each chunk (default one tile)")
+    chunked.add_argument("--dashboard", action="store_true",
+                         help="serve the local cluster's Dask dashboard (on 127.0.0.1 only); off by default")
 
 
 def _chunk(text: str) -> tuple[int, int, int]:
-    sizes = [int(v) for v in text.split(",")]
+    """Z,Y,X (or one size N for 1,N,N); their ranges are checked with every other number (core/limits.py)."""
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        sizes = []
     if len(sizes) == 1:
         sizes = [1, sizes[0], sizes[0]]
-    if len(sizes) != 3 or min(sizes) < 1:
+    if len(sizes) != 3:
         raise argparse.ArgumentTypeError("give Z,Y,X (or one size for 1,N,N)")
     return tuple(sizes)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emdiffuse", description="EM image restoration with diffusion models.")
+    parser = Parser(prog="emdiffuse", description="EM image restoration with diffusion models.")
     parser.add_argument("--version", action="version", version=f"napari-emdiffuse {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     action = models.add_mutually_exclusive_group()
     action.add_argument("--remove", metavar="NAME", help="delete one of your own models")
     action.add_argument("--export", nargs=2, metavar=("NAME", "FILE"), help="copy a model to a file")
-    action.add_argument("--import", dest="import_file", metavar="FILE", help="add a model file to your models")
+    action.add_argument("--import", dest="import_file", metavar="FILE",
+                        help="add a model file (.npz) or a BioImage.io package of ours (.zip) to your models")
+    models.add_argument("--format", choices=["npz", "bioimageio"], default=None,
+                        help="of --export: our .npz, or a BioImage.io model package (.zip; the default for FILE.zip)")
     finetune = sub.add_parser("finetune", help="fine-tune a model on one image pair (or, for isotropic "
                                                "reconstruction, one isotropic volume) of your tissue")
     finetune.add_argument("--task", choices=["denoise", "superres", "isotropic"], required=True)
@@ -107,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--scale", type=int, default=2, choices=[2, 4])
     finetune.add_argument("--factor", type=int, default=4, help="isotropic: R, the z factor to generate slices for")
     finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--target-brightness", action="store_true",
+                          help="the tuned model gives the target acquisition's brightness and contrast (by default "
+                               "results keep their input's)")
     finetune.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     finetune.add_argument("--precision", default="auto", choices=PRECISIONS)
     finetune.add_argument("--overwrite", action="store_true")
@@ -142,21 +161,24 @@ def _progress_bar(quiet: bool):
 def _settings(args):
     from .core.tasks import Settings
 
-    return Settings(samples=args.samples, steps=args.steps, seed=args.seed, tile=args.tile, device=args.device,
-                    precision=args.precision, threshold=args.threshold, sampler=args.sampler, eta=args.eta,
-                    difficulty=args.difficulty is not None)
+    overlap = min(Settings.overlap, max(args.tile, 0) // 4)  # what tiling uses of it: a quarter of the tile at most
+    return Settings(samples=args.samples, steps=args.steps, seed=args.seed, tile=args.tile, overlap=overlap,
+                    device=args.device, precision=args.precision, threshold=args.threshold, sampler=args.sampler,
+                    eta=args.eta, difficulty=args.difficulty is not None)
 
 
 def _z_factor(args, image) -> int:
     """The volume's z spacing over its pixel size, when its metadata says them (no ``--factor`` given)."""
-    from .core.isotropic import factor_from_voxel
+    from .core.isotropic import check_voxel_factor
 
     if image.data.ndim != 3:
         raise CLIError(f"Isotropic reconstruction needs a volume (z, y, x); {args.input.name} is not one.")
-    factor = factor_from_voxel(image.scale) if image.unit == "nm" else None
-    if factor is None:
-        raise CLIError(f"{args.input.name} does not give a z spacing larger than its pixel size; give the z factor "
-                       "with --factor R.")
+    if image.unit != "nm":
+        raise CLIError(f"{args.input.name} does not give its voxel size; give the z factor with --factor R.")
+    try:
+        factor = check_voxel_factor(image.scale)
+    except ValueError as err:
+        raise CLIError(f"{args.input.name}: {str(err).rstrip('.')} (--factor R).") from err
     if not (args.quiet or args.json):
         print(f"emdiffuse: z factor R = {factor}, from the voxel size {' x '.join(f'{v:g}' for v in image.scale)} "
               f"nm", file=sys.stderr)
@@ -176,12 +198,6 @@ def _restore(args, job_factory) -> dict:
     lateral_factor, axial_factor = getattr(args, "scale", 1), getattr(args, "factor", 1)
     if is_zarr(args.input) or is_zarr(args.output):
         return _restore_chunked(args, max(lateral_factor, axial_factor))
-    outputs = [p for p in (args.output, args.uncertainty, args.difficulty) if p is not None]
-    for path in outputs:
-        if path.exists() and not args.overwrite:
-            raise CLIError(f"{path} exists; use --overwrite to replace it.")
-        if path.resolve() == args.input.resolve():
-            raise CLIError("An output would overwrite the input; choose another name.")
     if image is None:
         image = read_tiff(args.input)
     pixel = list(image.scale)
@@ -221,11 +237,9 @@ def _restore_chunked(args, factor: int) -> dict:
     if getattr(args, "self_supervised", False):
         raise CLIError("Self-supervised training needs the volume in memory: learn on a TIFF crop of it with "
                        "--self-supervised --save-model NAME, then process the Zarr volume with --model NAME.")
-    if args.output.resolve() == args.input.resolve():
-        raise CLIError("The output would overwrite the input; choose another name.")
     job = restore_volume(args.input, args.output, ChunkedTask(args.command, factor), args.model, _settings(args),
                          chunk=args.chunk, halo=args.halo, scheduler=args.scheduler, workers=args.workers,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, dashboard=args.dashboard)
     try:
         info = drive(job, _progress_bar(args.quiet or args.json))
     except KeyboardInterrupt:
@@ -259,18 +273,23 @@ def _models(args) -> None:
         print(f"removed {remove_model(args.remove)}")
         return
     if args.export:
-        print(f"exported to {export_model(*args.export)}")
+        name, file = args.export
+        suffix = {"bioimageio": ".zip", "npz": ".npz"}.get(args.format)
+        if suffix and Path(file).suffix != suffix:  # a file is written exactly where asked
+            raise CLIError(f"--format {args.format} writes a {suffix} file; name it so ({Path(file).stem}{suffix}).")
+        print(f"exported to {export_model(name, file)}")
         return
     if args.import_file:
         print(f"imported as {import_model(args.import_file).stem}")
         return
     entries = list_models()
     if args.json:
-        print(json.dumps([{"name": e.name, "task": e.task, "bundled": e.bundled, "path": str(e.path)}
-                          for e in entries]))
+        print(json.dumps([{"name": e.name, "task": e.task or None, "bundled": e.bundled, "path": str(e.path),
+                           **({"unreadable": e.error} if e.error else {})} for e in entries]))
         return
     for e in entries:
-        print(f"{e.name:<28} {e.task:<10} {'bundled' if e.bundled else 'user':<8} {e.path}")
+        print(f"{e.name:<28} {e.task or 'unreadable':<10} {'bundled' if e.bundled else 'user':<8} {e.path}"
+              + (f"\n{'':<28} {e.error} (emdiffuse models --remove {e.name})" if e.error else ""))
 
 
 PRINT_SECONDS = 5.0
@@ -279,12 +298,22 @@ PRINT_SECONDS = 5.0
 def _finetune(args) -> None:
     from .core.finetune import finetune
     from .core.io import read_tiff
-    from .core.isotropic import check_isotropic
+    from .core.isotropic import check_factor, check_isotropic
+    from .core.limits import check_budget
+    from .core.safety import check_outputs
     from .core.tasks import Throttle, drive
     from .core.train import TrainProgress
 
-    if args.output.exists() and not args.overwrite:
-        raise CLIError(f"{args.output} exists; use --overwrite to replace it.")
+    check_budget(args.minutes, args.iterations)
+    if args.task == "isotropic":
+        check_factor(args.factor)
+    if args.output.suffix != ".npz":  # written exactly there, or refused
+        raise CLIError(f"Model files end in .npz; give -o {args.output.with_suffix('.npz')}, not {args.output}.")
+    inputs = [p for p in (args.input, args.target) if p is not None]
+    for path in inputs:
+        if not path.exists():
+            raise CLIError(f"Input not found: {path}")
+    check_outputs([args.output], inputs, args.overwrite)  # before the training, not after it
     if (args.target is None) != (args.task == "isotropic"):
         raise CLIError("--task isotropic learns from --input alone (an isotropic volume)" if args.target else
                        f"--task {args.task} needs --target (the slow acquisition)")
@@ -307,14 +336,14 @@ def _finetune(args) -> None:
 
     result = drive(finetune(args.task, image, target, base=args.base, scale=args.scale, factor=args.factor,
                             minutes=args.minutes, iterations=args.iterations, seed=args.seed, output=args.output,
+                            target_brightness=args.target_brightness,
                             device=args.device, precision=args.precision), show)
     if args.json:
         print(json.dumps({"improved": result.improved, "model": result.model_name,
                           "path": str(result.path) if result.path else None,
                           "val_psnr_before": result.val_psnr_before, "val_psnr_after": result.val_psnr_after,
-                          "steps": result.steps, **({} if result.registration is None else {
-                              "shift": list(result.registration.shift),
-                              "residual_px": result.registration.residual})}))
+                          "val_psnr_spread": result.val_psnr_spread, "steps": result.steps,
+                          **({} if result.registration is None else result.registration.summary())}))
     else:
         print(result.message)
 
@@ -338,10 +367,8 @@ def _batch(args) -> list[argparse.Namespace]:
         raise CLIError("Two inputs have the same name; their outputs would overwrite each other.")
     folders = {"output": args.output, "uncertainty": args.uncertainty, "difficulty": args.difficulty}
     for folder in folders.values():
-        if folder is not None:
-            if folder.exists() and not folder.is_dir():
-                raise CLIError(f"With several inputs, {folder} must be a folder.")
-            folder.mkdir(parents=True, exist_ok=True)
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise CLIError(f"With several inputs, {folder} must be a folder.")
     names = {"output": SUFFIXES[args.command], "uncertainty": "uncertainty", "difficulty": "difficulty"}
     return [argparse.Namespace(**{**vars(args), "input": path,
                                   **{key: folder / f"{path.stem}_{names[key]}.tif" if folder else None
@@ -354,12 +381,64 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .core.models import ModelFileError
     from .core.normalize import InputError
 
-    return CLIError, InputError, ModelFileError, MemoryError
+    return CLIError, InputError, ModelFileError, MemoryError, OSError
+
+
+def _sentence(err: BaseException) -> str:
+    """One sentence for the user; an OSError (a full disk, an unwritable folder) says what and where."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}{f': {err.filename}' if err.filename else ''}; nothing was written."
+    return str(err)
+
+
+def _check_before_work(args, batch: list[argparse.Namespace]) -> None:
+    """Every number and every output location, before any work: all outputs of the whole batch against all its
+    inputs (a batch never replaces one input with another's result), none named twice, each free or replaceable
+    (core/safety.py) and writable."""
+    from .core.isotropic import check_factor
+    from .core.limits import check_number, check_optional, check_scheduler
+    from .core.safety import check_outputs
+    from .core.zarr_io import is_zarr
+
+    _settings(args)  # samples, steps, eta, threshold, tile, seed, sampler
+    check_scheduler(args.scheduler)
+    check_optional("workers", args.workers)
+    check_optional("halo", args.halo)
+    for size in args.chunk or ():
+        check_number("chunk", size)
+    if getattr(args, "factor", None) is not None:
+        check_factor(args.factor)
+    if getattr(args, "self_supervised", False):
+        check_number("minutes", args.train_minutes, "The training time (--train-minutes)")
+    if getattr(args, "save_model", None):
+        from .core.models import free_name
+
+        free_name(args.save_model)  # a name, not a path, and not taken
+    inputs = [one.input for one in batch]
+    for path in inputs:
+        if not path.exists():
+            raise CLIError(f"Input not found: {path}")
+    outputs = [path for one in batch for path in (one.output, one.uncertainty, one.difficulty)]
+    check_outputs(outputs, inputs, args.overwrite, stores=[one.output for one in batch if is_zarr(one.output)])
 
 
 def _restore_each(args, job_factory) -> int:
     """Restore every input; in a batch an input that fails is reported and the others go on (exit code 2)."""
     batch = _batch(args)
+    _check_before_work(args, batch)
+    folders = (args.output, args.uncertainty, args.difficulty) if batch[0].output != args.output else ()
+    made = [folder for folder in folders if folder is not None and not folder.exists()]
+    for folder in made:
+        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return _restore_all(args, batch, job_factory)
+    finally:
+        for folder in made:  # folders made for this run and left empty (every input failed) are removed
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def _restore_all(args, batch: list[argparse.Namespace], job_factory) -> int:
     failed = 0
     for one in batch:
         if len(batch) > 1 and not (args.quiet or args.json):
@@ -369,7 +448,7 @@ def _restore_each(args, job_factory) -> int:
         except _user_errors() as err:
             if len(batch) == 1 or args.debug:
                 raise
-            print(f"emdiffuse: error: {one.input}: {err}", file=sys.stderr)
+            print(f"emdiffuse: error: {one.input}: {_sentence(err)}", file=sys.stderr)
             failed += 1
             continue
         _summary({**info, "input": str(one.input), "output": str(one.output)}, args.json)
@@ -377,7 +456,10 @@ def _restore_each(args, job_factory) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a bad option (one line already on stderr)
+        return done.code if isinstance(done.code, int) else 2
     try:
         if args.command == "models":
             _models(args)
@@ -410,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         if args.debug:
             raise
-        print(f"emdiffuse: error: {err}", file=sys.stderr)
+        print(f"emdiffuse: error: {_sentence(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("emdiffuse: interrupted; no output was written.", file=sys.stderr)

@@ -5,11 +5,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from napari_emdiffuse._tests.standards import assert_valid_ome_zarr
 from napari_emdiffuse.core.chunked import ChunkedTask, fit_normalizer, plan_blocks, restore_volume
 from napari_emdiffuse.core.isotropic import isotropic
 from napari_emdiffuse.core.normalize import InputError
@@ -91,7 +93,7 @@ def test_chunked_denoise_equals_in_memory_and_writes_ome_zarr(tmp_path, tiny_mod
     assert progress[-1].done == progress[-1].total == info["chunks"] == 3 * 3 * 3
     for path in (tmp_path / "out.zarr", tmp_path / "out.zarr" / "uncertainty"):  # pixel sizes, read back in nm
         assert open_volume(path).scale == pytest.approx((50, 10, 10))
-    assert out.attrs["ome"]["multiscales"][0]["axes"][0]["unit"] == "nanometer"
+    assert_valid_ome_zarr(tmp_path / "out.zarr", unit="nanometer")  # the input's micrometres, in nm
     assert out.attrs["emdiffuse"]["result"]["uncertainty_score"] == info["uncertainty_score"]
 
 
@@ -111,6 +113,20 @@ def test_chunked_superres_and_isotropic_equal_in_memory(tmp_path, tiny_superres,
         image = zarr.open_group(str(output), mode="r")["0"][...]
         assert image.shape == whole.image.shape
         assert max_difference(image, whole.image, norm) < TOLERANCE, task
+
+
+def test_every_store_validates_as_ome_zarr_with_or_without_units(tmp_path, tiny_superres, volume):
+    """2D and 3D, every map (the difficulty map too), units only where the input had them."""
+    settings = Settings(samples=2, tile=32, overlap=8, steps=1, difficulty=True)
+    maps = ("image", "uncertainty", "difficulty")
+    for source, unit in ((write_zarr(tmp_path / "um.zarr", volume[:, :32, :40], (1, 16, 16), scale_um=(0.05, 0.01,
+                                                                                                        0.01)),
+                          "nanometer"),
+                         (write_zarr(tmp_path / "plain.zarr", volume[0, :32, :40], (16, 16)), None)):
+        output = tmp_path / f"out-{Path(source).stem}.zarr"
+        drive(restore_volume(source, output, ChunkedTask("superres", 2), tiny_superres, settings, chunk=(1, 16, 16)))
+        assert_valid_ome_zarr(output, maps, unit)
+        assert open_volume(output).scale == pytest.approx((50, 5, 5) if unit else (0.5, 0.5))
 
 
 def test_a_memory_mapped_tiff_is_processed_in_chunks(tmp_path, tiny_model, volume, monkeypatch):
@@ -198,6 +214,7 @@ def test_command_line_switches_to_chunks_for_zarr_and_refuses_mixed_outputs(tmp_
     out = zarr.open_group(str(tmp_path / "iso.zarr"), mode="r")
     assert out["0"].shape == (5, 32, 40) and out["uncertainty/0"].shape == (5, 32, 40)
     assert open_volume(tmp_path / "iso.zarr").scale == pytest.approx((20.0, 10.0, 10.0))
+    assert_valid_ome_zarr(tmp_path / "iso.zarr")
     assert '"uncertainty_score"' in capsys.readouterr().out
     assert main(["isotropic", source, "-o", str(tmp_path / "again.zarr"), "--chunk", "1,16,16", *common]) == 0
     assert f"napari {tmp_path / 'again.zarr'} --plugin napari-emdiffuse" in capsys.readouterr().err  # how to look

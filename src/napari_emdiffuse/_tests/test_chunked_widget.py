@@ -5,6 +5,8 @@ import os
 import numpy as np
 import pytest
 
+from napari_emdiffuse._tests.standards import assert_valid_ome_zarr
+
 zarr = pytest.importorskip("zarr")
 da = pytest.importorskip("dask.array")
 
@@ -69,6 +71,7 @@ def test_the_whole_layer_goes_to_a_zarr_file_and_opens_lazily(zarr_layer, qtbot,
     assert tuple(out.scale) == (30.0, 4.0, 4.0) and tuple(unc.translate) == (0.0, 100.0, 0.0)
     assert out.metadata["model"] == "tiny" and "reliable" in widget.status.text()
     assert f"Saved in {tmp_path / 'out.zarr'}" in widget.status.text()
+    assert_valid_ome_zarr(tmp_path / "out.zarr", unit="nanometer")
     stored = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
     assert stored.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [
         30_000.0, 4000.0, 4000.0]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from napari_emdiffuse._tests.standards import imagej_reading, recorded_summary
 from napari_emdiffuse.cli import main
 from napari_emdiffuse.core.io import read_tiff
 
@@ -36,6 +37,10 @@ def test_denoise_writes_output_and_uncertainty_and_json(tmp_path, noisy_tif, tin
     assert recorded["task"] == "denoise" and recorded["source"] == noisy_tif.name and recorded["seed"] == 3
     assert recorded["uncertainty_score"] == pytest.approx(summary["uncertainty_score"]) and "map" not in recorded
     assert read_tiff(unc).summary["map"] == "uncertainty" and read_tiff(unc).summary["samples"] == 2
+    for path in (out, unc):  # what ImageJ/Fiji read from them: the pixel size and the summary (Show Info)
+        seen = imagej_reading(path)
+        assert seen["imagej"] and seen["pixel"] == pytest.approx((4.0, 4.0)) and seen["unit"] == "nm"
+        assert recorded_summary(seen["info"]) == read_tiff(path).summary
 
 
 @pytest.mark.parametrize("make, message", [

@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from napari_emdiffuse._reader import get_reader
+from napari_emdiffuse._tests.standards import imagej_reading, open_in_imagej, recorded_summary
 from napari_emdiffuse._writer import write_image
 from napari_emdiffuse.core.io import read_tiff, write_tiff
 from napari_emdiffuse.core.normalize import InputError
@@ -92,7 +93,7 @@ def test_a_stack_of_four_slices_is_a_stack_for_imagej_not_four_channels(tmp_path
     assert read_tiff(path).scale == pytest.approx((40.0, 8.0, 8.0))
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.int16])  # an ImageJ file, and one ImageJ cannot hold
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32])  # an ImageJ file, and one ImageJ cannot hold
 def test_a_tiff_records_how_it_was_made_and_gives_it_back(tmp_path, dtype):
     summary = {"task": "denoise", "model": "denoise-sem", "uncertainty_score": np.float32(0.25), "seed": 3,
                "notes": ["a note"], "reliable": False}
@@ -122,6 +123,37 @@ def test_a_saved_uncertainty_map_opens_again_as_one(tmp_path):
     assert "map" not in kwargs["metadata"] and "colormap" not in kwargs
 
 
+OUTPUT_DTYPES = [np.uint8, np.uint16, np.int16, np.float32, np.float16, np.float64, np.int32, np.uint32]
+
+
+def test_every_tiff_we_write_gives_imagej_its_pixel_size_and_the_run_summary(tmp_path):
+    """Read by tifffile's parsers of ImageJ's metadata and the TIFF tags, and by ImageJ itself where installed."""
+    summary = {"task": "denoise", "model": "denoise-sem", "uncertainty_score": 0.05, "seed": 3}
+    paths = []
+    for dtype in OUTPUT_DTYPES:
+        for shape, scale in (((3, 8, 10), (40.0, 4.0, 4.5)), ((8, 10), (4.0, 4.5))):
+            path = tmp_path / f"{np.dtype(dtype).name}-{len(shape)}d.tif"
+            paths.append(write_tiff(path, np.ones(shape, dtype), scale, summary=summary))
+            seen = imagej_reading(path)
+            assert seen["axes"] == "ZYX"[-len(shape):], path.name  # a stack of slices, not of channels or colours
+            if np.dtype(dtype) in (np.uint8, np.uint16, np.int16, np.float32, np.float16, np.float64):
+                assert seen["imagej"] and seen["unit"] == "nm", path.name  # float16/64 are written as float32
+                assert seen["pixel"] == pytest.approx((4.5, 4.0)) and seen["spacing"] == (scale[0] if len(shape) == 3
+                                                                                          else None)
+                assert recorded_summary(seen["info"]) == summary
+            else:  # 32-bit integers: no ImageJ file, but the standard resolution tags (and the summary as JSON)
+                assert seen["unit"] == "cm" and np.array(seen["pixel"]) * 1e7 == pytest.approx((4.5, 4.0))
+            assert read_tiff(path).scale == pytest.approx(scale) and read_tiff(path).summary == summary
+    opened = open_in_imagej(paths, tmp_path)
+    for path, seen in zip(paths, opened):
+        three_d = path.stem.endswith("3d")
+        assert (seen["width"], seen["height"], seen["slices"]) == (10, 8, 3 if three_d else 1), path.name
+        factor = {"nm": 1.0, "µm": 1e3, "micron": 1e3}[seen["unit"]]
+        assert np.array(seen["voxel"][:2]) * factor == pytest.approx((4.5, 4.0)), path.name
+        if "int32" not in path.name:
+            assert seen["voxel"][2] == (40.0 if three_d else 1.0) and seen["info"] > 0, path.name
+
+
 def test_write_refuses_to_overwrite_by_default(tmp_path):
     path = tmp_path / "x.tif"
     write_tiff(path, np.zeros((4, 4), np.uint8))
@@ -131,7 +163,7 @@ def test_write_refuses_to_overwrite_by_default(tmp_path):
 
 
 def test_a_stack_of_three_slices_in_a_non_imagej_dtype_is_written_as_grey_planes_not_rgb(tmp_path):
-    data = np.arange(3 * 8 * 8, dtype=np.int16).reshape(3, 8, 8)
+    data = np.arange(3 * 8 * 8, dtype=np.int32).reshape(3, 8, 8)
     path = write_tiff(tmp_path / "x.tif", data)
     assert tifffile.TiffFile(path).pages[0].photometric == tifffile.PHOTOMETRIC.MINISBLACK
     assert np.array_equal(read_tiff(path).data, data)

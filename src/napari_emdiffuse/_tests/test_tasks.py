@@ -210,3 +210,42 @@ def test_time_left_extrapolates_each_phase_and_waits_for_enough_progress():
                                            (200, "about 3 min left"), (6000, "about 1 h 40 min left")])
 def test_time_left_reads_as_a_person_would_say_it(seconds, text):
     assert time_left_text(seconds) == text
+
+
+def test_keeping_the_brightness_removes_a_learnt_gain_and_offset_and_keeps_the_detail():
+    from scipy.ndimage import gaussian_filter, uniform_filter
+
+    from napari_emdiffuse.core.simulate import SEMNoise, synthetic_em
+    from napari_emdiffuse.core.tasks import BRIGHTNESS_SIGMA, keep_brightness
+
+    truth = synthetic_em((256, 256), seed=5)  # a short-dwell acquisition of about the real pair's noise
+    clean, noisy = truth * 180 + 40, SEMNoise(electrons=200, read=0.01)(truth, np.random.default_rng(1)) * 180 + 40
+    darkened = 1.013 * clean - 4  # what the bundled denoiser had learnt from its training pair
+    kept = keep_brightness(darkened, noisy, BRIGHTNESS_SIGMA)
+    local = lambda a: uniform_filter(a, 31)[16:-16, 16:-16]  # noqa: E731  31-px local means
+    assert np.abs(local(darkened) - local(noisy)).mean() > 2
+    assert np.abs(local(kept) - local(noisy)).mean() < 0.5
+    detail = lambda a: a - gaussian_filter(a, BRIGHTNESS_SIGMA)  # noqa: E731
+    assert np.abs(detail(kept) - detail(darkened)).mean() < 0.3  # grey levels: the model's detail stays
+
+
+def test_results_keep_the_input_brightness_unless_the_model_adopts_its_targets(tiny_model, tiny_superres_x2,
+                                                                              models_dir, em_pair):
+    from scipy.ndimage import gaussian_filter, zoom
+
+    from napari_emdiffuse._tests.conftest import make_tiny_model
+    from napari_emdiffuse.core.tasks import BRIGHTNESS_SIGMA, superres
+
+    adopting = make_tiny_model(models_dir, "denoise", "tiny-adopting", brightness="target")  # the same network
+    noisy = em_pair[1]
+
+    def offset(result, reference, sigma=2 * BRIGHTNESS_SIGMA):  # of local means, grey levels, away from the edges
+        local = lambda a: gaussian_filter(a.astype(float), sigma)[24:-24, 24:-24]  # noqa: E731
+        return np.abs(local(result) - local(reference)).mean()
+
+    # an untrained network shifts and flattens everything (which no correction of the brightness undoes)
+    kept, adopted = run_denoise(noisy, tiny_model)[0], run_denoise(noisy, adopting)[0]
+    assert offset(kept.image, noisy) < 0.3 * offset(adopted.image, noisy)
+    np.testing.assert_allclose(kept.uncertainty, adopted.uncertainty)  # the spread is the model's either way
+    larger = drive(superres(noisy, tiny_superres_x2, Settings(), scale=2)).image
+    assert offset(larger, zoom(noisy.astype(float), 2, order=1), 4 * BRIGHTNESS_SIGMA) < 0.3 * offset(adopted.image, noisy)

@@ -237,9 +237,12 @@ def test_finetune_widget_prefills_from_two_selected_layers_and_trains(make_napar
     widget.base.setCurrentIndex(widget.base.findData(tiny_model))
     widget.minutes.setValue(0.1)
     widget.name.setText("tuned-here")
+    widget.residual_map.setChecked(True)
     widget.run_button.click()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
     assert len(widget.plot.points) >= 2
+    residual = viewer.layers["fast residual (px)"]  # one pixel per 64-px block, over the input
+    assert residual.scale[0] == pytest.approx(64.0) and residual.metadata["registration"]["residual_px"] >= 0
     text = widget.status.text()
     assert "Validation PSNR" in text or "kept" in text
     if "Validation PSNR" in text:  # saved: every task widget's picker lists it without being reopened
@@ -279,3 +282,36 @@ def test_finetune_widget_tunes_an_isotropic_model_on_one_isotropic_volume(make_n
     assert "Validation PSNR" in widget.status.text() or "kept" in widget.status.text()
     widget.task.setCurrentIndex(widget.task.findData("denoise"))  # and back: the pair's rows return
     assert not widget.target_picker.isHidden() and widget.factor.isHidden()
+
+
+def test_the_loss_plot_shows_the_trend_and_the_validation_points_inside_its_frame(qtbot, tmp_path):
+    from qtpy.QtGui import QColor
+
+    from napari_emdiffuse._widgets.finetune import LossPlot
+
+    plot = LossPlot()
+    qtbot.addWidget(plot)
+    plot.resize(360, 160)
+    plot.show()
+    steps = np.arange(1, 2001, 5)
+    for s in steps:  # a large first loss, then a slow fall a linear axis would flatten
+        plot.add(int(s), 0.02 + 0.01 * np.exp(-s / 800) + (0.5 if s < 20 else 0.0))
+    for s, psnr in ((500, 25.3), (1000, 25.6), (2000, 25.9)):
+        plot.add_validation(s, psnr, 25.2)
+    image = plot.grab().toImage()
+    image.save(str(tmp_path / "loss_plot.png"))
+    cyan, orange = [], []
+    for y in range(image.height()):
+        for x in range(image.width()):
+            c = QColor(image.pixel(x, y))
+            if c.red() < 60 and c.green() > 200 and c.blue() > 200:
+                cyan.append((x, y))
+            elif c.red() > 230 and 120 < c.green() < 200 and c.blue() < 90:
+                orange.append((x, y))
+    curve = [(x, y) for x, y in cyan if y > LossPlot.TOP]  # below the title line
+    assert curve and all(LossPlot.LEFT - 2 <= x <= image.width() - LossPlot.RIGHT + 2 for x, _ in curve)
+    early = np.mean([y for x, y in curve if x < LossPlot.LEFT + 40])
+    late = np.mean([y for x, y in curve if x > image.width() - LossPlot.RIGHT - 40])
+    assert late - early > 0.3 * (image.height() - LossPlot.TOP - LossPlot.BOTTOM)  # falls visibly (y grows down)
+    dots = [(x, y) for x, y in orange if y > LossPlot.TOP]
+    assert len({x // 10 for x, _ in dots}) >= 3  # three validation points (and the base line) are drawn

@@ -36,6 +36,7 @@ SCOPES = (("Whole layer", "layer"), ("Current slice", "slice"), ("Current view",
           ("Whole layer to a Zarr file (chunk by chunk)", "zarr"))
 LARGE_LAYER_BYTES = 512 * 2**20
 DOCK_WIDTH = 230  # pixels the task docks ask for: napari's default window then keeps half its width for the canvas
+MODEL_FILES = "napari-emdiffuse models (*.npz);;BioImage.io model packages (*.zip)"  # .zip: export_model's package
 # at most one progress update a second: each repaints the window, which with software OpenGL (remote desktops,
 # virtual machines) costs the job measurable time (isotropic reconstruction of the sample volume: 19 s at five
 # updates a second, 10-11 s at one, 7-10 s with the window hidden)
@@ -216,7 +217,7 @@ class ModelPicker(QComboBox):
     def _choose_file_to_add(self) -> None:
         from qtpy.QtWidgets import QFileDialog
 
-        path, _ = QFileDialog.getOpenFileName(self, "Add a model file", "", "napari-emdiffuse models (*.npz)")
+        path, _ = QFileDialog.getOpenFileName(self, "Add a model file", "", MODEL_FILES)
         if path:
             self.add_file(path)
 
@@ -225,7 +226,7 @@ class ModelPicker(QComboBox):
 
         if self.currentIndex() >= 0:
             path, _ = QFileDialog.getSaveFileName(self, "Save the model to a file", f"{self.currentText()}.npz",
-                                                  "napari-emdiffuse models (*.npz)")
+                                                  MODEL_FILES)
             if path:
                 self.save_current(path)
 
@@ -618,8 +619,13 @@ class RestoreWidget(JobWidget):
         out_scale, _ = self.output_grid(layer)
         factor = max(round(a / b) for a, b in zip(layer.scale, out_scale))  # x2/x4 in y, x or R along z
         pixel, unit = pixel_size(layer.scale, layer.metadata, layer.units)
+        try:
+            settings = self.settings()  # the shared validation (core/limits.py): its sentence, before any work
+        except ValueError as err:
+            show_error(str(err))
+            return
         job = restore_volume(full_resolution(layer), path, ChunkedTask(self.task, factor),
-                             self.model_picker.currentData(), self.settings(), pixel_size=pixel,
+                             self.model_picker.currentData(), settings, pixel_size=pixel,
                              unit=unit, scheduler="threads")
         self.cancelled_text = f"Cancelled; finished chunks are kept in {path}: run again to resume."
         self.doing = f"Running {self.task} on {layer.name} into {path}…"

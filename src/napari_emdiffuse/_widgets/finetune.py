@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from qtpy.QtCore import QPointF, Qt
-from qtpy.QtGui import QPainter, QPen, QPolygonF
-from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QLineEdit, QSpinBox, QWidget
+from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLineEdit, QSpinBox, QWidget
 
 from ..core.isotropic import FACTORS
 from ..core.tasks import SUPERRES_SCALES
@@ -19,37 +19,83 @@ if TYPE_CHECKING:
 
 
 class LossPlot(QWidget):
-    """The running training loss, drawn as a line (no plotting library needed)."""
+    """The training loss (its running mean; on a log axis when positive, so that a late fall stays visible) and the
+    validation PSNR of each checkpoint on a second axis, against the base model's (dashed); no plotting library
+    needed. Axis labels sit in margins of their own, never on the curves."""
+
+    LEFT, RIGHT, TOP, BOTTOM = 46, 46, 18, 16
 
     def __init__(self, parent=None):
         super().__init__(parent, objectName="loss_plot")
-        self.setMinimumHeight(110)
+        self.setMinimumHeight(150)
         self.points: list[tuple[int, float]] = []
+        self.validation: list[tuple[int, float]] = []
+        self.base: float | None = None
 
     def add(self, step: int, loss: float) -> None:
         """Record a point; drawn at the next ``update()``."""
         if np.isfinite(loss):
             self.points.append((step, loss))
 
+    def add_validation(self, step: int, psnr: float, base: float) -> None:
+        if np.isfinite(psnr):
+            self.validation.append((step, psnr))
+            self.base = base
+            self.update()
+
     def clear(self) -> None:
-        self.points = []
+        self.points, self.validation, self.base = [], [], None
         self.update()
 
     def paintEvent(self, event) -> None:
         painter = QPainter(self)
         painter.fillRect(self.rect(), self.palette().base())
-        painter.setPen(self.palette().text().color())
+        text = self.palette().text().color()
+        painter.setPen(text)
         if len(self.points) < 2:
-            painter.drawText(self.rect(), Qt.AlignCenter, "training loss")
+            painter.drawText(self.rect(), Qt.AlignCenter, "training loss and validation PSNR")
             return
-        steps, losses = zip(*self.points)
-        lo, hi = min(losses), max(losses)
-        w, h, m = self.width(), self.height(), 6
-        to_px = lambda s, v: QPointF(m + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (w - 2 * m),  # noqa: E731
-                                     h - m - (v - lo) / max(hi - lo, 1e-12) * (h - 2 * m))
-        painter.drawText(m, 14, f"loss {losses[-1]:.4f} (step {steps[-1]})")
+        steps, losses = map(np.asarray, zip(*self.points))
+        # the first steps' loss is far above the rest: scaled to the bulk, the trend after them stays readable; a
+        # loss with a learnt difficulty (a likelihood) can be negative, and then has a linear axis
+        log = bool((losses > 0).all())
+        logs = np.log10(losses) if log else losses
+        lo, hi = np.percentile(logs[len(logs) // 20:], [1, 100])
+        lo, hi = (lo - 0.05, hi + 0.05) if hi - lo < 0.1 else (lo, hi)
+        x0, x1 = self.LEFT, self.width() - self.RIGHT
+        y0, y1 = self.TOP, self.height() - self.BOTTOM
+        last = max(int(steps[-1]), 1)
+        to_x = lambda s: x0 + s / last * (x1 - x0)  # noqa: E731
+        to_y = lambda v, a, b: y1 - (np.clip(v, a, b) - a) / max(b - a, 1e-12) * (y1 - y0)  # noqa: E731
+        painter.drawRect(x0, y0, x1 - x0, y1 - y0)
+        small = painter.font()
+        small.setPointSizeF(max(small.pointSizeF() * 0.8, 6))
+        painter.setFont(small)
+        right_aligned = Qt.AlignRight | Qt.AlignVCenter
+        for v in (lo, hi):
+            painter.drawText(0, int(to_y(v, lo, hi)) - 8, x0 - 3, 16, right_aligned, f"{10 ** v if log else v:.3g}")
+        painter.drawText(x0, y1, x1 - x0, self.BOTTOM, Qt.AlignRight | Qt.AlignBottom, f"step {steps[-1]}")
+        painter.drawText(x0, y1, x1 - x0, self.BOTTOM, Qt.AlignLeft | Qt.AlignBottom, "0")
         painter.setPen(QPen(Qt.cyan, 1.5))
-        painter.drawPolyline(QPolygonF([to_px(s, v) for s, v in self.points]))
+        painter.drawText(x0, 0, x1 - x0, self.TOP, Qt.AlignLeft | Qt.AlignVCenter,
+                         f"loss {losses[-1]:.4f}{' (log)' if log else ''}")
+        painter.drawPolyline(QPolygonF([QPointF(to_x(s), to_y(v, lo, hi)) for s, v in zip(steps, logs)]))
+        if not self.validation:
+            return
+        scores = [v for _, v in self.validation] + [self.base]
+        p_lo, p_hi = min(scores) - 0.1, max(scores) + 0.1
+        orange = QColor(255, 160, 40)
+        painter.setPen(QPen(orange, 1.0, Qt.DashLine))
+        painter.drawLine(QPointF(x0, to_y(self.base, p_lo, p_hi)), QPointF(x1, to_y(self.base, p_lo, p_hi)))
+        painter.setPen(QPen(orange, 1.5))
+        painter.setBrush(orange)
+        for s, v in self.validation:
+            painter.drawEllipse(QPointF(to_x(s), to_y(v, p_lo, p_hi)), 3, 3)
+        left_aligned = Qt.AlignLeft | Qt.AlignVCenter
+        for v in (p_lo + 0.1, p_hi - 0.1):
+            painter.drawText(x1 + 3, int(to_y(v, p_lo, p_hi)) - 8, self.RIGHT - 3, 16, left_aligned, f"{v:.2f}")
+        painter.drawText(x0, 0, x1 - x0, self.TOP, Qt.AlignRight | Qt.AlignVCenter,
+                         f"validation {self.validation[-1][1]:.2f} dB, base - -")
 
 
 # what each task learns from: the input's label, and the hint shown until a run starts
@@ -63,7 +109,7 @@ LEARNS_FROM = {
 
 
 class FinetuneWidget(JobWidget):
-    cancelled_text = "Cancelled; a validated improvement (if any) was saved, nothing else."
+    cancelled_text = "Cancelled; nothing was saved (a model is saved only once judged better than the base)."
 
     def __init__(self, viewer: napari.viewer.Viewer, parent=None):
         super().__init__(viewer, parent)
@@ -94,6 +140,13 @@ class FinetuneWidget(JobWidget):
         form.addRow("Time budget", self.minutes)
         self.name = QLineEdit(objectName="name", placeholderText="automatic")
         form.addRow("Save as", self.name)
+        self.residual_map = QCheckBox("Show the registration's residual map", objectName="residual_map")
+        self.residual_map.setToolTip("A layer with the misalignment left after registration, per 64-pixel block")
+        form.addRow(self.residual_map)
+        self.target_brightness = QCheckBox("Adopt the slow acquisition's brightness", objectName="target_brightness")
+        self.target_brightness.setToolTip("Off: results keep their input's brightness and contrast (for measuring "
+                                          "intensities). On: the tuned model gives the target acquisition's.")
+        form.addRow(self.target_brightness)
         self.progress.setMaximum(1000)
         self.plot = LossPlot()
         self.extra.addWidget(self.plot)
@@ -104,9 +157,11 @@ class FinetuneWidget(JobWidget):
     def _task_changed(self, *_) -> None:
         task = self.task.currentData()
         for field, shown in ((self.scale, task == "superres"), (self.factor, task == "isotropic"),
-                             (self.target_picker, task != "isotropic")):
+                             (self.target_picker, task != "isotropic"), (self.residual_map, task != "isotropic"),
+                             (self.target_brightness, task != "isotropic")):
             field.setVisible(shown)
-            self.form.labelForField(field).setVisible(shown)
+            if self.form.labelForField(field) is not None:  # the check box has no label of its own
+                self.form.labelForField(field).setVisible(shown)
         label, hint = LEARNS_FROM[task]
         self.form.labelForField(self.input_picker).setText(label)
         self.status.setText(hint)
@@ -159,14 +214,19 @@ class FinetuneWidget(JobWidget):
         job = finetune(task, np.asarray(full_resolution(source)),
                        None if target is None else np.asarray(full_resolution(target)),
                        base=self.base.currentData(), name=self.name.text().strip() or None,
-                       scale=self.scale.currentData(), factor=self.factor.value(), minutes=self.minutes.value())
+                       scale=self.scale.currentData(), factor=self.factor.value(), minutes=self.minutes.value(),
+                       target_brightness=self.target_brightness.isChecked())
         self.plot.clear()
         self.status.setText("Preparing the volume…" if task == "isotropic" else "Registering the pair…")
+        self.source = source
         self.start(job, "Fine-tune", self.on_result)
 
     def on_progress(self, p) -> None:
+        from ..core.finetune import ValidationPoint
         from ..core.train import TrainProgress
 
+        if isinstance(p, ValidationPoint):
+            self.plot.add_validation(p.step, p.psnr, p.base)
         if isinstance(p, TrainProgress):
             self.plot.add(p.step, p.loss)  # every point, drawn once a second with the rest
             if self.update_due(last=p.fraction >= 1):
@@ -181,4 +241,19 @@ class FinetuneWidget(JobWidget):
 
         self.progress.setValue(1000)
         self.status.setText(result.message)
+        reg = result.registration
+        if reg is not None and self.residual_map.isChecked() and reg.residual_map.size:
+            self.show_residual_map(reg)
         show_info(result.message)
+
+    def show_residual_map(self, reg) -> None:
+        """One pixel per 64-px block of the input, where the registration's crop starts; NaN: too little
+        structure to measure."""
+        from ..core.register import RESIDUAL_BLOCK
+
+        scale = np.asarray(self.source.scale[-2:], float)
+        offset = np.array([reg.crop[0].start, reg.crop[1].start]) + (RESIDUAL_BLOCK - 1) / 2
+        self.viewer.add_image(reg.residual_map.astype(np.float32), name=f"{self.source.name} residual (px)",
+                              scale=scale * RESIDUAL_BLOCK, translate=np.asarray(self.source.translate[-2:]) + offset
+                              * scale, colormap="magma", contrast_limits=(0.0, max(1.0, reg.residual_p95)),
+                              opacity=0.6, metadata={"registration": reg.summary()})

@@ -47,7 +47,7 @@ class IsotropicWidget(RestoreWidget):
         factor = factor_from_voxel(layer.scale) if layer is not None and layer.ndim == 3 else None
         if factor is not None and not self.factor_chosen:
             self.factor.blockSignals(True)
-            self.factor.setValue(factor)
+            self.factor.setValue(min(factor, FACTORS[-1]))  # shown in the box, for the user to change
             self.factor.blockSignals(False)
 
     def _mode_changed(self) -> None:

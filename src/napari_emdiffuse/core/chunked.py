@@ -31,11 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .normalize import InputError, Normalizer, check_image
+from .normalize import InputError, Normalizer, check_finite, check_layout
 from .tasks import Progress, Settings, drive
 
 DEFAULT_LATERAL_CHUNK = 2048  # output pixels; a chunk with its halo needs well under 1 GB with the bundled model
 HISTOGRAM_BINS, HISTOGRAM_MAX = 5000, 0.5  # uncertainty histogram per chunk: score and flagged fraction to 1e-4
+BRIGHTNESS_REACH = 4  # sigmas: how far the brightness kept from the input reaches (scipy's Gaussian truncation)
+LOOPBACK = "127.0.0.1"  # a local cluster listens here only
 RUN_GROUP = "run"  # bookkeeping inside the output store: which chunks are done, their histograms
 
 
@@ -117,11 +119,25 @@ def plan_blocks(shape: tuple[int, int, int], task: ChunkedTask, chunk: tuple[int
 
 
 def read_window(data, region: tuple[slice, ...]) -> np.ndarray:
-    """``data[region]`` as a numpy array, for zarr, numpy/memmap and dask sources alike."""
-    part = data[region]
-    if hasattr(part, "compute"):  # a dask array: compute here, not on the cluster this may be running on
-        part = part.compute(scheduler="synchronous")
-    return np.asarray(part)
+    """``data[region]`` as a numpy array, for zarr, numpy/memmap and dask sources alike; a part that cannot be read
+    (a damaged chunk file) is an InputError naming where."""
+    try:
+        part = data[region]
+        if hasattr(part, "compute"):  # a dask array: compute here, not on the cluster this may be running on
+            part = part.compute(scheduler="synchronous")
+        return np.asarray(part)
+    except (InputError, MemoryError):
+        raise
+    except Exception as err:  # zarr and its codecs raise many types for a damaged chunk
+        raise InputError(f"The input could not be read{region_text(region, data.ndim)}: a chunk file is damaged or "
+                         f"missing ({err}).") from err
+
+
+def region_text(region: tuple, ndim: int) -> str:
+    """`` (in the part at z 3-4, y 0-512, x 0-512)``"""
+    parts = [f"{axis} {r.start or 0}-{r.stop if r.stop is not None else 'end'}" if isinstance(r, slice) else
+             f"{axis} {r}" for axis, r in zip("zyx"[-ndim:], region)]
+    return f" (in the part at {', '.join(parts)})"
 
 
 def fit_normalizer(data, max_samples: int = 2_000_000) -> Normalizer:
@@ -185,7 +201,9 @@ def process_block(block: Block, job: ChunkJob) -> dict:
 
         torch.set_num_threads(job.torch_threads)
     data = open_source(job.source)
-    window = read_window(data, block.read[3 - job.ndim:])
+    region = block.read[3 - job.ndim:]
+    window = read_window(data, region)
+    check_finite(window, region_text(region, job.ndim))  # every chunk as it is read: the up-front checks see a sample
     settings = replace(job.settings, origin=block.origin)
 
     def check_cancelled(_):
@@ -230,16 +248,28 @@ def histogram_summary(counts: np.ndarray, threshold: float) -> tuple[float, floa
 
 
 @contextmanager
-def dask_client(scheduler: str = "threads", workers: int | None = None):
+def dask_client(scheduler: str = "threads", workers: int | None = None, dashboard: bool = False):
     """A ``dask.distributed`` client: ``threads`` (this process), ``local`` (``workers`` processes, one chunk at
-    a time each) or the address of a running scheduler (e.g. ``tcp://host:8786``, from dask-jobqueue)."""
+    a time each) or the address of a running scheduler (e.g. ``tcp://host:8786``, from dask-jobqueue).
+
+    A local cluster listens on the loopback interface only (its scheduler and workers serve unauthenticated
+    connections) and serves no dashboard unless ``dashboard`` (then at http://127.0.0.1:8787 or a free port)."""
+    import dask
     from dask.distributed import Client, LocalCluster
 
     if scheduler in ("threads", "local"):
         processes = scheduler == "local"
-        cluster = LocalCluster(n_workers=(workers or 2) if processes else 1, processes=processes,
-                               threads_per_worker=1 if processes else (workers or 1), dashboard_address=None,
-                               silence_logs=logging.ERROR)
+        # every HTTP server on loopback; without a dashboard they serve only the health check (the default routes
+        # show worker logs and call stacks to anyone who can connect)
+        quiet = {} if dashboard else {"distributed.scheduler.http.routes": ["distributed.http.health"],
+                                      "distributed.worker.http.routes": ["distributed.http.health"]}
+        with dask.config.set(quiet):
+            cluster = LocalCluster(n_workers=(workers or 2) if processes else 1, processes=processes,
+                                   threads_per_worker=1 if processes else (workers or 1),
+                                   **({"host": LOOPBACK} if processes else {}),
+                                   dashboard_address=f"{LOOPBACK}:{8787 if dashboard else 0}",
+                                   worker_dashboard_address=f"{LOOPBACK}:0", scheduler_kwargs={"dashboard": dashboard},
+                                   silence_logs=logging.CRITICAL)
         client = Client(cluster)
     else:
         cluster, client = None, Client(scheduler)
@@ -251,23 +281,68 @@ def dask_client(scheduler: str = "threads", workers: int | None = None):
             cluster.close()
 
 
+def input_fingerprint(data) -> dict:
+    """What identifies an input whatever path names it: shape, dtype, chunking and a hash of a few small windows
+    (corners and centre of the first, middle and last plane: cheap, and a different volume differs there)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    shape = tuple(data.shape)
+    planes = sorted({0, shape[0] // 2, shape[0] - 1}) if data.ndim == 3 else [None]
+    for z in planes:
+        for y, x in ((0, 0), (shape[-2] // 2, shape[-1] // 2), (max(0, shape[-2] - 16), max(0, shape[-1] - 16))):
+            region = ((z,) if z is not None else ()) + (slice(y, y + 16), slice(x, x + 16))
+            digest.update(np.ascontiguousarray(read_window(data, region)).tobytes())
+    chunks = getattr(data, "chunksize", None) or getattr(data, "chunks", None)
+    return {"shape": list(shape), "dtype": np.dtype(data.dtype).str,
+            "chunks": [int(c) for c in chunks] if chunks else None, "sample": digest.hexdigest()}
+
+
 def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: str | None = None,
                    settings: Settings | None = None, *, chunk: tuple[int, int, int] | None = None,
                    halo: int | None = None, scheduler: str = "threads", workers: int | None = None,
                    pixel_size: tuple[float, ...] | None = None, unit: str = "pixel",
-                   overwrite: bool = False) -> Generator[Progress, None, dict]:
+                   overwrite: bool = False, dashboard: bool = False) -> Generator[Progress, None, dict]:
     """Restore ``source`` (a Zarr/OME-Zarr/TIFF path, or an array for the threads scheduler) into the OME-Zarr
     store ``output``; yields progress per chunk and returns the run summary (as the in-memory ``info``).
 
     ``chunk`` (z, y, x) and ``halo`` are in input pixels (defaults: 2048 output pixels across, one plane or gap,
-    one tile of halo). An existing ``output`` of the same run is resumed; of another run, it is an error unless
-    ``overwrite``.
+    one tile of halo, and the reach of the brightness kept from the input). An existing ``output`` of the same run
+    on the same input (its fingerprint, whatever path names it) is resumed; of another run, it is an error unless
+    ``overwrite`` (and then only a store this tool made is replaced: core/safety.py). Everything is checked before
+    any work; a run that fails with an error leaves no store behind that it created (an interrupted one keeps its
+    finished chunks, to resume).
     """
+    from .isotropic import check_factor
+    from .limits import check_number, check_optional, check_scheduler
     from .models import default_model, load_model, resolve
-    from .tasks import gives_uncertainty, pick_device, summarise, superres_steps
+    from .safety import check_output
+    from .tasks import (
+        BRIGHTNESS_SIGMA,
+        SUPERRES_SCALES,
+        gives_uncertainty,
+        is_reliable,
+        keeps_input_brightness,
+        pick_device,
+        summarise,
+        superres_steps,
+    )
 
     started = time.perf_counter()
     settings = settings or Settings()
+    scheduler = check_scheduler(scheduler)
+    workers = check_optional("workers", workers)
+    halo = check_optional("halo", halo)
+    if chunk is not None:
+        if len(chunk) != 3:
+            raise InputError("The chunk must be three sizes (z, y, x).")
+        chunk = tuple(check_number("chunk", c) for c in chunk)
+    if task.axial > 1:
+        check_factor(task.factor)
+    elif task.lateral > 1 and task.factor not in SUPERRES_SCALES:
+        raise InputError(f"The super-resolution factor must be 2 or 4, not {task.factor}.")
+    inputs = [source] if isinstance(source, (str, os.PathLike)) else []
+    check_output(output, inputs, overwrite=True, store=True)  # replaceable at all? (whether to: _open_output)
     if isinstance(source, (str, os.PathLike)):
         source = str(source)
         from .io import read_tiff
@@ -282,33 +357,35 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
     if data.ndim not in (2, 3) or (task.axial > 1 and (data.ndim != 3 or data.shape[0] < 2)):
         raise InputError(f"Expected {'a volume of at least 2 slices' if task.axial > 1 else 'a 2D image or 3D volume'}"
                          f", got the shape {data.shape}.")
-    check_image(read_window(data, (slice(0, 2),) * (data.ndim - 1) + (slice(None),)))  # dtype, RGB
-    model_path = str(resolve(model or default_model(task.name), task.name))
+    check_layout(data.shape, data.dtype)  # dtype, RGB: from the shape, whatever the route
+    model_path = str(Path(resolve(model or default_model(task.name), task.name)).resolve())
     model_info = load_model(model_path, task=task.name)
     shape3 = (1,) * (3 - data.ndim) + tuple(data.shape)
     default_chunk = (1, max(64, DEFAULT_LATERAL_CHUNK // task.lateral), max(64, DEFAULT_LATERAL_CHUNK // task.lateral))
-    chunk = tuple(int(c) for c in (chunk or default_chunk))
-    if len(chunk) != 3 or min(chunk) < 1:
-        raise InputError("The chunk must be three positive sizes (z, y, x).")
-    if halo is None:  # one tile of each step's output grid, in input pixels
+    chunk = chunk or default_chunk
+    if halo is None:  # one tile of each step's output grid, and the reach of its brightness, in input pixels
         steps = superres_steps(model_info, task.factor) if task.name == "superres" else (1,)
-        halo = sum(math.ceil(settings.tile / math.prod(steps[:i + 1])) for i in range(len(steps)))
-    halo = int(halo)
+        reach = BRIGHTNESS_REACH * BRIGHTNESS_SIGMA if keeps_input_brightness(model_info) and task.axial == 1 else 0
+        halo = sum(math.ceil(settings.tile / math.prod(steps[:i + 1]) + reach / math.prod(steps[:i]))
+                   for i in range(len(steps)))
     maps = ("image",) + (("uncertainty",) if gives_uncertainty(model_info, settings) else ()) + (
         ("difficulty",) if settings.difficulty else ())
     run = {"task": task.name, "factor": task.factor, "model": model_info.name, "model_path": model_path,
-           "input": source if isinstance(source, str) else None, "input_shape": list(data.shape),
-           "chunk": list(chunk), "halo": halo, "maps": list(maps),
+           "input_fingerprint": input_fingerprint(data), "chunk": list(chunk), "halo": halo, "maps": list(maps),
            "settings": {k: v for k, v in asdict(settings).items() if k not in ("device", "threshold", "origin")}}
     blocks = plan_blocks(shape3, task, chunk, halo, model_info.net.config.multiple)
     grid = tuple(max(b.index[i] for b in blocks) + 1 for i in range(3))
-    root = _open_output(Path(output), run, overwrite)
-    if root is None:
-        norm = fit_normalizer(data)
-        run["normalizer"] = {"low": norm.low, "high": norm.high, "dtype": norm.dtype.str}
-        root = _create_output(Path(output), data, task, chunk, maps, run, grid, pixel_size, unit)
-    stored = root.attrs["emdiffuse"]["run"]["normalizer"]
-    norm = Normalizer(stored["low"], stored["high"], np.dtype(stored["dtype"]))
+    root = _open_output(Path(output), run, overwrite, inputs)
+    created = root is None
+    norm = fit_normalizer(data)  # also on a resume: a store's normaliser is never used for another input
+    fitted = {"low": norm.low, "high": norm.high, "dtype": norm.dtype.str}
+    if created:
+        root = _create_output(Path(output), data, task, chunk, maps,
+                              {**run, "normalizer": fitted, "input": source if isinstance(source, str) else None},
+                              grid, pixel_size, unit)
+    elif root.attrs["emdiffuse"]["run"].get("normalizer") != fitted:
+        raise InputError(f"{output} was started on input of other intensities (its normalisation differs); choose "
+                         "another name or allow overwriting.")
     done = root[f"{RUN_GROUP}/done"][...]
     pending = [b for b in blocks if not done[b.index]]
     run_id = uuid.uuid4().hex
@@ -320,11 +397,17 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
                    run_id)
     total, finished = len(blocks), len(blocks) - len(pending)
     notes = [f"resumed: {finished} of {total} chunks were already done"] if finished else []
-    yield Progress(finished, total, f"{task.name}: {finished} of {total} chunks done")
     try:
+        yield Progress(finished, total, f"{task.name}: {finished} of {total} chunks done")
         if pending:
-            with dask_client(scheduler, workers) as client:
+            with dask_client(scheduler, workers, dashboard) as client:
+                if dashboard:
+                    yield Progress(finished, total, f"{task.name}: Dask dashboard at {client.dashboard_link}")
                 yield from _run_blocks(client, pending, job, finished, total, notes)
+    except Exception:
+        if created:  # a failed run leaves nothing behind that it made (an interrupted one keeps its chunks)
+            _remove_store(Path(output))
+        raise
     finally:
         _IN_PROCESS_SOURCES.pop(run_id, None)
     device = pick_device(settings.device)
@@ -335,10 +418,16 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
     if "uncertainty" in maps:
         counts = sum(root[f"{RUN_GROUP}/histogram"][iz].sum(axis=(0, 1)) for iz in range(grid[0]))
         score, flagged = histogram_summary(counts, settings.threshold)
-        info.update(uncertainty_score=score, reliable=score <= settings.threshold, flagged_fraction=flagged)
+        info.update(uncertainty_score=score, reliable=is_reliable(score, settings.threshold), flagged_fraction=flagged)
     root.attrs["emdiffuse"] = {**root.attrs["emdiffuse"], "result": {k: v for k, v in info.items() if k != "notes"}}
     yield Progress(total, total, f"{task.name}: done")
     return info
+
+
+def _remove_store(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _run_blocks(client, blocks: list[Block], job: ChunkJob, finished: int, total: int,
@@ -364,27 +453,27 @@ def _run_blocks(client, blocks: list[Block], job: ChunkJob, finished: int, total
         client.cancel(futures)
 
 
-def _open_output(path: Path, run: dict, overwrite: bool):
-    """The output store to resume, or None when it must be created (removing an old one if ``overwrite``)."""
-    import shutil
-
+def _open_output(path: Path, run: dict, overwrite: bool, inputs: list):
+    """The output store to resume, or None when it must be created (removing an old one of ours if ``overwrite``;
+    core/safety.py decides what may be removed)."""
     import zarr
 
-    if not path.exists():
+    from .safety import own_store, remove_own
+
+    if not os.path.lexists(path):
         return None
-    if overwrite:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-        return None
-    try:
+    previous = {}
+    if own_store(path):
         root = zarr.open_group(str(path), mode="r+")
-        previous = dict(root.attrs.get("emdiffuse", {}).get("run", {}))
-    except Exception:  # not a store of ours
-        previous = {}
-    previous.pop("normalizer", None)
-    if previous != run:
-        raise InputError(f"{path} exists and is not an unfinished run with these settings; choose another name or "
-                         "allow overwriting.")
-    return root
+        previous = {k: v for k, v in dict(root.attrs["emdiffuse"]["run"]).items()
+                    if k not in ("normalizer", "input")}  # the path may differ (relative, absolute)
+    if previous == run and not overwrite:
+        return root
+    if overwrite:
+        remove_own(path, inputs)
+        return None
+    raise InputError(f"{path} exists and is not an unfinished run of this input with these settings; choose "
+                     "another name or allow overwriting.")
 
 
 def _create_output(path: Path, data, task: ChunkedTask, chunk, maps, run: dict, grid, pixel_size, unit: str):
@@ -402,11 +491,15 @@ def _create_output(path: Path, data, task: ChunkedTask, chunk, maps, run: dict, 
     tmp = path.with_name(f".{path.name}.creating")
     if tmp.exists():  # left by a start that was killed
         shutil.rmtree(tmp)
-    root = create_ome_zarr(tmp, {name: dtypes[name] for name in maps}, out_shape, out_chunk, scale, unit)
-    run_group = root.create_group(RUN_GROUP)
-    run_group.create_array("done", shape=grid, chunks=(1, 1, 1), dtype=np.uint8, fill_value=0)
-    run_group.create_array("histogram", shape=grid + (HISTOGRAM_BINS,), chunks=(1, 1, 1, HISTOGRAM_BINS),
-                           dtype=np.int64, fill_value=0)
-    root.attrs["emdiffuse"] = {"run": run}
-    os.replace(tmp, path)  # a store exists only once complete: a killed start leaves nothing to resume from
+    try:
+        root = create_ome_zarr(tmp, {name: dtypes[name] for name in maps}, out_shape, out_chunk, scale, unit)
+        run_group = root.create_group(RUN_GROUP)
+        run_group.create_array("done", shape=grid, chunks=(1, 1, 1), dtype=np.uint8, fill_value=0)
+        run_group.create_array("histogram", shape=grid + (HISTOGRAM_BINS,), chunks=(1, 1, 1, HISTOGRAM_BINS),
+                               dtype=np.int64, fill_value=0)
+        root.attrs["emdiffuse"] = {"run": run}
+        os.replace(tmp, path)  # a store exists only once complete: a killed start leaves nothing to resume from
+    except BaseException:  # e.g. a full disk: nothing half-made is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return zarr.open_group(str(path), mode="r+")

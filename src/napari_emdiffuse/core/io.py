@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from .files import atomic_path
+from .limits import check_voxel
 from .normalize import InputError
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+IMAGEJ_DTYPES = (np.uint8, np.uint16, np.int16, np.float32)  # what the ImageJ TIFF format holds
 MEMMAP_ABOVE_BYTES = 256 * 2**20  # bigger stacks open memory-mapped (when the file layout allows it)
 _UNIT_TO_NM = {"nm": 1.0, "nanometer": 1.0, "um": 1e3, "µm": 1e3, "micron": 1e3, "micrometer": 1e3,
                "\\u00b5m": 1e3, "mm": 1e6, "millimeter": 1e6, "cm": 1e7, "m": 1e9, "meter": 1e9, "a": 0.1,
@@ -76,7 +78,8 @@ def read_tiff(path: str | os.PathLike) -> ImageFile:
         reason = (str(err).strip().splitlines() or [""])[0]
         raise InputError(f"{path.name} could not be read as a TIFF ({type(err).__name__}: {reason}).") from err
     data = np.squeeze(data) if data.ndim > 2 else data
-    return ImageFile(data, tuple(scale[-data.ndim:]) if data.ndim <= 3 else (1.0,) * data.ndim, unit, summary)
+    scale = check_voxel(scale[-data.ndim:], path.name) if data.ndim <= 3 else (1.0,) * data.ndim
+    return ImageFile(data, scale, unit, summary)
 
 
 def _recorded_summary(tif) -> dict | None:
@@ -117,7 +120,8 @@ def _pixel_size(tif) -> tuple[tuple[float, float, float], str]:
     factor = {2: 2.54e7, 3: 1e7}.get(int(res_unit))  # inch, centimetre
     if factor is None or (x == 1.0 and y == 1.0):
         return (1.0, 1.0, 1.0), "pixel"
-    return (1.0, y * factor, x * factor), "nm"
+    z = (tif.shaped_metadata or ({},))[0].get("spacing", 1.0)  # written by write_tiff for non-ImageJ types, in nm
+    return (float(z), y * factor, x * factor), "nm"
 
 
 def write_tiff(path: str | os.PathLike, data: np.ndarray, scale: tuple[float, ...] | None = None,
@@ -129,29 +133,34 @@ def write_tiff(path: str | os.PathLike, data: np.ndarray, scale: tuple[float, ..
     """
     import tifffile
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} exists; choose another name or allow overwriting.")
+    from .safety import check_output
+
+    path = check_output(path, overwrite=overwrite)  # a regular file only, never a link, FIFO or device
     data = np.asarray(data)
-    if data.dtype == np.float64:
-        data = data.astype(np.float32)  # ImageJ reads float32, not float64
+    if data.dtype in (np.float16, np.float64):
+        data = data.astype(np.float32)  # ImageJ reads float32, neither float16 nor float64
     if data.dtype == bool:
         data = data.astype(np.uint8)
-    # named axes: without them ImageJ takes a stack of 3 or 4 slices for channels
-    kwargs: dict = {"metadata": {"axes": "ZYX"[-data.ndim:]}}
-    if scale is not None and unit == "nm" and any(s != 1.0 for s in scale):
-        kwargs["resolution"] = (1.0 / scale[-1], 1.0 / scale[-2])
-        kwargs["metadata"].update(unit="nm", **({"spacing": scale[-3]} if data.ndim == 3 and len(scale) >= 3 else {}))
-    imagej = data.dtype in (np.uint8, np.uint16, np.float32) and data.ndim <= 3
+    calibrated = scale is not None and unit == "nm" and any(s != 1.0 for s in scale)
+    spacing = {"spacing": scale[-3]} if calibrated and data.ndim == 3 and len(scale) >= 3 else {}
     if summary:
         summary = json.loads(json.dumps(summary, default=_plain))  # numpy scalars, tuples: plain JSON
-    if imagej:
+    if data.dtype in IMAGEJ_DTYPES and data.ndim <= 3:
+        # named axes: without them ImageJ takes a stack of 3 or 4 slices for channels
+        kwargs: dict = {"imagej": True, "metadata": {"axes": "ZYX"[-data.ndim:]}}
+        if calibrated:
+            kwargs["resolution"] = (1.0 / scale[-1], 1.0 / scale[-2])
+            kwargs["metadata"].update(unit="nm", **spacing)
         if summary:
             kwargs["metadata"]["Info"] = json.dumps({"emdiffuse": summary}, indent=1)
     else:  # grey-level planes: without photometric, tifffile would store a stack of 3 or 4 planes as RGB(A)
-        kwargs = {"photometric": "minisblack", "metadata": {"emdiffuse": summary} if summary else {}}
+        kwargs = {"photometric": "minisblack",
+                  "metadata": {"axes": "ZYX"[-data.ndim:], **({"emdiffuse": summary} if summary else {})}}
+        if calibrated:  # the standard resolution tags, which ImageJ reads too, in its finest unit; z in the JSON
+            kwargs.update(resolution=(1e7 / scale[-1], 1e7 / scale[-2]), resolutionunit="CENTIMETER")
+            kwargs["metadata"].update(spacing)
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, data, imagej=imagej, **kwargs)
+        tifffile.imwrite(tmp, data, **kwargs)
     return path
 
 

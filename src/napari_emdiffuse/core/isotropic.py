@@ -21,6 +21,7 @@ of the others (a volume can be processed in chunks along z with one acquired sli
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Generator, Iterator, Sequence
 
@@ -49,19 +50,37 @@ def label_of(factor: int, j: int) -> str:
 
 
 def check_factor(factor: int) -> int:
-    if int(factor) != factor or factor not in FACTORS:
-        raise InputError(f"The z factor R must be a whole number from {FACTORS[0]} to {FACTORS[-1]}, not {factor}.")
-    return int(factor)
+    from .limits import check_number
+
+    return check_number("factor", factor)  # FACTORS: 2 to 10
 
 
 def factor_from_voxel(voxel: Sequence[float]) -> int | None:
     """The R that makes a volume of voxel size ``(z, y, x)`` about isotropic: its z spacing over its pixel size,
-    rounded, at most 10 (serial-section TEM at 50 nm over 4 nm pixels gets 10: 5 nm slices). None when the voxel
-    size does not tell (unknown sizes read as ones, or a volume already about isotropic).
+    rounded (not clamped: a ratio beyond :data:`FACTORS` is the caller's to refuse, e.g. with
+    :func:`check_voxel_factor`). None when the voxel size does not tell (unknown sizes read as ones, unusable sizes,
+    or a volume already about isotropic).
     """
+    ratio = _ratio(voxel)
+    return int(ratio + 0.5) if 1.5 <= ratio < 1e6 else None
+
+
+def _ratio(voxel: Sequence[float]) -> float:
     z, y, x = (float(v) for v in voxel[-3:])
-    ratio = z / ((y + x) / 2)
-    return min(int(ratio + 0.5), FACTORS[-1]) if ratio >= 1.5 else None
+    return z / ((y + x) / 2) if all(math.isfinite(v) and v > 0 for v in (z, y, x)) else math.nan
+
+
+def check_voxel_factor(voxel: Sequence[float]) -> int:
+    """The R of :func:`factor_from_voxel`, refused with a sentence when the voxel size gives none we make."""
+    factor = factor_from_voxel(voxel)
+    size = " x ".join(f"{v:g}" for v in voxel[-3:])
+    if factor is None:
+        raise InputError(f"The voxel size {size} does not give a z spacing larger than the pixel size; give the z "
+                         "factor R.")
+    if factor not in FACTORS:
+        raise InputError(f"The voxel size {size} gives a z factor of {_ratio(voxel):.3g}, "
+                         f"outside the supported {FACTORS[0]} to {FACTORS[-1]}; give the z factor R.")
+    return factor
 
 
 def check_isotropic(voxel: Sequence[float]) -> None:

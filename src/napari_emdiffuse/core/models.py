@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -61,10 +62,11 @@ def user_models_dir() -> Path:
 @dataclass
 class ModelEntry:
     name: str
-    task: str
+    task: str  # empty for an unreadable file
     path: Path
     bundled: bool
     description: str = ""
+    error: str = ""  # why the file is unreadable (it is listed, and can be removed, but never used)
 
 
 @dataclass
@@ -86,30 +88,199 @@ class Model:
         return int(self.meta.get("scale", 1))
 
 
-def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+# Bounds on what reading a model file may cost, checked from the zip directory before anything is inflated (a
+# 7.5 MB file can inflate to gigabytes): the bundled models hold ~100 arrays, 9.6 MB inflated.
+MAX_MEMBERS = 2000
+MAX_META_BYTES = 1 << 20
+MAX_WEIGHT_BYTES = 1 << 30  # all arrays together
+MAX_PARAMETERS = 250_000_000
+NETWORK_LIMITS = {"in_channels": 16, "cond_channels": 16, "base": 512, "blocks": 8, "num_labels": 100_000,
+                  "patch": 8}
+
+
+def _npy_header(stream, name: str, member: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from an .npy header, refusing object arrays (pickles) and Fortran order."""
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_2_0 if version >= (2, 0) else np.lib.format.read_array_header_1_0
+    shape, fortran, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise ModelFileError(f"{name} contains pickled objects and is refused (model files hold plain arrays "
+                             "only, so loading one can never run code).")
+    if fortran or dtype.kind not in "fiub":
+        raise ModelFileError(f"{name} holds an array of an unusable layout or type ({member}: {dtype}).")
+    return tuple(int(s) for s in shape), dtype
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str,
+                 expected: tuple[tuple[int, ...], str] | None = None) -> np.ndarray:
+    """One array of the archive, its header checked (and against ``expected`` shape and dtype kind) before its data
+    is inflated; never more bytes than the header promises."""
+    with archive.open(info) as stream:
+        shape, dtype = _npy_header(stream, name, info.filename)
+        if expected is not None and (shape != tuple(expected[0]) or dtype.kind != expected[1]):
+            raise ModelFileError(f"{name} does not match its network description ({info.filename[:-4]} is "
+                                 f"{dtype} {shape}, expected {expected[0]}).")
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if size > info.file_size:
+            raise ModelFileError(f"{name} is damaged ({info.filename} is shorter than its header says).")
+        data = stream.read(size)
+    if len(data) != size:
+        raise ModelFileError(f"{name} is not a readable model file (damaged or truncated?).")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _open_archive(path: Path) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]:
+    """The model file's zip directory (members by array name), its sizes checked; nothing inflated yet."""
     if not path.is_file():
         raise ModelFileError(f"Model file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except ValueError as err:  # numpy refuses object arrays, i.e. pickles
-        raise ModelFileError(f"{path.name} contains pickled objects and is refused (model files hold plain arrays "
-                             "only, so loading one can never run code).") from err
-    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as err:
+        archive = zipfile.ZipFile(path)
+        infos = archive.infolist()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as err:
         raise ModelFileError(f"{path.name} is not a readable model file (damaged or truncated?).") from err
-    if META_KEY not in arrays:
-        raise ModelFileError(f"{path.name} is not a napari-emdiffuse model file (no metadata).")
+    if len(infos) > MAX_MEMBERS or sum(i.file_size for i in infos) > MAX_WEIGHT_BYTES + MAX_META_BYTES:
+        archive.close()
+        raise ModelFileError(f"{path.name} is refused: it would inflate to {sum(i.file_size for i in infos):,} "
+                             f"bytes in {len(infos)} arrays, more than any model needs.")
+    members = {i.filename[:-4]: i for i in infos if i.filename.endswith(".npy")}
+    if len(members) != len(infos):
+        archive.close()
+        raise ModelFileError(f"{path.name} is not a napari-emdiffuse model file (it holds files other than arrays).")
+    return archive, members
+
+
+def _read_meta(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], name: str) -> dict:
+    info = members.get(META_KEY)
+    if info is None:
+        raise ModelFileError(f"{name} is not a napari-emdiffuse model file (no metadata).")
+    if info.file_size > MAX_META_BYTES:
+        raise ModelFileError(f"{name} is refused: its metadata is {info.file_size:,} bytes, more than any model has.")
+    raw = _read_member(archive, info, name)
     try:
-        meta = json.loads(arrays.pop(META_KEY).tobytes().decode("utf-8"))
+        meta = json.loads(raw.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelFileError(f"{path.name} has unreadable metadata.") from err
-    if meta.get("format") != FORMAT or meta.get("task") not in TASKS:
-        raise ModelFileError(f"{path.name} is not a napari-emdiffuse model file.")
-    return meta, arrays
+        raise ModelFileError(f"{name} has unreadable metadata.") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("task") not in TASKS:
+        raise ModelFileError(f"{name} is not a napari-emdiffuse model file.")
+    check_meta(meta, name)
+    return meta
+
+
+def check_meta(meta: dict, name: str) -> None:
+    """A model's sampling settings within the limits every front end enforces (core/limits.py), and a network
+    description of a sane size; a ModelFileError naming the file otherwise (a file asking for 10^7 steps ran
+    without end)."""
+    from .diffusion import SAMPLERS
+    from .limits import check_number
+    from .normalize import InputError
+
+    sampling = meta.get("sampling", {})
+    network = meta.get("network", {})
+    if not isinstance(sampling, dict) or not isinstance(network, dict):
+        raise ModelFileError(f"{name} has malformed metadata (sampling or network is not a record).")
+    sampling = {**SAMPLING_DEFAULTS, **sampling}
+    try:
+        for key in ("steps", "eta", "sigma_max", "sigma_end"):
+            check_number(key, sampling[key], f"{name}'s sampling setting {key}")
+        for key, most in NETWORK_LIMITS.items():
+            value = network.get(key, 1)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= most:
+                raise InputError(f"{name}'s network setting {key} must be a whole number from 0 to {most}, "
+                                 f"not {value!r}.")
+        mults = network.get("mults", [1])
+        if not (isinstance(mults, list) and 1 <= len(mults) <= 8 and all(
+                isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= 16 for m in mults)):
+            raise InputError(f"{name}'s network setting mults is unusable ({mults!r}).")
+    except InputError as err:
+        raise ModelFileError(str(err)) from err
+    if sampling["sigma_end"] > sampling["sigma_max"]:
+        raise ModelFileError(f"{name}'s sampling settings are unusable: sigma_end must not exceed sigma_max.")
+    if sampling["sampler"] not in SAMPLERS:
+        raise ModelFileError(f"{name} asks for an unknown sampler {sampling['sampler']!r} (known: "
+                             f"{', '.join(SAMPLERS)}).")
+
+
+def check_state_dict(arrays: dict[str, np.ndarray], expected: dict, name: str) -> None:
+    """Weights against what the network needs: the same names, each of the expected shape, a numeric dtype of the
+    expected kind (float, int) and finite values. ``expected``: name -> ``(shape, dtype kind)`` (see
+    :func:`expected_state`) or a tensor/array with ``shape`` and ``dtype``. Reusable for any imported weights."""
+    wanted = {k: _shape_and_kind(v) for k, v in expected.items()}
+    missing, extra = sorted(set(wanted) - set(arrays)), sorted(set(arrays) - set(wanted))
+    if missing or extra:
+        raise ModelFileError(f"{name} does not match its network description (weights differ: "
+                             f"{len(missing)} missing, e.g. {missing[:1]}, {len(extra)} unexpected, e.g. {extra[:1]}).")
+    for key, (shape, kind) in wanted.items():
+        array = np.asarray(arrays[key])
+        if tuple(array.shape) != tuple(shape) or array.dtype.kind != kind:
+            raise ModelFileError(f"{name} does not match its network description ({key} is {array.dtype} "
+                                 f"{tuple(array.shape)}, expected {tuple(shape)}).")
+        if kind == "f" and not np.isfinite(array).all():
+            raise ModelFileError(f"{name} is damaged: its weights contain NaN or infinite values ({key}).")
+
+
+def _shape_and_kind(value) -> tuple[tuple[int, ...], str]:
+    if isinstance(value, tuple):
+        return value
+    kind = "f" if getattr(value, "is_floating_point", lambda: np.dtype(value.dtype).kind == "f")() else "i"
+    return tuple(value.shape), kind
+
+
+def expected_state(config) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype kind of every weight of a network of ``config``, built without memory (torch's meta device);
+    refused if the network would be larger than any model we make."""
+    import torch
+
+    from .network import UNet
+
+    with torch.device("meta"):
+        state = UNet(config).state_dict()
+    if sum(t.numel() for t in state.values()) > MAX_PARAMETERS:
+        raise ModelFileError("The model's network is larger than any napari-emdiffuse model (refused).")
+    return {k: _shape_and_kind(t) for k, t in state.items()}
+
+
+def _read(path: Path, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    """Metadata (and, with ``weights``, the checked weights) of a model file; ModelFileError for anything else.
+
+    Sizes come from the zip directory and each array's header before any data is inflated; metadata alone is one
+    small member."""
+    from .network import UNetConfig
+
+    archive, members = _open_archive(path)
+    try:
+        meta = _read_meta(archive, members, path.name)
+        if not weights:
+            return meta, {}
+        try:
+            expected = expected_state(UNetConfig.from_dict(meta.get("network", {})))
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ModelFileError(f"{path.name} does not match its network description ({err}).") from err
+        arrays = {key: _read_member(archive, info, path.name, expected.get(key))
+                  for key, info in members.items() if key != META_KEY}
+        check_state_dict(arrays, expected, path.name)
+        return meta, arrays
+    except ModelFileError:
+        raise
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, KeyError, RuntimeError) as err:  # zlib, CRC, headers
+        raise ModelFileError(f"{path.name} is not a readable model file (damaged or truncated?).") from err
+    finally:
+        archive.close()
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    return _read(Path(path))[0]
+    """A model file's metadata alone: its zip directory and one small member (bounded time and memory)."""
+    return _read(Path(path), weights=False)[0]
+
+
+NAME_PATTERN = re.compile(r"^[\w][\w.+ -]{0,99}$")
+
+
+def check_model_name(name: str) -> str:
+    """A model name is a name, not a path: letters, digits, ``_.+- `` and spaces, no separators, no leading dot."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name != name.strip() or name.endswith("."):
+        raise ModelFileError(f"{name!r} cannot be a model name: use letters, digits, '-', '_', '.' and spaces "
+                             "(no folders, at most 100 characters).")
+    return name
 
 
 def save_model(net, meta: dict, path: str | os.PathLike) -> Path:
@@ -118,8 +289,8 @@ def save_model(net, meta: dict, path: str | os.PathLike) -> Path:
     ``meta`` may be another model's metadata as read: the file format and the network description are always
     this writer's and this network's."""
     path = Path(path)
-    if path.suffix != ".npz":
-        path = path.with_suffix(".npz")
+    if path.suffix != ".npz":  # written exactly where asked, or refused (never quietly elsewhere)
+        raise ModelFileError(f"Model files end in .npz; {path.name} does not.")
     meta = {**meta, "format": FORMAT, "version": 1, "network": net.config.to_dict()}
     if meta.get("task") not in TASKS:
         raise ValueError(f"task must be one of {TASKS}")
@@ -137,16 +308,22 @@ def _storage_dtype(tensor):
 
 
 def list_models(task: str | None = None) -> list[ModelEntry]:
-    """Bundled models first, then the user's, each group sorted by name; unreadable files are skipped."""
+    """Bundled models first, then the user's, each group sorted by name. Only metadata is read (bounded: see
+    :func:`read_metadata`). An unreadable file is listed, with ``error`` saying why, when no ``task`` is asked for
+    (``emdiffuse models``, removal); one of a task never includes it."""
     entries = []
     for folder, bundled in ((BUNDLED_DIR, True), (user_models_dir(), False)):
         for path in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
             try:
                 meta = read_metadata(path)
-            except ModelFileError:
+            except ModelFileError as err:
+                if task is None:
+                    entries.append(ModelEntry(path.stem, "", path, bundled, error=str(err)))
                 continue
             if task is None or meta["task"] == task:
-                entries.append(ModelEntry(path.stem, meta["task"], path, bundled, meta.get("description", "")))
+                description = meta.get("description", "")
+                entries.append(ModelEntry(path.stem, meta["task"], path, bundled,
+                                          description if isinstance(description, str) else ""))
     return entries
 
 
@@ -159,8 +336,13 @@ def resolve(name_or_path: str | os.PathLike, task: str | None = None) -> Path:
         return candidate
     for entry in list_models(task):
         if entry.name == str(name_or_path):
+            if entry.error:
+                raise ModelFileError(f"The model '{entry.name}' is unreadable: {entry.error}")
             return entry.path
-    known = ", ".join(e.name for e in list_models(task)) or "none"
+    unreadable = next((e for e in list_models() if e.name == str(name_or_path) and e.error), None)
+    if unreadable is not None:
+        raise ModelFileError(f"The model '{unreadable.name}' is unreadable: {unreadable.error}")
+    known = ", ".join(e.name for e in list_models(task) if not e.error) or "none"
     raise ModelFileError(f"No model named '{name_or_path}' (available: {known}).")
 
 
@@ -186,21 +368,21 @@ def _load_cached(path: str, mtime_ns: int, size: int, device: str) -> Model:
 
     from .network import UNet, UNetConfig
 
-    meta, arrays = _read(Path(path))
+    meta, arrays = _read(Path(path))  # checked: sizes, shapes, dtypes, finite values, sampling settings
     try:
         net = UNet(UNetConfig.from_dict(meta["network"]))
         state = net.state_dict()
-        if set(arrays) != set(state):
-            raise ModelFileError(f"{Path(path).name} does not match its network description (weights differ).")
-        net.load_state_dict({k: torch.from_numpy(arrays[k]).to(state[k].dtype) for k in state})
+        net.load_state_dict({k: torch.from_numpy(arrays[k].copy()).to(state[k].dtype) for k in state})
     except (KeyError, TypeError, RuntimeError) as err:
         raise ModelFileError(f"{Path(path).name} does not match its network description ({err}).") from err
     net = net.eval().to(device).to(memory_format=torch.channels_last)
     sampling = {**SAMPLING_DEFAULTS, **meta.get("sampling", {})}
+    sampling["steps"] = int(sampling["steps"])  # checked whole by check_meta
     return Model(net=net, meta=meta, name=meta.get("name", Path(path).stem), path=Path(path), sampling=sampling)
 
 
 def _user_entry(name: str) -> ModelEntry:
+    check_model_name(name)
     for entry in list_models():
         if entry.name == name and not entry.bundled:
             return entry
@@ -218,8 +400,8 @@ def dated_name(prefix: str) -> str:
 
 def free_name(name: str, overwrite: bool = False) -> Path:
     """Where a new user model ``name`` goes; an error if the name is taken (check it before a long training)."""
-    path = user_models_dir() / f"{name}.npz"
-    if path.exists() and not overwrite:
+    path = user_models_dir() / f"{check_model_name(name)}.npz"
+    if os.path.lexists(path) and not overwrite:
         raise ModelFileError(f"A model named '{name}' exists already; choose another name.")
     if any(e.name == name and e.bundled for e in list_models()):
         raise ModelFileError(f"'{name}' is the name of a bundled model; choose another name.")
@@ -242,23 +424,38 @@ def remove_model(name: str) -> Path:
 
 
 def export_model(name_or_path: str, destination: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Copy a model to a file of the user's choice (atomically; never over an existing file unless asked)."""
+    """Copy a model to a file of the user's choice (atomically; never over an existing file unless asked); to a
+    ``.zip``: as a BioImage.io model package."""
+    from .normalize import InputError
+    from .safety import check_output
+
+    if Path(destination).suffix == ".zip":
+        from .bioimageio import export_package
+
+        return export_package(name_or_path, destination, overwrite=overwrite)
     source = resolve(name_or_path)
     read_metadata(source)  # refuse to export something that is not a model
     destination = Path(destination)
-    if destination.suffix != ".npz":
-        destination = destination.with_suffix(".npz")
-    if destination.exists() and not overwrite:
-        raise ModelFileError(f"{destination} exists; choose another name.")
+    if destination.suffix != ".npz":  # written exactly where asked, or refused
+        raise ModelFileError(f"Model files end in .npz (BioImage.io packages in .zip); {destination.name} does not.")
+    try:
+        check_output(destination, [source], overwrite)
+    except InputError as err:  # one kind of error from this module
+        raise ModelFileError(str(err)) from err
     with atomic_path(destination) as tmp:
         tmp.write_bytes(source.read_bytes())
     return destination
 
 
 def import_model(path: str | os.PathLike, name: str | None = None) -> Path:
-    """Check a model file (plain arrays only, matching network) and copy it into the user's folder."""
+    """Check a model file (plain arrays only, matching network) and copy it into the user's folder; from a
+    BioImage.io package of ours, its model file, with the same checks."""
+    from .bioimageio import import_package, is_package
+
     path = Path(path)
+    if is_package(path):
+        return import_package(path, name)
     meta, _ = _read(path)
-    name = name or Path(path).stem
+    name = check_model_name(name or Path(path).stem)
     model = _load_cached(str(path.resolve()), path.stat().st_mtime_ns, path.stat().st_size, "cpu")
     return install_model(model.net, meta, name)

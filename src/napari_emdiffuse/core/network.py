@@ -54,10 +54,13 @@ class UNetConfig:
         return self.patch * 2 ** (len(self.mults) - 1)
 
 
-def _fourier(c: torch.Tensor, dim: int) -> torch.Tensor:
+def _frequencies(dim: int) -> torch.Tensor:
     half = dim // 2
-    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=c.device, dtype=torch.float32) / half)
-    args = c.float()[:, None] * freqs[None] * 100.0
+    return torch.exp(-math.log(1000.0) * torch.arange(half, dtype=torch.float32) / half)
+
+
+def _fourier(c: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    args = c.float()[:, None] * freqs.float()[None] * 100.0
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
@@ -100,6 +103,8 @@ class UNet(nn.Module):
         self.config = cfg = config or UNetConfig()
         emb = 4 * cfg.base
         self.emb_dim = emb
+        # a buffer, not made in forward: it follows the network to its device, also in a TorchScript trace
+        self.register_buffer("frequencies", _frequencies(cfg.base), persistent=False)
         self.noise_mlp = nn.Sequential(nn.Linear(cfg.base, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.label_emb = nn.Embedding(cfg.num_labels, emb) if cfg.num_labels else None
         widths = [cfg.base * m for m in cfg.mults]
@@ -141,7 +146,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor, c_noise: torch.Tensor,
                 label: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return ``(F, log_phi)``; ``log_phi`` is None without a difficulty head."""
-        emb = self.noise_mlp(_fourier(c_noise, self.config.base))
+        emb = self.noise_mlp(_fourier(c_noise, self.frequencies))
         if self.label_emb is not None:
             if label is None:
                 raise ValueError("this model needs a label (e.g. the slice index)")

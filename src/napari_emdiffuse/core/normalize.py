@@ -14,20 +14,35 @@ class InputError(ValueError):
     """The image cannot be processed; the message is one sentence for the user."""
 
 
+NOT_FINITE_INPUT = "The image contains NaN or infinite values"
+
+
+def check_layout(shape: tuple[int, ...], dtype, ndims: tuple[int, ...] = (2, 3)) -> None:
+    """Refuse an image by its shape and type alone (nothing read: the same check for arrays in memory and for lazy
+    Zarr volumes), with a clear sentence."""
+    shape, dtype = tuple(shape), np.dtype(dtype)
+    if 0 in shape:
+        raise InputError("The image is empty.")
+    if not (dtype == np.bool_ or np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise InputError(f"Images of type {dtype} are not supported; use integer or float grey values.")
+    if len(shape) >= 3 and shape[-1] in (3, 4) and min(shape[-3:-1]) > 4:
+        raise InputError("This looks like an RGB(A) image; convert it to greyscale first.")
+    if len(shape) not in ndims:
+        raise InputError(f"Expected a 2D image or a 3D stack (z, y, x), got {len(shape)} dimensions {shape}.")
+
+
+def check_finite(arr: np.ndarray, where: str = "") -> np.ndarray:
+    """Refuse input values that are not finite; ``where`` names the part read (e.g. a chunk of a volume)."""
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise InputError(f"{NOT_FINITE_INPUT}{where}; nothing was written.")
+    return arr
+
+
 def check_image(image, ndims: tuple[int, ...] = (2, 3)) -> np.ndarray:
     """Return the image as an array or raise :class:`InputError` with a clear sentence."""
     arr = np.asarray(image)
-    if arr.size == 0:
-        raise InputError("The image is empty.")
-    if not (arr.dtype == bool or np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise InputError(f"Images of type {arr.dtype} are not supported; use integer or float grey values.")
-    if arr.ndim >= 3 and arr.shape[-1] in (3, 4) and min(arr.shape[-3:-1]) > 4:
-        raise InputError("This looks like an RGB(A) image; convert it to greyscale first.")
-    if arr.ndim not in ndims:
-        raise InputError(f"Expected a 2D image or a 3D stack (z, y, x), got {arr.ndim} dimensions {arr.shape}.")
-    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        raise InputError("The image contains NaN or infinite values.")
-    return arr
+    check_layout(arr.shape, arr.dtype, ndims)
+    return check_finite(arr)
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,8 @@ class Normalizer:
         if flat.size > max_samples:  # percentiles of a regular subsample: fast on big stacks, deterministic
             flat = flat[:: flat.size // max_samples]
         low, high = np.percentile(flat.astype(np.float64), [LOW_PERCENTILE, HIGH_PERCENTILE])
+        if not (np.isfinite(low) and np.isfinite(high)):  # a NaN normaliser would turn every output into NaN
+            raise InputError(f"{NOT_FINITE_INPUT}; nothing was written.")
         if high - low <= max(1e-12, abs(low) * 1e-9):  # (nearly) constant: keep the value, any range does
             high = low + max(1.0, abs(low) * 1e-6)
         return cls(float(low), float(high), np.dtype(image.dtype))

@@ -38,15 +38,22 @@ class Settings:
     origin: tuple[int, int] = (0, 0)
 
     def __post_init__(self):
-        if self.samples < 1:
-            raise InputError("The number of samples must be at least 1.")
-        if self.steps is not None and not 1 <= self.steps <= 1000:
-            raise InputError("The number of steps must be between 1 and 1000.")
-        if self.tile < 32:
-            raise InputError("Tiles must be at least 32 pixels.")
-        if not 0 <= self.overlap < self.tile:
+        """Every number checked by the one validation (core/limits.py), whichever front end made the settings."""
+        from .diffusion import SAMPLERS
+        from .limits import check_choice, check_number, check_optional
+
+        self.samples = check_number("samples", self.samples)
+        self.steps = check_optional("steps", self.steps)
+        self.seed = check_number("seed", self.seed)
+        self.tile = check_number("tile", self.tile)
+        self.overlap = check_number("overlap", self.overlap)
+        if self.overlap >= self.tile:
             raise InputError("The tile overlap must be smaller than the tile.")
-        if min(self.origin) < 0:
+        self.threshold = check_number("threshold", self.threshold)
+        self.eta = check_optional("eta", self.eta)
+        if self.sampler is not None:
+            check_choice("sampler", self.sampler, SAMPLERS)
+        if len(self.origin) != 2 or min(self.origin) < 0:
             raise InputError("The origin of a chunk cannot be negative.")
         check_precision(self.precision)
 
@@ -124,20 +131,44 @@ def uncertainty_score(uncertainty: np.ndarray) -> float:
     return float(np.percentile(uncertainty, 99))
 
 
+class ResultError(InputError):
+    """The model gave values that are not finite (NaN or infinity): nothing of it may be written or called reliable."""
+
+
+NOT_FINITE_RESULT = ("The model gave NaN or infinite values, so nothing was written; check the model file and the "
+                     "sampler settings (steps, eta).")
+
+
+def check_finite_result(*maps: np.ndarray | None) -> None:
+    """Refuse a result (or one plane or chunk of it) with a value that is not finite."""
+    if any(m is not None and not np.isfinite(m).all() for m in maps):
+        raise ResultError(NOT_FINITE_RESULT)
+
+
+def is_reliable(score: float, threshold: float) -> bool:
+    """The verdict: a finite score at most the threshold (a NaN score is never reliable)."""
+    return bool(np.isfinite(score) and score <= threshold)
+
+
 def verdict(score: float, threshold: float) -> str:
     """The reliability verdict, with both numbers printed to as many decimals as it takes for them to compare as
     the values do (0.12018 against 0.12 prints as 0.12018 > 0.12000, never 0.120 > 0.120)."""
+    reliable = is_reliable(score, threshold)
     digits = 3
-    while digits < 9 and (round(score, digits) <= round(threshold, digits)) != (score <= threshold):
+    while digits < 9 and np.isfinite(score) and (round(score, digits) <= round(threshold, digits)) != reliable:
         digits += 1
     shown, limit = f"{score:.{digits}f}", f"{threshold:.{digits}f}"
-    if score <= threshold:
+    if reliable:
         return f"reliable: uncertainty score {shown} ≤ {limit}"
     return f"NOT reliable: uncertainty score {shown} > {limit}; check the flagged areas"
 
 
 def pick_device(name: str = "auto"):
     import torch
+
+    from .triton_guard import keep_triton_out
+
+    keep_triton_out()  # every job starts here: no torch work of ours may load triton where it would crash
 
     if name == "auto":
         if torch.cuda.is_available():
@@ -288,6 +319,7 @@ class PlaneJob:
     label: int | None
     index: int
     where: str  # for progress messages, e.g. " slice 3/40"
+    brightness: float | None = None  # keep the start's brightness at this scale (output pixels): see keep_brightness
 
 
 class PlaneResults:
@@ -309,6 +341,9 @@ class PlaneResults:
         self.difficulty = np.zeros(shape, np.float32) if difficulty else None
 
     def put(self, index: int, mean: np.ndarray, std: np.ndarray, phi: np.ndarray | None) -> None:
+        """Store one plane, refusing it if any value is not finite (clipping would hide NaN as zeros)."""
+        check_finite_result(mean, std if self.uncertainty is not None else None,
+                            phi if self.difficulty is not None else None)
         self.image[index] = self.norm.inverse(mean)
         if self.uncertainty is not None:
             self.uncertainty[index] = std
@@ -357,6 +392,8 @@ def sample_planes(model, jobs, count: int, results: PlaneResults, settings: Sett
                     notes += [n for n in plane_notes if n not in notes]
                     break
                 yield Progress(done, total, f"{task}{plane.where}")
+            if plane.brightness:
+                mean = keep_brightness(mean, plane.start, plane.brightness)
             results.put(plane.index, mean, std, phi)
     finally:
         if device.type == "cuda":
@@ -365,6 +402,28 @@ def sample_planes(model, jobs, count: int, results: PlaneResults, settings: Sett
             torch.cuda.empty_cache()
     yield Progress(total, total, f"{task}: done")
     return tile, notes
+
+
+BRIGHTNESS_SIGMA = 8.0  # input pixels: far above the scale of any structure a model restores, far below a field
+
+
+def keeps_input_brightness(model) -> bool:
+    """Whether ``model``'s results keep the input's brightness (all models, unless one was fine-tuned to adopt its
+    target acquisition's, on request)."""
+    return model.meta.get("brightness", "input") == "input"
+
+
+def keep_brightness(mean: np.ndarray, reference: np.ndarray, sigma: float) -> np.ndarray:
+    """``mean`` with its local brightness (a Gaussian average of ``sigma`` pixels) made ``reference``'s.
+
+    Noise averages out at that scale, so the degraded image itself says how bright the field is; a model need not
+    know it, and may have learnt otherwise: the bundled denoiser, trained on a pair whose long-dwell image is 3 grey
+    levels darker, darkened unseen real SEM by as much. Only the local mean moves (detail, and the uncertainty, are
+    the model's); a chunk's halo of one tile is many sigmas wide, so chunked and whole-plane results still agree.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    return mean + gaussian_filter(reference, sigma, mode="nearest") - gaussian_filter(mean, sigma, mode="nearest")
 
 
 def summarise(task: str, model, settings: Settings, device, uncertainty: np.ndarray | None, tile: int,
@@ -385,7 +444,7 @@ def summarise(task: str, model, settings: Settings, device, uncertainty: np.ndar
         "precision": pick_precision(settings.precision, device),
         "threshold": settings.threshold,
         "uncertainty_score": score,
-        "reliable": bool(score <= settings.threshold) if uncertainty is not None else None,
+        "reliable": is_reliable(score, settings.threshold) if uncertainty is not None else None,
         "flagged_fraction": float((uncertainty > settings.threshold).mean()) if uncertainty is not None else None,
         "tile": tile,
         "notes": notes,
@@ -402,19 +461,23 @@ def restore(image, model, settings: Settings, task: str,
     """Restore a 2D image or each plane of a 3D stack.
 
     ``condition(plane)`` maps a normalised input plane to ``(cond, start)`` on the output grid. The stack is
-    normalised as a whole (consistent intensities along z). ``variant`` picks the label of models that serve
+    normalised as a whole (consistent intensities along z). The result keeps the start's brightness (see
+    :func:`keep_brightness`) unless the model was tuned to adopt another acquisition's. ``variant`` picks the label of models that serve
     several settings (e.g. the scale factor ``"2"`` of a super-resolution model).
     """
     started = time.perf_counter()
     image, device, model, norm = prepare(image, model, settings, task, norm)
     label = model_label(model, variant)
     planes = image[None] if image.ndim == 2 else image
-    results = new_results(model, settings, (len(planes), *out_shape(planes.shape[-2:])), norm)
+    plane_shape = out_shape(planes.shape[-2:])
+    results = new_results(model, settings, (len(planes), *plane_shape), norm)
+    brightness = BRIGHTNESS_SIGMA * plane_shape[0] / planes.shape[-2] if keeps_input_brightness(model) else None
 
     def jobs():
         for z, plane in enumerate(planes):
             cond, start = condition(norm(plane))
-            yield PlaneJob(cond, start, label, z, f" slice {z + 1}/{len(planes)}" if len(planes) > 1 else "")
+            yield PlaneJob(cond, start, label, z, f" slice {z + 1}/{len(planes)}" if len(planes) > 1 else "",
+                           brightness)
 
     tile, notes = yield from sample_planes(model, jobs(), len(planes), results, settings, device, task)
     squeeze = (lambda a: a if a is None or image.ndim == 3 else a[0])  # noqa: E731

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .diffusion import training_loss
+from .triton_guard import keep_triton_out
 
 # (target x0, condition, label or None) and optionally a fourth item: which examples teach the difficulty head,
 # one bool each (see training_loss)
@@ -58,6 +59,7 @@ def train(net: torch.nn.Module, batches: Iterator[Batch], *, iterations: int | N
     """
     if iterations is None and minutes is None:
         raise ValueError("give iterations or minutes")
+    keep_triton_out()  # before the optimiser imports torch._dynamo (see core/triton_guard.py)
     device = torch.device(device)
     net = net.to(device).to(memory_format=torch.channels_last).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)

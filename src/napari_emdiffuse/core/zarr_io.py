@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from .io import _UNIT_TO_NM, ImageFile
+from .limits import check_voxel
 from .normalize import InputError
 
 NGFF_UNIT = "nanometer"  # pixel sizes are handled in nm everywhere else
+AXES = ("z", "y", "x")
 
 
 def is_zarr_store(path: str | os.PathLike) -> bool:
@@ -52,11 +54,18 @@ def open_volume(path: str | os.PathLike, levels: bool = False) -> ImageFile:
     if isinstance(node, zarr.Group):
         multiscales = _multiscales(node.attrs)
         if multiscales:
-            image = multiscales[0]
-            datasets = image["datasets"] if levels else image["datasets"][:1]
-            arrays = [node[level["path"]] for level in datasets]
-            scale, unit = _ngff_pixel_size(image.get("axes", []), datasets[0].get("coordinateTransformations", []),
-                                           arrays[0].ndim)
+            try:
+                image = multiscales[0]
+                datasets = image["datasets"] if levels else image["datasets"][:1]
+                arrays = [node[level["path"]] for level in datasets]
+                scale, unit = _ngff_pixel_size(image.get("axes", []),
+                                               datasets[0].get("coordinateTransformations", []), arrays[0].ndim)
+                if not all(isinstance(a, zarr.Array) for a in arrays):
+                    raise TypeError("a level is not an array")
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+                raise InputError(f"{path.name} has malformed OME-Zarr metadata ({err!r}).") from err
+            if scale is not None:
+                check_voxel(scale, path.name)
         else:
             arrays = [a for _, a in node.arrays()]
             if len(arrays) != 1:
@@ -97,7 +106,7 @@ def _ngff_pixel_size(axes: list, transforms: list, ndim: int) -> tuple[list[floa
 
 def ngff_image(name: str, ndim: int, scale: tuple[float, ...], unit: str) -> dict:
     """OME-Zarr 0.5 ``ome`` attributes of a single-level image at path ``0`` with pixel sizes ``scale``."""
-    axes = [{"name": n, "type": "space", **({"unit": NGFF_UNIT} if unit == "nm" else {})} for n in "zyx"[-ndim:]]
+    axes = [{"name": n, "type": "space", **({"unit": NGFF_UNIT} if unit == "nm" else {})} for n in AXES[-ndim:]]
     return {"version": "0.5", "multiscales": [{
         "name": name, "axes": axes,
         "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [float(s) for s in scale]}]}],
@@ -116,7 +125,8 @@ def create_ome_zarr(path: str | os.PathLike, maps: dict[str, np.dtype], shape: t
     for i, (name, dtype) in enumerate(maps.items()):
         group = root if i == 0 else root.create_group(name)
         group.attrs["ome"] = ngff_image(name, len(shape), scale, unit)
-        group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=(fill_values or {}).get(name, 0))
+        group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=(fill_values or {}).get(name, 0),
+                           dimension_names=AXES[-len(shape):])  # NGFF 0.5: the axes' names, in order
     return root
 
 
