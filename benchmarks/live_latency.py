@@ -37,7 +37,7 @@ def main():
 
     from napari_emdiffuse._sample_data import noisy_sem
     from napari_emdiffuse._widgets import _live
-    from napari_emdiffuse.core.live import LIVE_HALO, LIVE_TILE, Canvas, Tile, ViewDone
+    from napari_emdiffuse.core.live import LIVE_TILE, Canvas, Tile, ViewDone, live_halo
 
     events = []
     place = _live.LiveMode._place
@@ -102,7 +102,7 @@ def main():
         return view_tiles(canvas.view.box, widget.live_mode.restorer.tile)
 
     results = {"machine": "2-core AMD EPYC (shared), Xvfb, software OpenGL", "canvas": [height, width],
-               "zoom": viewer.camera.zoom, "tile": LIVE_TILE, "halo": LIVE_HALO}
+               "zoom": viewer.camera.zoom, "tile": LIVE_TILE, "halo": live_halo(1)}
     for samples in (1, 2):
         widget.samples.setValue(samples)
         widget.live_mode.cache.clear()

@@ -4,7 +4,8 @@ The view is cut into tiles of ``tile`` output pixels on a grid anchored at the p
 restored on its own, as a window reaching ``halo`` pixels beyond it on every side, sampled with ``Settings.origin``
 at the window's place in the plane: the noise field (:class:`~.tiling.NoiseField`) is a function of position in
 the plane, so the tile equals the same region of a whole-plane run with the same seed up to what the network sees
-beyond the halo, and neighbouring tiles restored at different times join without seams. The halo is cropped.
+beyond the halo (and the input's local brightness, which the halo also covers: :func:`live_halo`), and neighbouring
+tiles restored at different times join without seams. The halo is cropped.
 
 Restored tiles are kept in a :class:`TileCache` keyed by everything that determines them (the layer's data, the
 plane, the tile's place on the grid, the model, the settings, the seed): coming back to a view costs no network
@@ -26,11 +27,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from .normalize import Normalizer
-from .tasks import Restoration, Settings, uncertainty_score
+from .tasks import BRIGHTNESS_SIGMA, Restoration, Settings, uncertainty_score
 
 LIVE_TILE = 256  # output pixels: one network tile with its halo is cheap enough to show within half a second
-LIVE_HALO = 16  # output pixels each side (a multiple of 4: x2 and x4 windows start on input pixels); 32 matched a
-# whole-slice run less well (bundled denoiser, 512 x 512, K = 2: mean difference 2.1 grey levels against 0.4)
+LIVE_CONTEXT = 16  # output pixels each side that the network sees beyond a tile; 32 matched a whole-slice run less
+# well (bundled denoiser, 512 x 512, K = 2: mean difference 2.1 grey levels against 0.4)
+
+
+def live_halo(scale: int) -> int:
+    """Output pixels restored beyond a tile on each side: the network's context plus four brightness sigmas (the
+    result keeps the input's local brightness, a Gaussian average of BRIGHTNESS_SIGMA input pixels, see
+    :func:`~.tasks.keep_brightness`; computed on the window alone it differs from the whole plane's near the
+    window's edges, but no more than a 4-sigma Gaussian tail once the edge is that far from the tile). A multiple
+    of 4, so that x2 and x4 windows start on input pixels."""
+    halo = LIVE_CONTEXT + int(np.ceil(4 * BRIGHTNESS_SIGMA * scale))
+    return -(-halo // 4) * 4
+
+
 MAX_VIEW_PIXELS = 2048 * 2048  # output pixels on screen that live mode restores; further out it waits
 CACHE_MB = 512  # default memory for restored tiles
 
@@ -232,10 +245,10 @@ class LiveRestorer:
     """
 
     def __init__(self, source: Source, restore_window: RestoreWindow, settings: Settings, cache: TileCache,
-                 tile: int = LIVE_TILE, halo: int = LIVE_HALO):
+                 tile: int = LIVE_TILE, halo: int | None = None):
         self.source, self.restore_window, self.settings, self.cache = source, restore_window, settings, cache
-        self.tile, self.halo = tile, halo
-        self._key = (data_token(source.data), source.scale, source.key, settings_key(settings), tile, halo)
+        self.tile, self.halo = tile, live_halo(source.scale) if halo is None else halo
+        self._key = (data_token(source.data), source.scale, source.key, settings_key(settings), tile, self.halo)
         self._norms: dict[int | None, Normalizer] = {}
         self._changed = threading.Condition()
         self._view: View | None = None
@@ -366,7 +379,8 @@ class LiveRestorer:
         region = np.asarray(self.source.plane(plane)[y0 // s:-(-y1 // s), x0 // s:-(-x1 // s)])
         if s > 1:
             region = region.repeat(s, axis=0).repeat(s, axis=1)
-        image = np.ascontiguousarray(region[y0 - y0 // s * s:, x0 - x0 // s * s:][:y1 - y0, :x1 - x0])
+        # a copy, always: restored tiles are pasted into it (a view of the plane would write them into the input)
+        image = np.array(region[y0 - y0 // s * s:, x0 - x0 // s * s:][:y1 - y0, :x1 - x0], copy=True)
         return image, np.zeros(image.shape, np.float32)
 
 
