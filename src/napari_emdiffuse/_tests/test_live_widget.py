@@ -31,6 +31,7 @@ def test_live_mode_follows_camera_and_slices_reuses_tiles_and_stops(make_napari_
     stack = np.stack([em_pair[1], em_pair[1][::-1], em_pair[1][:, ::-1]])  # 3 x 128 x 160
     viewer.add_image(stack, name="noisy", scale=(1.0, 2.0, 2.0))
     widget = dock(viewer, "Denoise", "tiny")
+    widget.live_tile.setValue(64)  # the view then spans several tiles of the 128 x 160 slice
     viewer.camera.zoom = 4.0  # the view shows about a quarter of the slice
     viewer.camera.center = (0, 64, 80)
     placed = []
@@ -58,7 +59,7 @@ def test_live_mode_follows_camera_and_slices_reuses_tiles_and_stops(make_napari_
     # a pan: the view moves, only the uncovered tiles are restored
     placed.clear()
     before = live.restorer.restored_tiles
-    viewer.camera.center = (0, 64, 80 + 160 / 4)
+    viewer.camera.center = (0, 64, 200)  # 60 data pixels right, most of the 75 on screen: one new tile column
     qtbot.waitUntil(lambda: any(isinstance(e, ViewDone) and e.view.plane == 2 for e in placed), timeout=60_000)
     assert 0 < live.restorer.restored_tiles - before < first_tiles
     # back to the first slice and place: all from the cache, no network evaluation
@@ -92,6 +93,17 @@ def test_live_mode_says_what_it_restores_when_zoomed_far_out(make_napari_viewer,
     widget.live.setChecked(True)
     assert "paused" in widget.status.text() and "zoom in" in widget.status.text()
     widget.live.setChecked(False)
+
+
+def test_closing_the_viewer_ends_live_mode_and_its_worker(make_napari_viewer, em_pair, user_models):
+    viewer = make_napari_viewer()
+    viewer.add_image(em_pair[1], name="noisy")
+    widget = dock(viewer, "Denoise", "tiny")
+    widget.live.setChecked(True)
+    live = widget.live_mode
+    restorer, finished = live.restorer, live.finished
+    viewer.close()  # while the first tile is restored
+    assert restorer.stopped and finished.is_set() and not widget.live.isChecked()
 
 
 def test_live_superres_overlays_the_input_on_the_output_grid(make_napari_viewer, qtbot, em_pair, user_models):

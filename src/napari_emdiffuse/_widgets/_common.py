@@ -394,7 +394,7 @@ class RestoreWidget(JobWidget):
     def __init__(self, viewer: napari.viewer.Viewer, parent=None):
         from superqt import QCollapsible
 
-        from ..core.live import CACHE_MB
+        from ..core.live import CACHE_MB, LIVE_TILE
         from ._live import LiveMode
 
         super().__init__(viewer, parent)
@@ -461,6 +461,10 @@ class RestoreWidget(JobWidget):
         self.cache_mb = self._spin(advanced, "Live memory", 16, 65536, CACHE_MB, "cache_mb",
                                    "Memory for tiles restored in live mode (least recently seen dropped first).")
         self.cache_mb.setSuffix(" MB")
+        self.live_tile = self._spin(advanced, "Live tile", 64, 1024, LIVE_TILE, "live_tile",
+                                    "Output pixels per tile in live mode: smaller tiles show sooner, larger ones cost "
+                                    "fewer network evaluations per view.")
+        self.live_tile.setSingleStep(64)
 
         self.show_buttons = ShowButtons(self)
         self.layout().insertWidget(self.layout().indexOf(self.status), self.show_buttons)
@@ -469,7 +473,8 @@ class RestoreWidget(JobWidget):
         self.live.toggled.connect(self._toggle_live)
         for control in (self.layer_picker.currentTextChanged, self.model_picker.currentTextChanged,
                         self.samples.valueChanged, self.steps.valueChanged, self.seed.valueChanged,
-                        self.device.currentTextChanged, self.precision.currentTextChanged):
+                        self.device.currentTextChanged, self.precision.currentTextChanged,
+                        self.live_tile.valueChanged):
             control.connect(self.live_mode.restart_later)
         self.scope.currentIndexChanged.connect(lambda: self.zarr_path.setEnabled(self.scope.currentData() == "zarr"))
         self.layer_picker.currentTextChanged.connect(self._default_scope)

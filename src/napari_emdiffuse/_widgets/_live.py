@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import numpy as np
+from qtpy.QtCore import QObject
 from superqt.utils import qdebounced, qthrottled
 
 from .._layers import map_layer
@@ -20,13 +22,26 @@ from ..core.tasks import verdict
 VIEW_THROTTLE_MS = 100  # camera events arrive at every frame of a pan; the worker only needs the latest view
 
 
-class LiveMode:
+CLOSE_WAIT_S = 30  # at most this long for the tile in progress to reach its next network evaluation on closing
+
+
+def _until_done(job, finished: threading.Event):
+    """The worker's generator: ``job``'s events, then ``finished`` set, however it ends."""
+    try:
+        yield from job
+    finally:
+        finished.set()
+
+
+class LiveMode(QObject):
     """Start, follow and stop live restoration for ``widget`` (a :class:`~._common.RestoreWidget`)."""
 
     def __init__(self, widget, cache_mb: int):
+        super().__init__(widget)
         self.widget, self.viewer = widget, widget.viewer
         self.cache = TileCache(cache_mb * 2**20)
-        self.restorer = self.worker = self.input = self.signature = None
+        self.restorer = self.worker = self.input = self.signature = self.window = None
+        self.finished = threading.Event()  # set when the worker's generator has ended
         self.layer = self.map = None  # the live result and its map, reused from view to view
         self.box = None  # the output-pixel box the live layer covers now
         self.plane = None
@@ -72,14 +87,17 @@ class LiveMode:
         source = Source(data, w.live_scale(), (w.task, path, os.path.getmtime(path), *w.live_key()))
         self.input = layer
         self.signature = self._signature()
-        self.restorer = LiveRestorer(source, restore_window, settings, self.cache)
-        self.worker = create_worker(self.restorer.run, _start_thread=False)
+        self.restorer = LiveRestorer(source, restore_window, settings, self.cache, tile=w.live_tile.value())
+        self.finished = threading.Event()
+        self.worker = create_worker(_until_done, self.restorer.run(), self.finished, _start_thread=False)
         self.worker.yielded.connect(self._place)
         self.worker.errored.connect(self._failed)
         self.worker.start()
         for emitter in self._view_events():
             emitter.connect(self.request_view)
         layer.events.data.connect(self.restart_later)
+        self.window = w.window()
+        self.window.installEventFilter(self)
         self._request_view_now()
         return None
 
@@ -90,9 +108,20 @@ class LiveMode:
         for emitter in self._view_events():
             emitter.disconnect(self.request_view)
         self.input.events.data.disconnect(self.restart_later)
-        self.restorer.stop()
-        self.worker.quit()
+        self.window.removeEventFilter(self)
+        self.restorer.stop()  # its loop returns within one network evaluation, ending the worker (and `finished`)
         self.restorer = self.worker = None
+
+    def eventFilter(self, watched, event) -> bool:
+        """The window closes: stop, and wait for the worker to end (within one network evaluation), so that no
+        thread outlives the viewer."""
+        from qtpy.QtCore import QEvent
+
+        if event.type() == QEvent.Type.Close and self.active:
+            finished = self.finished
+            self.widget.live.setChecked(False)  # stops
+            finished.wait(CLOSE_WAIT_S)
+        return False
 
     def _signature(self) -> tuple:
         """What live mode restores with: the input, the model, the settings, the task's options."""
@@ -104,7 +133,8 @@ class LiveMode:
         except ValueError:
             settings = None
         layer = w.layer_picker.layer()
-        return layer, None if layer is None else id(layer.data), w.model_picker.currentData(), settings, w.live_key()
+        return (layer, None if layer is None else id(layer.data), w.model_picker.currentData(), settings, w.live_key(),
+                w.live_tile.value())
 
     def _view_events(self) -> tuple:
         """What moves the view: the camera, the slice, the canvas's size, the input's place in the world."""
