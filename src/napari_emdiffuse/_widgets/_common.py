@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 SCOPES = (("Whole layer", "layer"), ("Current slice", "slice"), ("Current view", "view"),
           ("Whole layer to a Zarr file (chunk by chunk)", "zarr"))
 LARGE_LAYER_BYTES = 512 * 2**20
-DOCK_WIDTH = 230  # pixels the task docks ask for: napari's default window then keeps half its width for the canvas
+DOCK_WIDTH = 172  # pixels the task docks ask for (their rows need 171): beside napari's layer list (320) the canvas
+# keeps half of its default window (1089 wide under Xvfb: canvas 553; at 230, 513)
 MODEL_FILES = "napari-emdiffuse models (*.npz);;BioImage.io model packages (*.zip)"  # .zip: export_model's package
 # at most one progress update a second: each repaints the window, which with software OpenGL (remote desktops,
 # virtual machines) costs the job measurable time (isotropic reconstruction of the sample volume: 19 s at five
@@ -80,7 +81,7 @@ def compact(widget: QWidget, *forms: QFormLayout) -> None:
         form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
     for box in widget.findChildren(QComboBox):
         box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        box.setMinimumContentsLength(8)
+        box.setMinimumContentsLength(6)
 
 
 def full_resolution(layer):
@@ -449,9 +450,11 @@ class RestoreWidget(JobWidget):
                                         singleStep=0.01, value=UNCERTAINTY_THRESHOLD)
         self.threshold.setToolTip("Uncertainty (std, in [0, 1] intensity units) above which pixels are flagged.")
         advanced.addRow("Threshold", self.threshold)
-        self.difficulty = QCheckBox("Difficulty map (phi)", objectName="difficulty")
+        self.difficulty = QCheckBox("Difficulty map", objectName="difficulty")
+        self.difficulty.setToolTip("Add the model's difficulty map (phi): where it expects restoration to be hard.")
         advanced.addRow("", self.difficulty)
         self.zarr_path = QLineEdit(objectName="zarr_path", placeholderText="result.zarr")
+        self.zarr_path.setMinimumWidth(60)  # long paths scroll; the dock stays narrow
         browse = QPushButton("…", objectName="browse_zarr")
         browse.clicked.connect(self._choose_zarr_path)
         row = QHBoxLayout()
@@ -722,7 +725,6 @@ class ShowButtons(QWidget):
         self.group = QButtonGroup(self)
         row = QHBoxLayout(self)
         row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(QLabel("Show"))
         for mode in self.MODES:
             button = QPushButton(mode, objectName=f"show_{mode.lower()}", checkable=True)
             button.setToolTip({"Result": "The result, with the areas above the uncertainty threshold in red.",
