@@ -250,8 +250,10 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     assert isinstance(widget, IsotropicWidget)
     assert widget.factor.value() == 10  # from the layer's scale: 50 nm over 4 nm, at most 10
     viewer.add_image(volume, name="other", scale=(60.0, 10.0, 10.0))  # selected: the picker and R follow it
-    assert widget.layer_picker.currentText() == "other" and widget.factor.value() == 6
+    qtbot.waitUntil(lambda: widget.layer_picker.currentText() == "other", timeout=2_000)  # once the loop runs
+    assert widget.factor.value() == 6
     viewer.layers.selection.active = sections
+    qtbot.waitUntil(lambda: widget.layer_picker.currentText() == "sections", timeout=2_000)
     assert widget.factor.value() == 10  # ... until R is set by hand: then it stays (the second run below)
     widget.model_picker.setCurrentText("tiny-iso")
     widget.factor.setValue(5)
