@@ -43,7 +43,10 @@ def main():
     os.environ["EMDIFFUSE_MODELS_DIR"] = tempfile.mkdtemp()  # the learnt models are not kept
     import napari
 
+    import napari_emdiffuse.core.isotropic as isotropic
     from napari_emdiffuse._widgets import _common
+
+    isotropic.SELF_SUPERVISED_MIN_MINUTES = 0.5  # 30 s of learning measure its speed, not what it learns
 
     app = napari.qt.get_qapp()
     viewer = napari.Viewer(show=True)

@@ -42,10 +42,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
                                                         "batch")
     parser.add_argument("--samples", type=int, default=2, help="samples K; their mean is the output (default 2)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    parser.add_argument("--sampler", choices=["euler_ancestral", "dpmpp_2m_sde"], default=None)
+    parser.add_argument("--sampler", choices=["euler_ancestral", "dpmpp_2m_sde", "authors"], default=None,
+                        help="authors: the EMDiffuse authors' own 1000-step schedule (their models only; slow)")
     parser.add_argument("--eta", type=float, default=None, help="sampler stochasticity: 1 ancestral, 0 DDIM")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default=None, help="model name (see `emdiffuse models`) or .npz file")
+    parser.add_argument("--model", default=None, help="model name (see `emdiffuse models`), .npz file, or an EMDiffuse authors' .pth checkpoint")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="of the network's evaluations; auto: bfloat16 on CPUs that compute it natively (1.45x "
@@ -105,9 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--remove", metavar="NAME", help="delete one of your own models")
     action.add_argument("--export", nargs=2, metavar=("NAME", "FILE"), help="copy a model to a file")
     action.add_argument("--import", dest="import_file", metavar="FILE",
-                        help="add a model file (.npz) or a BioImage.io package of ours (.zip) to your models")
+                        help="add a model file (.npz), a BioImage.io package of ours (.zip) or an EMDiffuse "
+                             "authors' checkpoint (.pth, with --task) to your models")
     models.add_argument("--format", choices=["npz", "bioimageio"], default=None,
                         help="of --export: our .npz, or a BioImage.io model package (.zip; the default for FILE.zip)")
+    models.add_argument("--task", choices=["denoise", "superres", "isotropic"], default=None,
+                        help="with --import: the task of an authors' .pth checkpoint (the file does not say it)")
+    models.add_argument("--name", default=None, help="with --import: the name to give it (default: the file's)")
     finetune = sub.add_parser("finetune", help="fine-tune a model on one image pair (or, for isotropic "
                                                "reconstruction, one isotropic volume) of your tissue")
     finetune.add_argument("--task", choices=["denoise", "superres", "isotropic"], required=True)
@@ -205,7 +210,7 @@ def _restore(args, job_factory) -> dict:
     if axial_factor > 1 and len(pixel) > 2:
         pixel[-3] /= axial_factor
     result = drive(job_factory(image.data, args), _progress_bar(args.quiet or args.json))
-    if args.uncertainty is not None and result.uncertainty is None:
+    if args.uncertainty is not None and result.uncertainty is None and result.info["samples"]:
         raise CLIError("This model gives no uncertainty from one sample; use --samples 2 or more.")
     written = []
     summary = {**result.info, "source": args.input.name}  # recorded in each file: how it was made
@@ -263,12 +268,14 @@ def _summary(info: dict, as_json: bool) -> None:
     elif info.get("reliable") is not None:
         print(f"{verdict(info['uncertainty_score'], info['threshold'])} ({info['seconds']:.1f} s)")
     else:
-        print(f"done in {info['seconds']:.1f} s (one sample: no uncertainty)")
+        print(f"done in {info['seconds']:.1f} s ({'one sample' if info['samples'] else info['model']}: no uncertainty)")
 
 
 def _models(args) -> None:
     from .core.models import export_model, import_model, list_models, remove_model
 
+    if (args.task or args.name) and not args.import_file:
+        raise CLIError("--task and --name go with --import.")
     if args.remove:
         print(f"removed {remove_model(args.remove)}")
         return
@@ -280,7 +287,7 @@ def _models(args) -> None:
         print(f"exported to {export_model(name, file)}")
         return
     if args.import_file:
-        print(f"imported as {import_model(args.import_file).stem}")
+        print(f"imported as {import_model(args.import_file, args.name, args.task).stem}")
         return
     entries = list_models()
     if args.json:
@@ -470,12 +477,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "finetune":
             _finetune(args)
         elif args.command == "isotropic":
-            from .core.isotropic import isotropic, isotropic_self_supervised
+            from .core.isotropic import check_budget, isotropic, isotropic_self_supervised
 
             if args.self_supervised and args.model:
                 raise CLIError("--self-supervised trains its own model; leave out --model.")
             if args.save_model and not args.self_supervised:
                 raise CLIError("--save-model keeps a model learnt with --self-supervised; add that option.")
+            if args.self_supervised:
+                check_budget(args.train_minutes)  # before reading the volume
 
             def job(image, a):
                 if a.self_supervised:

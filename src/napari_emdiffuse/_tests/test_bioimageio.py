@@ -104,9 +104,13 @@ def run_bioimageio_test(package) -> None:
 
 @pytest.mark.slow
 def test_bioimageio_test_passes_offline_on_a_bundled_and_a_fine_tuned_model(tmp_path, user_models, offline,
-                                                                            tiny_superres):
-    from napari_emdiffuse.core.finetune import finetune
+                                                                            tiny_superres, monkeypatch):
+    from napari_emdiffuse.core import finetune as tuning
+    from napari_emdiffuse.core.finetune import Verdict, finetune
     from napari_emdiffuse.core.simulate import synthetic_em
+
+    # two steps rarely beat the base by more than the seed spread: keep the tuned model whatever validation says
+    monkeypatch.setattr(tuning, "judge", lambda before, after: Verdict(True, before[0], after[0], 0.0, 0.0))
 
     bundled = export_package("denoise-sem", tmp_path / "denoise-sem.zip")
     run_bioimageio_test(bundled)

@@ -112,6 +112,15 @@ def test_a_candidate_must_beat_the_base_by_more_than_the_seed_spread(before, aft
     assert verdict.spread == pytest.approx(max(np.std(before, ddof=1), np.std(after, ddof=1)))
 
 
+def test_a_margin_sets_the_least_gain_where_the_base_draws_no_noise():
+    from napari_emdiffuse.core.finetune import judge
+
+    start = [23.24] * 3  # the same with every seed: the spread comes from the candidate alone
+    barely = [23.24002, 23.24003, 23.24001]  # a barely trained model: its start, give or take a rounding
+    assert judge(start, barely).improved and not judge(start, barely, margin=0.05).improved
+    assert judge(start, [23.41, 23.42, 23.40], margin=0.05).improved
+
+
 def test_tuned_and_base_models_are_validated_with_the_same_seeds(pair, tiny_model, user_dir, monkeypatch):
     import napari_emdiffuse.core.finetune as ft
 
@@ -215,9 +224,13 @@ def test_an_anisotropic_volume_is_refused_as_isotropic_training_data():
         check_isotropic((40, 10, 10))
 
 
-def test_cli_finetunes_an_isotropic_model_and_refuses_an_anisotropic_file(tmp_path, learnt_isotropic, capsys):
+def test_cli_finetunes_an_isotropic_model_and_refuses_an_anisotropic_file(tmp_path, learnt_isotropic, capsys,
+                                                                          monkeypatch):
     import json
 
+    from napari_emdiffuse import cli
+
+    monkeypatch.setattr(cli, "PRINT_SECONDS", 1e9)  # however slow the machine: one line for the first report
     from napari_emdiffuse.core.io import write_tiff
     from napari_emdiffuse.core.simulate import synthetic_volume
 
@@ -229,7 +242,7 @@ def test_cli_finetunes_an_isotropic_model_and_refuses_an_anisotropic_file(tmp_pa
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"val_psnr_before", "improved", "steps"} <= set(summary) and "shift" not in summary
     assert main([*args[:-1], "--input", str(tmp_path / "iso.tif"), "-o", str(tmp_path / "m.npz"), "--overwrite"]) == 0
-    out, err = capsys.readouterr()  # progress: a line every few seconds, not one per step, and the last step
+    out, err = capsys.readouterr()  # progress: a line every PRINT_SECONDS, not one per step, and the last step
     assert [line.split()[:2] for line in err.splitlines() if line.startswith("step")] == [["step", "3"]]
     assert "Validation PSNR" in out or "kept" in out
     assert main([*args, "--input", str(tmp_path / "aniso.tif"), "-o", str(tmp_path / "n.npz")]) == 2

@@ -11,9 +11,11 @@ from napari_emdiffuse.core.isotropic import (
     interpolation_batches,
     isotropic,
     label_of,
+    lateral_truth,
     oriented,
     sees_start,
     self_supervised,
+    split_aside,
 )
 from napari_emdiffuse.core.normalize import InputError
 from napari_emdiffuse.core.tasks import Settings, drive
@@ -184,23 +186,98 @@ def test_self_supervised_learns_from_lateral_planes_of_the_volume_alone(volume):
         drive(self_supervised(vol[:, :4, :4], 4, minutes=0.01))
 
 
-def test_a_learnt_model_is_kept_and_reconstructs_more_of_the_acquisition_without_learning_again(tmp_path,
-                                                                                                monkeypatch):
-    from napari_emdiffuse.core.isotropic import isotropic_self_supervised
-    from napari_emdiffuse.core.models import ModelFileError, list_models
+@pytest.fixture
+def short_budgets(monkeypatch):
+    """Self-supervised runs of seconds: these tests check what happens to a learnt model, not what it learns."""
+    monkeypatch.setattr("napari_emdiffuse.core.isotropic.SELF_SUPERVISED_MIN_MINUTES", 0.01)
+
+
+def sections_moving_along_y(seed: int = 1) -> np.ndarray:
+    """A volume whose x-z planes change slowly along y: the start interpolates them almost exactly, which a few
+    seconds of learning cannot beat."""
+    rng = np.random.default_rng(seed)
+    return (rng.random((6, 1, 96)) * 200 + 20 + 0.2 * np.arange(12)[None, :, None]).astype(np.float32)
+
+
+def test_columns_kept_aside_pose_the_learnt_task_on_planes_never_learnt_from():
+    vol = np.arange(6 * 40 * 100, dtype=np.float32).reshape(6, 40, 100)
+    learn, aside = split_aside(vol, 4)
+    assert learn.shape == (6, 40, 52) and aside.shape == (6, 40, 48)  # at least 48 columns, the last ones
+    assert np.array_equal(np.concatenate([learn, aside], axis=2), vol)
+    truth = lateral_truth(aside, 4)  # y first: planes z-x; whole gaps of R from the middle of y
+    assert truth.shape == (37, 6, 48) and np.array_equal(truth, np.moveaxis(aside, 1, 0)[1:38])
+    assert split_aside(np.zeros((6, 40, 500)), 4)[1].shape[2] == 100  # a fifth of wide volumes
+    big = lateral_truth(np.zeros((400, 900, 300), np.uint8), 4)  # a few hundred thousand pixels, quick
+    assert big.shape == (9, 256, 128) and big.size <= 2 ** 18 + 256 * 128
+    with pytest.raises(InputError, match="96 along x"):
+        split_aside(vol[:, :, :95], 4)
+
+
+def test_a_model_that_does_not_beat_its_start_is_neither_used_nor_saved(tmp_path, monkeypatch, short_budgets):
+    from napari_emdiffuse.core.isotropic import isotropic_self_supervised, motion_reconstruction
+    from napari_emdiffuse.core.normalize import Normalizer
 
     monkeypatch.setenv("EMDIFFUSE_MODELS_DIR", str(tmp_path))
-    vol = (np.random.default_rng(1).random((6, 48, 48)) * 255).astype(np.uint8)
-    settings = Settings(samples=1, steps=1, precision="float32")
-    learnt = drive(isotropic_self_supervised(vol, 4, minutes=0.03, settings=settings, save_as="block7-R4"))
-    assert "the learnt model is saved as 'block7-R4'" in learnt.info["notes"]
+    vol = sections_moving_along_y()
+    progress = []
+    result = drive(isotropic_self_supervised(vol, 4, minutes=0.01, settings=Settings(samples=2), save_as="m"),
+                   progress.append)
+    assert not (tmp_path / "m.npz").exists()
+    start = drive(motion_reconstruction(vol, 4, Normalizer.fit(vol)))
+    assert np.array_equal(result.image, start) and result.uncertainty is None and result.difficulty is None
+    info = result.info
+    assert info["model"] == "motion-compensated interpolation" and info["samples"] == 0 and info["reliable"] is None
+    check = info["validation"]
+    assert check["psnr_model"] <= check["psnr_motion_interpolation"] + check["spread"] and check["seeds"] == 3
+    [note] = info["notes"]
+    assert note.startswith("the model learnt in 0.01 minutes (") and "did not beat motion-compensated" in note
+    assert f"{check['psnr_model']:.2f} dB against {check['psnr_motion_interpolation']:.2f} dB" in note
+    assert "neither used nor saved" in note and any("planes kept aside, seed 3/3" in p.message for p in progress)
+
+
+def test_a_model_that_beats_its_start_is_kept_and_reconstructs_more_of_the_acquisition(tmp_path, monkeypatch,
+                                                                                        short_budgets):
+    from napari_emdiffuse.core import finetune
+    from napari_emdiffuse.core.isotropic import SELF_SUPERVISED_MIN_GAIN, isotropic_self_supervised
+    from napari_emdiffuse.core.models import ModelFileError, list_models, load_model
+
+    monkeypatch.setenv("EMDIFFUSE_MODELS_DIR", str(tmp_path))
+    judged = []
+
+    def beaten(before, after, margin):  # learning that beats the start takes minutes: the verdict is given here
+        judged.append((before, after))
+        assert margin == SELF_SUPERVISED_MIN_GAIN
+        return finetune.Verdict(True, before[0], before[0] + 0.5, 0.5, 0.1)
+
+    monkeypatch.setattr(finetune, "judge", beaten)
+    vol = (np.random.default_rng(1).random((6, 16, 96)) * 255).astype(np.uint8)
+    settings = Settings(samples=2, steps=1, precision="float32")
+    learnt = drive(isotropic_self_supervised(vol, 4, minutes=0.01, settings=settings, save_as="block7-R4"))
+    [(before, after)] = judged  # the start scores alike with every seed; the model with each of the three
+    assert len(before) == len(after) == 3 and len(set(before)) == 1
+    assert learnt.uncertainty is not None and learnt.info["model"] == "block7-R4"
+    assert any("beat motion-compensated interpolation on planes kept aside" in n and "saved as 'block7-R4'" in n
+               for n in learnt.info["notes"])
     assert "block7-R4" in [e.name for e in list_models("isotropic")]
+    assert load_model("block7-R4").meta["validation"]["psnr_model"] == pytest.approx(before[0] + 0.5, abs=1e-3)
     again = drive(isotropic(vol, "block7-R4", settings, factor=4))  # e.g. on other chunks of the volume
     assert np.abs(again.image.astype(int) - learnt.image).max() <= 1  # the same model (stored in float16)
     progress = []
     with pytest.raises(ModelFileError, match="exists already"):  # refused before ten minutes of learning
         drive(isotropic_self_supervised(vol, 4, minutes=10, save_as="block7-R4"), progress.append)
     assert progress == []
+
+
+@pytest.mark.parametrize("minutes, refusal", [(1.0, "too short for the learnt model to beat motion-compensated"),
+                                              (0.0, "too short"), (-3.0, "too short"),
+                                              (float("nan"), "a number of minutes, not nan"),
+                                              (float("inf"), "a number of minutes, not inf")])
+def test_a_budget_too_short_to_beat_the_start_is_refused_before_any_work(minutes, refusal):
+    from napari_emdiffuse.core.isotropic import SELF_SUPERVISED_MIN_MINUTES, isotropic_self_supervised
+
+    assert minutes < SELF_SUPERVISED_MIN_MINUTES or not np.isfinite(minutes)
+    with pytest.raises(InputError, match=refusal):
+        isotropic_self_supervised(np.zeros((6, 24, 96), np.uint8), 4, minutes)  # raised by the call, not a step
 
 
 def test_cli_writes_the_reconstruction_with_z_pixel_size_divided(tmp_path, tiny_isotropic, volume, capsys):
@@ -236,11 +313,35 @@ def test_cli_writes_the_reconstruction_with_z_pixel_size_divided(tmp_path, tiny_
     assert "add that option" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_short_budget_at_once_and_writes_the_start_when_the_model_does_not_beat_it(
+        tmp_path, capsys, monkeypatch):
+    import tifffile
+
+    from napari_emdiffuse.cli import main
+
+    out, unc = tmp_path / "iso.tif", tmp_path / "unc.tif"
+    assert main(["isotropic", str(tmp_path / "not-read.tif"), "-o", str(out), "--factor", "4", "--self-supervised",
+                 "--train-minutes", "0.5"]) == 2  # refused before the volume is even read
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "too short for the learnt model to beat motion-compensated interpolation" in err
+    monkeypatch.setenv("EMDIFFUSE_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setattr("napari_emdiffuse.core.isotropic.SELF_SUPERVISED_MIN_MINUTES", 0.01)
+    src = tmp_path / "smooth.tif"
+    tifffile.imwrite(src, sections_moving_along_y())
+    assert main(["isotropic", str(src), "-o", str(out), "--factor", "4", "--self-supervised", "--train-minutes",
+                 "0.01", "--save-model", "m", "--uncertainty", str(unc), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "note: the model learnt in 0.01 minutes" in captured.err and "neither used nor saved" in captured.err
+    assert "(motion-compensated interpolation: no uncertainty)" in captured.out
+    assert tifffile.imread(out).shape == (21, 12, 96) and not unc.exists() and not (tmp_path / "models").exists()
+
+
 def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer, qtbot, tiny_isotropic, volume,
                                                               monkeypatch, tmp_path):
     import shutil
 
     from napari_emdiffuse._widgets.isotropic import SELF_SUPERVISED, IsotropicWidget
+    from napari_emdiffuse.core.finetune import Verdict
 
     shutil.copy(tiny_isotropic, tmp_path)  # a models folder of this test's own: the learnt model goes there too
     monkeypatch.setenv("EMDIFFUSE_MODELS_DIR", str(tmp_path))
@@ -268,22 +369,43 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     widget.mode.setCurrentIndex(widget.mode.findData(SELF_SUPERVISED))  # vEMDiffuse-a needs no model
     assert not widget.model_picker.isEnabled() and widget.minutes.isEnabled()
     assert not widget.model_picker.menu_button.isEnabled()
+    wide = viewer.add_image(np.tile(volume, (2, 1, 3)), name="wide", scale=(50.0, 4.0, 4.0))  # 48 columns aside
+    widget.minutes.setValue(1.0)  # too short to beat the start: refused before any work, in one sentence
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    widget.run_button.click()
+    assert widget.worker is None and len(shown) == 1 and "too short for the learnt model to beat" in shown[0]
+    monkeypatch.setattr("napari_emdiffuse.core.isotropic.SELF_SUPERVISED_MIN_MINUTES", 0.1)  # seconds, not minutes
+    monkeypatch.setattr("napari_emdiffuse.core.finetune.judge",  # learning that beats its start takes minutes
+                        lambda before, after, margin: Verdict(True, before[0], before[0] + 0.5, 0.5, 0.1))
     widget.minutes.setValue(0.1)
-    viewer.layers.remove(iso)
     statuses = []
     widget.run_button.click()
     widget.worker.yielded.connect(lambda _: statuses.append(widget.status.text()))  # after the widget's own slot
-    qtbot.waitUntil(lambda: "sections_isotropic" in viewer.layers and widget.worker is None, timeout=90_000)
-    # progress shows the learning, then the reconstruction, under what runs
-    assert any("Running isotropic on sections" in s and "learning from this volume: step" in s for s in statuses)
-    assert any("gap 3/3" in s for s in statuses)
-    assert viewer.layers["sections_isotropic"].data.shape == (16, 24, 40)
+    qtbot.waitUntil(lambda: "wide_isotropic" in viewer.layers and widget.worker is None, timeout=90_000)
+    # progress shows the learning, the check on columns kept aside, then the reconstruction, under what runs
+    assert any("Running isotropic on wide" in s and "learning from this volume: step" in s for s in statuses)
+    assert any("planes kept aside, seed 1/3" in s for s in statuses) and any("gap 7/7" in s for s in statuses)
+    assert viewer.layers["wide_isotropic"].data.shape == (36, 24, 120) and "wide_uncertainty" in viewer.layers
     # the learnt model joins the picker, to process more of the acquisition (e.g. all of it into a Zarr file)
     learnt = [widget.model_picker.itemText(i) for i in range(widget.model_picker.count())
               if widget.model_picker.itemText(i).startswith("self-supervised-R5-")]
     assert len(learnt) == 1 and f"saved as '{learnt[0]}'" in widget.status.text()
+    assert "beat motion-compensated interpolation on planes kept aside" in widget.status.text()
+
+    monkeypatch.undo()  # a model that does not beat its start: the start reconstructs the volume, nothing is saved
+    monkeypatch.setenv("EMDIFFUSE_MODELS_DIR", str(tmp_path))
+    monkeypatch.setattr("napari_emdiffuse.core.isotropic.SELF_SUPERVISED_MIN_MINUTES", 0.1)
+    viewer.layers.remove(wide)
+    viewer.add_image(sections_moving_along_y(), name="smooth", scale=(50.0, 4.0, 4.0))
+    widget.run_button.click()
+    qtbot.waitUntil(lambda: "smooth_isotropic" in viewer.layers and widget.worker is None, timeout=90_000)
+    assert "smooth_uncertainty" not in viewer.layers and len(list(tmp_path.glob("self-supervised-R5-*"))) == 1
+    assert "motion-compensated interpolation: no uncertainty. Note: the model learnt in 0.1 minutes (" \
+        in widget.status.text() and "did not beat" in widget.status.text()
     shown = []
     monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    widget.layer_picker.setCurrentText("smooth")
     widget.scope.setCurrentIndex(widget.scope.findData("zarr"))  # learning needs the volume in memory: refused
     widget.zarr_path.setText(str(tmp_path / "out.zarr"))
     widget.run_button.click()

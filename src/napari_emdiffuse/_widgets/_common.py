@@ -6,6 +6,7 @@ a job generator (``make_job``). Running, progress, cancellation and the output l
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,6 +39,8 @@ LARGE_LAYER_BYTES = 512 * 2**20
 DOCK_WIDTH = 172  # pixels the task docks ask for (their rows need 171): beside napari's layer list (320) the canvas
 # keeps half of its default window (1089 wide under Xvfb: canvas 553; at 230, 513)
 MODEL_FILES = "napari-emdiffuse models (*.npz);;BioImage.io model packages (*.zip)"  # .zip: export_model's package
+MODEL_FILES_TO_ADD = ("Model files (*.npz *.zip *.pth *.pt);;" + MODEL_FILES
+                      + ";;EMDiffuse authors' checkpoints (*.pth *.pt)")
 # at most one progress update a second: each repaints the window, which with software OpenGL (remote desktops,
 # virtual machines) costs the job measurable time (isotropic reconstruction of the sample volume: 19 s at five
 # updates a second, 10-11 s at one, 7-10 s with the window hidden)
@@ -218,9 +221,19 @@ class ModelPicker(QComboBox):
     def _choose_file_to_add(self) -> None:
         from qtpy.QtWidgets import QFileDialog
 
-        path, _ = QFileDialog.getOpenFileName(self, "Add a model file", "", MODEL_FILES)
+        path, _ = QFileDialog.getOpenFileName(self, "Add a model file", "", MODEL_FILES_TO_ADD)
         if path:
             self.add_file(path)
+
+    def ask_task(self, path: str) -> str | None:
+        """The task of a model file that does not record it (the authors' checkpoints); None if the user cancels."""
+        from qtpy.QtWidgets import QInputDialog
+
+        from ..core.models import TASKS
+
+        task, ok = QInputDialog.getItem(self, "Which task?", f"{Path(path).name} does not say what it was trained "
+                                        "for.\nIt is a model for:", list(TASKS), TASKS.index(self.task), False)
+        return task if ok else None
 
     def _choose_file_to_save(self) -> None:
         from qtpy.QtWidgets import QFileDialog
@@ -236,10 +249,15 @@ class ModelPicker(QComboBox):
         its task)."""
         from napari.utils.notifications import show_error, show_info
 
-        from ..core.models import ModelFileError, import_model, read_metadata
+        from ..core.models import CHECKPOINT_SUFFIXES, ModelFileError, import_model, read_metadata
 
+        task = None
+        if Path(path).suffix in CHECKPOINT_SUFFIXES:
+            task = self.ask_task(path)
+            if task is None:
+                return
         try:
-            installed = import_model(path)
+            installed = import_model(path, task=task)
         except ModelFileError as err:
             show_error(f"The model was not added: {err}")
             return
@@ -703,7 +721,7 @@ class RestoreWidget(JobWidget):
         self.show_layers(layer, added["image"], added.get("uncertainty"))
         done = f"Done in {info['seconds']:.1f} s ({info['device']}, {info['precision']})"
         if info["reliable"] is None:
-            text = f"{done}; one sample: no uncertainty."
+            text = f"{done}; {'one sample' if info['samples'] else info['model']}: no uncertainty."
         else:
             flagged = 100 * info["flagged_fraction"]
             text = (f"{done}. {verdict(info['uncertainty_score'], info['threshold'])} "

@@ -46,6 +46,8 @@ def precondition(net, x: torch.Tensor, cond: torch.Tensor, sigma: torch.Tensor,
 
     ``sigma`` has one value per batch element. ``log_phi`` (the difficulty head) is in units of ``F``.
     """
+    if hasattr(net, "denoise"):  # a network that is its own denoiser (the authors' epsilon models)
+        return net.denoise(x, cond, sigma, label), None, None
     c_skip, c_out, c_in = scalings(sigma.reshape(-1, 1, 1, 1))
     f, log_phi = net(c_in * x, cond, sigma.log().flatten() / 4, label)
     return c_skip * x + c_out * f, f, log_phi
@@ -145,5 +147,28 @@ def dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas: list[float], noise
     return x
 
 
-SAMPLERS = {"euler_ancestral": euler_ancestral, "dpmpp_2m_sde": dpmpp_2m_sde}  # eta = 0: deterministic (DDIM)
+def authors_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, eta: float = 1.0):
+    """The EMDiffuse authors' sampler: ancestral DDPM, each step drawing from the posterior q(y_{t-1} | y_t, y0) at
+    the denoiser's estimate of y0, over ``sigmas`` (their test schedule, see ``guided_unet.authors_sigmas``).
+
+    Written in their variables ``y = x sqrt(g)``, ``g = 1 / (1 + sigma^2)``; ``eta`` is not used (the posterior
+    fixes the noise).
+    """
+    gammas = [1 / (1 + s * s) for s in sigmas] + [1.0]
+    for i, sigma in enumerate(sigmas):
+        x0 = yield from denoiser(x, sigma)
+        g, g_prev = gammas[i], gammas[i + 1]
+        if i == len(sigmas) - 1:
+            return x0
+        alpha = g / g_prev
+        beta = 1 - alpha
+        y = x * math.sqrt(g)
+        mean = (beta * math.sqrt(g_prev) / (1 - g)) * x0 + ((1 - g_prev) * math.sqrt(alpha) / (1 - g)) * y
+        std = math.exp(0.5 * math.log(max(beta * (1 - g_prev) / (1 - g), 1e-20)))
+        x = (mean + noise() * std) / math.sqrt(g_prev)
+    return x
+
+
+# eta = 0: deterministic (DDIM); "authors" runs only on the authors' schedule (tasks.sampling_sigmas)
+SAMPLERS = {"euler_ancestral": euler_ancestral, "dpmpp_2m_sde": dpmpp_2m_sde, "authors": authors_ancestral}
 

@@ -265,6 +265,9 @@ def finetune(task: str, image: np.ndarray, target: np.ndarray | None = None, *, 
     started = time.perf_counter()
     dev = pick_device(device)
     base_model = load_model(base or default_model(task), device=dev, task=task)
+    if base_model.meta.get("architecture") == "emdiffuse-guided":
+        raise InputError(f"'{base_model.name}' is one of the EMDiffuse authors' networks; fine-tune it with their "
+                         "code, or fine-tune one of this plugin's models here.")
     settings = Settings(samples=2, seed=seed, device=dev.type, precision=precision)
     if task == "isotropic":
         yield Progress(0, 1, "preparing the volume")
@@ -380,11 +383,12 @@ class Verdict:
     spread: float  # seed-to-seed standard deviation (the larger of the two models')
 
 
-def judge(before: list[float], after: list[float]) -> Verdict:
+def judge(before: list[float], after: list[float], margin: float = 0.0) -> Verdict:
     """A candidate improves on the base only when it is better with every seed and its mean gain exceeds the
-    seed-to-seed spread: a difference within that spread is chance of the sampling, not learning."""
+    seed-to-seed spread: a difference within that spread is chance of the sampling, not learning. ``margin`` (dB):
+    the least gain that counts where the spread says little (a base that draws no noise)."""
     b, a = np.asarray(before, float), np.asarray(after, float)
     spread = float(max(b.std(ddof=1), a.std(ddof=1))) if len(b) > 1 else 0.0
     gain = float(a.mean() - b.mean())
-    improved = bool(len(a) == len(b) and (a > b).all() and gain > spread)
+    improved = bool(len(a) == len(b) and (a > b).all() and gain > max(spread, margin))
     return Verdict(improved, float(b.mean()), float(a.mean()), gain, spread)

@@ -26,6 +26,7 @@ FORMAT = "napari-emdiffuse-model"
 META_KEY = "__meta__"
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models"
 TASKS = ("denoise", "superres", "isotropic")
+CHECKPOINT_SUFFIXES = (".pth", ".pt")  # the EMDiffuse authors' checkpoints (core.guided_unet)
 SAMPLING_DEFAULTS = {"steps": 6, "sampler": "euler_ancestral", "eta": 1.0, "sigma_max": 3.0, "sigma_end": 0.02}
 
 
@@ -225,15 +226,28 @@ def _shape_and_kind(value) -> tuple[tuple[int, ...], str]:
     return tuple(value.shape), kind
 
 
+def build_network(meta: dict):
+    """The untrained network a model's metadata describes: ours, or the authors' (``architecture``
+    ``"emdiffuse-guided"``, imported from their checkpoints). Built under ``torch.device("meta")`` it costs no memory."""
+    if meta.get("architecture") == "emdiffuse-guided":
+        from .guided_unet import GuidedConfig, GuidedUNet
+
+        return GuidedUNet(GuidedConfig.from_dict(meta["network"]))
+    from .network import UNet, UNetConfig
+
+    return UNet(UNetConfig.from_dict(meta.get("network", {})))
+
+
 def expected_state(config) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Shape and dtype kind of every weight of a network of ``config``, built without memory (torch's meta device);
-    refused if the network would be larger than any model we make."""
+    """Shape and dtype kind of every weight of a network of ``config`` (a UNetConfig, or a model's metadata: see
+    :func:`build_network`), built without memory (torch's meta device); refused if the network would be larger than
+    any model we read."""
     import torch
 
     from .network import UNet
 
     with torch.device("meta"):
-        state = UNet(config).state_dict()
+        state = (build_network(config) if isinstance(config, dict) else UNet(config)).state_dict()
     if sum(t.numel() for t in state.values()) > MAX_PARAMETERS:
         raise ModelFileError("The model's network is larger than any napari-emdiffuse model (refused).")
     return {k: _shape_and_kind(t) for k, t in state.items()}
@@ -244,15 +258,13 @@ def _read(path: Path, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]
 
     Sizes come from the zip directory and each array's header before any data is inflated; metadata alone is one
     small member."""
-    from .network import UNetConfig
-
     archive, members = _open_archive(path)
     try:
         meta = _read_meta(archive, members, path.name)
         if not weights:
             return meta, {}
         try:
-            expected = expected_state(UNetConfig.from_dict(meta.get("network", {})))
+            expected = expected_state(meta)
         except (TypeError, ValueError, RuntimeError) as err:
             raise ModelFileError(f"{path.name} does not match its network description ({err}).") from err
         arrays = {key: _read_member(archive, info, path.name, expected.get(key))
@@ -294,7 +306,9 @@ def save_model(net, meta: dict, path: str | os.PathLike) -> Path:
     meta = {**meta, "format": FORMAT, "version": 1, "network": net.config.to_dict()}
     if meta.get("task") not in TASKS:
         raise ValueError(f"task must be one of {TASKS}")
-    arrays = {k: v.detach().cpu().to(dtype=_storage_dtype(v)).numpy() for k, v in net.state_dict().items()}
+    keep = meta.get("weights_dtype") == "float32"  # the authors' weights stay as trained
+    arrays = {k: v.detach().cpu().to(dtype=v.dtype if keep else _storage_dtype(v)).numpy()
+              for k, v in net.state_dict().items()}
     arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -330,7 +344,7 @@ def list_models(task: str | None = None) -> list[ModelEntry]:
 def resolve(name_or_path: str | os.PathLike, task: str | None = None) -> Path:
     """Path of a model given by name (bundled or user) or by file path."""
     candidate = Path(name_or_path)
-    if candidate.suffix == ".npz" or candidate.exists():
+    if candidate.suffix in (".npz", *CHECKPOINT_SUFFIXES) or candidate.exists():
         if not candidate.is_file():
             raise ModelFileError(f"Model file not found: {candidate}")
         return candidate
@@ -356,6 +370,10 @@ def default_model(task: str) -> str:
 def load_model(name_or_path: str | os.PathLike, device="cpu", task: str | None = None) -> Model:
     path = resolve(name_or_path, task)
     stat = path.stat()
+    if path.suffix in CHECKPOINT_SUFFIXES:  # the file does not say its task: the caller does
+        if task is None:
+            raise ModelFileError(f"{path.name} is an EMDiffuse checkpoint: say which task it is for.")
+        return _load_checkpoint_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size, str(device), task)
     model = _load_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size, str(device))
     if task is not None and model.task != task:
         raise ModelFileError(f"The model '{model.name}' is a {model.task} model, not a {task} model.")
@@ -366,19 +384,31 @@ def load_model(name_or_path: str | os.PathLike, device="cpu", task: str | None =
 def _load_cached(path: str, mtime_ns: int, size: int, device: str) -> Model:
     import torch
 
-    from .network import UNet, UNetConfig
-
     meta, arrays = _read(Path(path))  # checked: sizes, shapes, dtypes, finite values, sampling settings
     try:
-        net = UNet(UNetConfig.from_dict(meta["network"]))
+        net = build_network(meta)
         state = net.state_dict()
         net.load_state_dict({k: torch.from_numpy(arrays[k].copy()).to(state[k].dtype) for k in state})
-    except (KeyError, TypeError, RuntimeError) as err:
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ModelFileError(f"{Path(path).name} does not match its network description ({err}).") from err
+    return _ready(net, meta, Path(path), device)
+
+
+def _ready(net, meta: dict, path: Path, device: str) -> Model:
+    import torch
+
     net = net.eval().to(device).to(memory_format=torch.channels_last)
     sampling = {**SAMPLING_DEFAULTS, **meta.get("sampling", {})}
     sampling["steps"] = int(sampling["steps"])  # checked whole by check_meta
-    return Model(net=net, meta=meta, name=meta.get("name", Path(path).stem), path=Path(path), sampling=sampling)
+    return Model(net=net, meta=meta, name=meta.get("name", path.stem), path=path, sampling=sampling)
+
+
+@lru_cache(maxsize=2)
+def _load_checkpoint_cached(path: str, mtime_ns: int, size: int, device: str, task: str) -> Model:
+    from .guided_unet import load_checkpoint
+
+    net, meta = load_checkpoint(path, task)
+    return _ready(net, meta, Path(path), device)
 
 
 def _user_entry(name: str) -> ModelEntry:
@@ -447,15 +477,30 @@ def export_model(name_or_path: str, destination: str | os.PathLike, overwrite: b
     return destination
 
 
-def import_model(path: str | os.PathLike, name: str | None = None) -> Path:
-    """Check a model file (plain arrays only, matching network) and copy it into the user's folder; from a
-    BioImage.io package of ours, its model file, with the same checks."""
+def import_model(path: str | os.PathLike, name: str | None = None, task: str | None = None) -> Path:
+    """Check a model file (plain arrays only, matching network) and copy it into the user's folder.
+
+    From a BioImage.io package of ours: its model file, with the same checks. An EMDiffuse authors' checkpoint
+    (``.pth``) is converted into a model file; it needs ``task``, which the checkpoint does not record (for our own
+    files, ``task`` if given must be the file's)."""
     from .bioimageio import import_package, is_package
 
     path = Path(path)
+    if name is not None:
+        check_model_name(name)
     if is_package(path):
         return import_package(path, name)
+    if path.suffix in CHECKPOINT_SUFFIXES:
+        if task is None:
+            raise ModelFileError(f"{path.name} is an EMDiffuse checkpoint, which does not say its task: give it "
+                                 "(denoise, superres or isotropic).")
+        from .guided_unet import load_checkpoint
+
+        net, meta = load_checkpoint(path, task)
+        return install_model(net, meta, check_model_name(name or path.stem))
     meta, _ = _read(path)
+    if task is not None and meta["task"] != task:
+        raise ModelFileError(f"{path.name} is a {meta['task']} model, not a {task} model.")
     name = check_model_name(name or Path(path).stem)
     model = _load_cached(str(path.resolve()), path.stat().st_mtime_ns, path.stat().st_size, "cpu")
     return install_model(model.net, meta, name)

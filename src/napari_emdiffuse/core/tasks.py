@@ -245,7 +245,7 @@ def sample_plane(model, cond: np.ndarray, start: np.ndarray, settings: Settings,
     """
     import torch
 
-    from .diffusion import SAMPLERS, difficulty_in_image_units, karras_sigmas
+    from .diffusion import SAMPLERS, difficulty_in_image_units
     from .tiling import NoiseField, TiledDenoiser, pad_to, padded_size
 
     h, w = start.shape
@@ -255,7 +255,7 @@ def sample_plane(model, cond: np.ndarray, start: np.ndarray, settings: Settings,
     start_t = to_model(start[None, None])
     k = settings.samples
     sampling = model.sampling
-    sigmas = karras_sigmas(settings.steps or sampling["steps"], sampling["sigma_end"], sampling["sigma_max"])
+    sigmas = sampling_sigmas(model, settings)
     sampler = SAMPLERS[settings.sampler or sampling["sampler"]]
     dtype = torch.bfloat16 if pick_precision(settings.precision, device) == "bfloat16" else None
     denoiser = TiledDenoiser(model.net, cond_t, tile, settings.overlap, batch, device, label, settings.origin, dtype)
@@ -272,6 +272,25 @@ def sample_plane(model, cond: np.ndarray, start: np.ndarray, settings: Settings,
         phis = difficulty_in_image_units(denoiser.first_log_phi[..., :h, :w], sigmas[0]).numpy()
     phi = phis.mean(0)[0] if settings.difficulty and phis is not None else None
     return samples.mean(0)[0], predictive_spread(samples, phis)[0], phi, denoiser.notes
+
+
+def sampling_sigmas(model, settings: Settings) -> list[float]:
+    """The noise levels the sampler visits: ``steps`` levels from the model's ``sigma_max`` down to its
+    ``sigma_end``, or, for the authors' own sampler, every level of their test schedule."""
+    from .diffusion import karras_sigmas
+
+    if (settings.sampler or model.sampling["sampler"]) == "authors":
+        if "schedule" not in model.meta:
+            raise InputError(f"The authors' sampler needs one of the authors' models; '{model.name}' is not one.")
+        from .guided_unet import authors_sigmas
+
+        return authors_sigmas(model.meta)
+    sampling = model.sampling
+    return karras_sigmas(settings.steps or sampling["steps"], sampling["sigma_end"], sampling["sigma_max"])
+
+
+def step_count(model, settings: Settings) -> int:
+    return len(sampling_sigmas(model, settings))
 
 
 def gives_uncertainty(model, settings: Settings) -> bool:
@@ -305,7 +324,7 @@ def plan_tiles(model, shape: tuple[int, int], settings: Settings, device) -> tup
     batch = 16 if device.type != "cpu" else 2  # small batches on CPU: no speed lost, finer progress and cancel
     tile, batch, note = fit_to_memory(ph, pw, settings.samples, tile, batch, device, multiple)
     tiles = len(tile_plan(ph, pw, tile, settings.overlap, settings.origin)[0])
-    evaluations = (settings.steps or model.sampling["steps"]) * -(-settings.samples * tiles // batch)
+    evaluations = step_count(model, settings) * -(-settings.samples * tiles // batch)
     return tile, batch, evaluations, note
 
 
@@ -436,7 +455,7 @@ def summarise(task: str, model, settings: Settings, device, uncertainty: np.ndar
         "task": task,
         "model": model.name,
         "samples": settings.samples,
-        "steps": settings.steps or model.sampling["steps"],
+        "steps": step_count(model, settings),
         "sampler": settings.sampler or model.sampling["sampler"],
         "eta": settings.eta if settings.eta is not None else model.sampling["eta"],
         "seed": settings.seed,

@@ -180,6 +180,6 @@ class TiledDenoiser:
                 if log_phi is not None and lp is not None:
                     log_phi[k, :, y:y + self.th, xx:xx + self.tw] += lp[i].float().cpu().flip(flip[i]) * self.window
             yield len(chunk)
-        if log_phi is not None:
+        if log_phi is not None and lp is not None:  # a network without a difficulty head has no phi (not phi = 1)
             self.first_log_phi = log_phi * self.inv_total
         return out * self.inv_total
