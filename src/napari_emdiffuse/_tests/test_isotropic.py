@@ -370,6 +370,7 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     assert not widget.model_picker.isEnabled() and widget.minutes.isEnabled()
     assert not widget.model_picker.menu_button.isEnabled()
     wide = viewer.add_image(np.tile(volume, (2, 1, 3)), name="wide", scale=(50.0, 4.0, 4.0))  # 48 columns aside
+    qtbot.waitUntil(lambda: widget.layer_picker.currentText() == "wide", timeout=2_000)
     widget.minutes.setValue(1.0)  # too short to beat the start: refused before any work, in one sentence
     shown = []
     monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
@@ -386,7 +387,7 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     # progress shows the learning, the check on columns kept aside, then the reconstruction, under what runs
     assert any("Running isotropic on wide" in s and "learning from this volume: step" in s for s in statuses)
     assert any("planes kept aside, seed 1/3" in s for s in statuses) and any("gap 7/7" in s for s in statuses)
-    assert viewer.layers["wide_isotropic"].data.shape == (36, 24, 120) and "wide_uncertainty" in viewer.layers
+    assert viewer.layers["wide_isotropic"].data.shape == (36, 24, 120) and "wide_isotropic_uncertainty" in viewer.layers
     # the learnt model joins the picker, to process more of the acquisition (e.g. all of it into a Zarr file)
     learnt = [widget.model_picker.itemText(i) for i in range(widget.model_picker.count())
               if widget.model_picker.itemText(i).startswith("self-supervised-R5-")]
@@ -398,9 +399,10 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     monkeypatch.setattr("napari_emdiffuse.core.isotropic.SELF_SUPERVISED_MIN_MINUTES", 0.1)
     viewer.layers.remove(wide)
     viewer.add_image(sections_moving_along_y(), name="smooth", scale=(50.0, 4.0, 4.0))
+    qtbot.waitUntil(lambda: widget.layer_picker.currentText() == "smooth", timeout=2_000)
     widget.run_button.click()
     qtbot.waitUntil(lambda: "smooth_isotropic" in viewer.layers and widget.worker is None, timeout=90_000)
-    assert "smooth_uncertainty" not in viewer.layers and len(list(tmp_path.glob("self-supervised-R5-*"))) == 1
+    assert "smooth_isotropic_uncertainty" not in viewer.layers and len(list(tmp_path.glob("self-supervised-R5-*"))) == 1
     assert "motion-compensated interpolation: no uncertainty. Note: the model learnt in 0.1 minutes (" \
         in widget.status.text() and "did not beat" in widget.status.text()
     shown = []
