@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 SCOPES = (("Whole layer", "layer"), ("Current slice", "slice"), ("Current view", "view"),
           ("Whole layer to a Zarr file (chunk by chunk)", "zarr"))
 LARGE_LAYER_BYTES = 512 * 2**20
-DOCK_WIDTH = 172  # pixels the task docks ask for (their rows need 171): beside napari's layer list (320) the canvas
-# keeps half of its default window (1089 wide under Xvfb: canvas 553; at 230, 513)
+DOCK_WIDTH = 172  # pixels the task docks ask for (their rows need 171); napari's main window still gives the dock
+# 208 (measured under Xvfb, window 1089, layer list 320, canvas 535): see issue 33
 MODEL_FILES = "napari-emdiffuse models (*.npz);;BioImage.io model packages (*.zip)"  # .zip: export_model's package
 MODEL_FILES_TO_ADD = ("Model files (*.npz *.zip *.pth *.pt);;" + MODEL_FILES
                       + ";;EMDiffuse authors' checkpoints (*.pth *.pt)")
