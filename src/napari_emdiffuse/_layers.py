@@ -17,19 +17,35 @@ def pixel_size(scale, metadata: dict, units=()) -> tuple[tuple[float, ...], str]
 
 
 def uncertainty_colormap(name: str = "emdiffuse_uncertainty"):
-    """Transparent up to half the threshold, blue to yellow towards it, solid red above it (contrast limits
-    0..2*threshold): every prediction has some spread, only what approaches the threshold should catch the eye."""
+    """Flagged areas only: transparent up to the threshold, red above it (contrast limits 0..2*threshold), so that
+    a reliable result shows as it is and the problems stand out."""
     from napari.utils.colormaps import Colormap
 
-    colors = [[0.1, 0.5, 1.0, 0.0], [0.1, 0.5, 1.0, 0.0], [0.1, 0.5, 1.0, 0.35], [1.0, 0.9, 0.0, 0.8],
-              [1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0]]
-    return Colormap(colors=colors, controls=[0.0, 0.25, 0.375, 0.4999, 0.5, 1.0], name=name)
+    colors = [[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0]]
+    return Colormap(colors=colors, controls=[0.0, 0.4999, 0.5, 1.0], name=name)
+
+
+def full_uncertainty_colormap(name: str = "emdiffuse_uncertainty_full"):
+    """The whole map: dark blue (certain) to light blue towards the threshold, orange to yellow above it."""
+    from napari.utils.colormaps import Colormap
+
+    colors = [[0.0, 0.0, 0.15, 1.0], [0.3, 0.6, 1.0, 1.0], [1.0, 0.45, 0.0, 1.0], [1.0, 1.0, 0.3, 1.0]]
+    return Colormap(colors=colors, controls=[0.0, 0.4999, 0.5, 1.0], name=name)
+
+
+FLAGGED_OPACITY = 0.6  # the result stays readable under the red
+
+
+def style_uncertainty(layer, full: bool) -> None:
+    """Show an uncertainty map layer as flagged areas over the result, or whole (the Map button)."""
+    layer.colormap = full_uncertainty_colormap() if full else uncertainty_colormap()
+    layer.opacity = 1.0 if full else FLAGGED_OPACITY
 
 
 def result_layers(name: str, maps_name: str, image, uncertainty, difficulty, meta: dict, threshold: float,
                   contrast_limits=None, **grid) -> list[tuple]:
-    """``(data, kwargs, "image")`` for the restored image ``name`` and its maps ``<maps_name>_uncertainty`` (in
-    red above ``threshold``) and ``<maps_name>_difficulty`` (hidden); all carry ``meta`` and the ``grid``
+    """``(data, kwargs, "image")`` for the restored image ``name`` and its maps ``<maps_name>_uncertainty`` (only
+    the areas above ``threshold``, in red) and ``<maps_name>_difficulty`` (hidden); all carry ``meta`` and the ``grid``
     (``scale``, ``translate``)."""
     layers = [(image, {"name": name, "metadata": meta, "contrast_limits": contrast_limits, **grid}, "image")]
     if uncertainty is not None:
@@ -43,7 +59,7 @@ def result_layers(name: str, maps_name: str, image, uncertainty, difficulty, met
 def map_layer(data, kind: str, name: str, meta: dict, threshold: float, **grid) -> tuple:
     """One per-pixel map (``kind`` in ``MAPS``) as a layer data tuple, marked so that no widget takes it as input."""
     style = ({"colormap": uncertainty_colormap(), "contrast_limits": (0.0, 2 * threshold), "blending": "translucent",
-              "opacity": 0.8} if kind == "uncertainty" else {"colormap": "magma"})
+              "opacity": FLAGGED_OPACITY} if kind == "uncertainty" else {"colormap": "magma"})
     return data, {"name": name, **style, "metadata": {**meta, "map": kind}, **grid}, "image"
 
 
@@ -52,4 +68,4 @@ def run_summary(metadata: dict) -> dict | None:
     layer that is not one of our results. Where the layer was read from, and its pixel size, stay out."""
     if "task" not in metadata or "model" not in metadata:
         return None
-    return {k: v for k, v in metadata.items() if k not in ("path", "pixel_size", "unit")}
+    return {k: v for k, v in metadata.items() if k not in ("path", "pixel_size", "unit", "run_key")}

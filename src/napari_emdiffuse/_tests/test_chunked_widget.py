@@ -65,8 +65,8 @@ def test_the_whole_layer_goes_to_a_zarr_file_and_opens_lazily(zarr_layer, qtbot,
     widget.scope.setCurrentIndex(widget.scope.findData("zarr"))
     widget.zarr_path.setText(str(tmp_path / "out.zarr"))
     widget.run_button.click()
-    qtbot.waitUntil(lambda: "em_uncertainty" in viewer.layers and widget.worker is None, timeout=120_000)
-    out, unc = viewer.layers["em_denoised"], viewer.layers["em_uncertainty"]
+    qtbot.waitUntil(lambda: "em_denoised_uncertainty" in viewer.layers and widget.worker is None, timeout=120_000)
+    out, unc = viewer.layers["em_denoised"], viewer.layers["em_denoised_uncertainty"]
     assert isinstance(out.data, da.Array) and out.data.shape == (3, 96, 80) and out.data.dtype == np.uint8
     assert tuple(out.scale) == (30.0, 4.0, 4.0) and tuple(unc.translate) == (0.0, 100.0, 0.0)
     assert out.metadata["model"] == "tiny" and "reliable" in widget.status.text()

@@ -351,8 +351,10 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     assert isinstance(widget, IsotropicWidget)
     assert widget.factor.value() == 10  # from the layer's scale: 50 nm over 4 nm, at most 10
     viewer.add_image(volume, name="other", scale=(60.0, 10.0, 10.0))  # selected: the picker and R follow it
-    assert widget.layer_picker.currentText() == "other" and widget.factor.value() == 6
+    qtbot.waitUntil(lambda: widget.layer_picker.currentText() == "other", timeout=2_000)  # once the loop runs
+    assert widget.factor.value() == 6
     viewer.layers.selection.active = sections
+    qtbot.waitUntil(lambda: widget.layer_picker.currentText() == "sections", timeout=2_000)
     assert widget.factor.value() == 10  # ... until R is set by hand: then it stays (the second run below)
     widget.model_picker.setCurrentText("tiny-iso")
     widget.factor.setValue(5)
@@ -362,12 +364,13 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     iso = viewer.layers["sections_isotropic"]
     assert iso.data.shape == (16, 24, 40) and tuple(iso.scale) == pytest.approx((10.0, 4.0, 4.0))
     np.testing.assert_allclose(iso.extent.world, sections.extent.world)  # first and last slice centres coincide
-    assert viewer.layers["sections_uncertainty"].metadata["reliable"] is not None
+    assert viewer.layers["sections_isotropic_uncertainty"].metadata["reliable"] is not None
 
     widget.mode.setCurrentIndex(widget.mode.findData(SELF_SUPERVISED))  # vEMDiffuse-a needs no model
     assert not widget.model_picker.isEnabled() and widget.minutes.isEnabled()
     assert not widget.model_picker.menu_button.isEnabled()
     wide = viewer.add_image(np.tile(volume, (2, 1, 3)), name="wide", scale=(50.0, 4.0, 4.0))  # 48 columns aside
+    qtbot.waitUntil(lambda: widget.layer_picker.currentText() == "wide", timeout=2_000)
     widget.minutes.setValue(1.0)  # too short to beat the start: refused before any work, in one sentence
     shown = []
     monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
@@ -384,7 +387,7 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     # progress shows the learning, the check on columns kept aside, then the reconstruction, under what runs
     assert any("Running isotropic on wide" in s and "learning from this volume: step" in s for s in statuses)
     assert any("planes kept aside, seed 1/3" in s for s in statuses) and any("gap 7/7" in s for s in statuses)
-    assert viewer.layers["wide_isotropic"].data.shape == (36, 24, 120) and "wide_uncertainty" in viewer.layers
+    assert viewer.layers["wide_isotropic"].data.shape == (36, 24, 120) and "wide_isotropic_uncertainty" in viewer.layers
     # the learnt model joins the picker, to process more of the acquisition (e.g. all of it into a Zarr file)
     learnt = [widget.model_picker.itemText(i) for i in range(widget.model_picker.count())
               if widget.model_picker.itemText(i).startswith("self-supervised-R5-")]
@@ -396,9 +399,10 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     monkeypatch.setattr("napari_emdiffuse.core.isotropic.SELF_SUPERVISED_MIN_MINUTES", 0.1)
     viewer.layers.remove(wide)
     viewer.add_image(sections_moving_along_y(), name="smooth", scale=(50.0, 4.0, 4.0))
+    qtbot.waitUntil(lambda: widget.layer_picker.currentText() == "smooth", timeout=2_000)
     widget.run_button.click()
     qtbot.waitUntil(lambda: "smooth_isotropic" in viewer.layers and widget.worker is None, timeout=90_000)
-    assert "smooth_uncertainty" not in viewer.layers and len(list(tmp_path.glob("self-supervised-R5-*"))) == 1
+    assert "smooth_isotropic_uncertainty" not in viewer.layers and len(list(tmp_path.glob("self-supervised-R5-*"))) == 1
     assert "motion-compensated interpolation: no uncertainty. Note: the model learnt in 0.1 minutes (" \
         in widget.status.text() and "did not beat" in widget.status.text()
     shown = []

@@ -35,8 +35,8 @@ def test_denoise_widget_adds_result_and_uncertainty_layers(make_napari_viewer, q
     run = widget.findChild(type(widget.run_button), "run_button")
     run.click()
     assert not run.isEnabled()  # no second run while one is going
-    qtbot.waitUntil(lambda: "noisy_uncertainty" in viewer.layers and widget.worker is None, timeout=60_000)
-    out, unc = viewer.layers["noisy_denoised"], viewer.layers["noisy_uncertainty"]
+    qtbot.waitUntil(lambda: "noisy_denoised_uncertainty" in viewer.layers and widget.worker is None, timeout=60_000)
+    out, unc = viewer.layers["noisy_denoised"], viewer.layers["noisy_denoised_uncertainty"]
     assert out.data.shape == noisy.shape and out.data.dtype == noisy.dtype
     assert tuple(out.scale) == (4.0, 4.0) and tuple(out.translate) == (10.0, 20.0)
     assert tuple(unc.scale) == (4.0, 4.0) and tuple(unc.contrast_limits) == pytest.approx((0.0, 0.24))
@@ -48,8 +48,8 @@ def test_denoise_widget_adds_result_and_uncertainty_layers(make_napari_viewer, q
     assert unc.data.max() > 0
     assert "reliable" in widget.status.text() and run.isEnabled()
     np.testing.assert_array_equal(viewer.layers["noisy"].data, noisy)  # input untouched
-    # this widget keeps its input; the others move to the new output, and never offer a map as an input
-    assert widget.layer_picker.currentText() == "noisy" and other.layer_picker.currentText() == "noisy_denoised"
+    # no widget moves to the new output (napari selects it), and none offers a map as an input
+    assert widget.layer_picker.currentText() == "noisy" and other.layer_picker.currentText() == "noisy"
     offered = [other.layer_picker.itemText(i) for i in range(other.layer_picker.count())]
     assert offered == ["noisy", "noisy_denoised"]
     # saved and opened again, the map is still a map (styled, never an input) and says how it was made
@@ -203,7 +203,7 @@ def test_superres_widget_output_overlays_the_input(make_napari_viewer, qtbot, ti
     edges = lambda layer: layer.extent.world + np.array([-0.5, 0.5])[:, None] * layer.scale  # noqa: E731  pixel edges
     np.testing.assert_allclose(edges(hr), edges(lr), atol=1e-6)  # same world extent
     assert hr.units == lr.units and hr.axis_labels == ("y", "x")
-    assert "lr_uncertainty" in viewer.layers
+    assert "lr_superres_uncertainty" in viewer.layers
 
 
 def test_closing_napari_during_a_run_is_known_to_napari_and_stops_the_run(make_napari_viewer, qtbot, user_models):

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 SCOPES = (("Whole layer", "layer"), ("Current slice", "slice"), ("Current view", "view"),
           ("Whole layer to a Zarr file (chunk by chunk)", "zarr"))
 LARGE_LAYER_BYTES = 512 * 2**20
+DOCK_WIDTH = 172  # pixels the task docks ask for (their rows need 171); napari's main window still gives the dock
+# 208 (measured under Xvfb, window 1089, layer list 320, canvas 535): see issue 33
 MODEL_FILES = "napari-emdiffuse models (*.npz);;BioImage.io model packages (*.zip)"  # .zip: export_model's package
 MODEL_FILES_TO_ADD = ("Model files (*.npz *.zip *.pth *.pt);;" + MODEL_FILES
                       + ";;EMDiffuse authors' checkpoints (*.pth *.pt)")
@@ -75,6 +77,16 @@ def software_opengl() -> bool:
     return _software_opengl
 
 
+def compact(widget: QWidget, *forms: QFormLayout) -> None:
+    """Narrow enough for napari's default window to keep most of its width for the canvas: labels go above their
+    fields when a row does not fit, and drop-down lists are as wide as the dock, not as their longest entry."""
+    for form in forms:
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+    for box in widget.findChildren(QComboBox):
+        box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        box.setMinimumContentsLength(6)
+
+
 def full_resolution(layer):
     """The layer's data at full resolution (level 0 of a multiscale layer), as it is: numpy, dask or zarr."""
     return layer.data[0] if layer.multiscale else layer.data
@@ -83,26 +95,29 @@ def full_resolution(layer):
 class LayerPicker(QComboBox):
     """Grey-level image layers of the viewer (not our maps), kept in sync with it.
 
-    With ``follow_selection`` it moves to the layer the user selects (a task widget's one input); without, it is set
-    by its widget (the fine-tuning pair, which comes from two selected layers).
+    With ``follow_selection`` it moves to the layer the user selects (a task widget's one input), but not to a result
+    just added (napari selects every new layer: a result appearing must not change what the widgets work on);
+    without, it is set by its widget (the fine-tuning pair, which comes from two selected layers).
     """
 
     def __init__(self, viewer: napari.viewer.Viewer, parent=None, follow_selection: bool = True):
         super().__init__(parent)
         self.viewer = viewer
-        viewer.layers.events.inserted.connect(self.refresh)
+        self._just_added = None
+        viewer.layers.events.inserted.connect(self._inserted)
         viewer.layers.events.removed.connect(self.refresh)
         viewer.layers.events.moved.connect(self.refresh)
         self.refresh()
         if follow_selection:
             viewer.layers.selection.events.active.connect(self._follow_selection)
-            self._follow_selection()
+            self._follow_now()
 
     def _images(self):
         from napari.layers import Image
 
         return [layer for layer in self.viewer.layers
-                if isinstance(layer, Image) and not layer.rgb and layer.metadata.get("map") not in MAPS]
+                if isinstance(layer, Image) and not layer.rgb and layer.metadata.get("map") not in MAPS
+                and not layer.metadata.get("live")]  # live mode's canvas is no input
 
     def refresh(self, event=None):
         current = self.currentText()
@@ -115,8 +130,20 @@ class LayerPicker(QComboBox):
         self.setCurrentIndex(index if index >= 0 else (0 if self.count() else -1))
         self.blockSignals(False)
 
+    def _inserted(self, event) -> None:
+        self._just_added = event.value
+        self.refresh()
+
     def _follow_selection(self, event=None):
+        from qtpy.QtCore import QTimer
+
+        QTimer.singleShot(0, self._follow_now)  # after the insertion that may have caused it is known
+
+    def _follow_now(self) -> None:
         active = self.viewer.layers.selection.active
+        just_added, self._just_added = self._just_added, None
+        if active is just_added and active is not None and "task" in active.metadata:
+            return  # a result just added: the user chooses it explicitly
         if active is not None and active in self._images():
             self.setCurrentText(active.name)
 
@@ -384,6 +411,11 @@ class RestoreWidget(JobWidget):
     doing = ""  # what the running job is, for the status line
 
     def __init__(self, viewer: napari.viewer.Viewer, parent=None):
+        from superqt import QCollapsible
+
+        from ..core.live import CACHE_MB, LIVE_TILE
+        from ._live import LiveMode
+
         super().__init__(viewer, parent)
         form = self.form
         self.layer_picker = LayerPicker(viewer)
@@ -399,39 +431,94 @@ class RestoreWidget(JobWidget):
                                 "Sampling steps per sample (network evaluations); 0 uses the model's default.")
         self.steps.setSpecialValueText("model default")
         self.seed = self._spin(form, "Seed", 0, 2**31 - 1, 0, "seed", "Same seed, same result.")
-        self.tile = self._spin(form, "Tile size", 64, 2048, 256, "tile",
-                               "Tiles are fused at every step, so they leave no seams; smaller tiles use less memory.")
-        self.tile.setSingleStep(64)
-        self.device = QComboBox(objectName="device")
-        self.device.addItems(["auto", "cpu", "cuda", "mps"])
-        form.addRow("Device", self.device)
-        self.precision = QComboBox(objectName="precision")
-        self.precision.addItems(PRECISIONS)
-        self.precision.setToolTip("Arithmetic of the network. auto: bfloat16 on CPUs that compute it natively "
-                                  "(1.45x as fast, results within a grey level), float32 elsewhere.")
-        form.addRow("Precision", self.precision)
-        self.threshold = QDoubleSpinBox(objectName="threshold", decimals=3, minimum=0.001, maximum=1.0,
-                                        singleStep=0.01, value=UNCERTAINTY_THRESHOLD)
-        self.threshold.setToolTip("Uncertainty (std, in [0, 1] intensity units) above which pixels are flagged.")
-        form.addRow("Threshold", self.threshold)
-        self.difficulty = QCheckBox("Add difficulty map (phi)", objectName="difficulty")
-        form.addRow("", self.difficulty)
         self.scope = QComboBox(objectName="scope")
         for text, scope in SCOPES:
             self.scope.addItem(text, scope)
         self.scope.setToolTip("Big or lazily loaded (e.g. OME-Zarr) layers: try settings on the current view, then "
                               "process the whole layer chunk by chunk into a Zarr file, opened lazily when done.")
         form.addRow("Process", self.scope)
+        self.live = QCheckBox("Live view", objectName="live")
+        self.live.setToolTip("Restores the part of the current slice on screen as you pan, zoom or change slice, "
+                             "tile by tile from the centre, into one result layer over the image. Tiles seen before "
+                             "come from memory. Zoomed far out it waits until the view shows at most 4 million "
+                             "full-resolution pixels.")
+        form.addRow("", self.live)
+
+        # rarely changed: folded away, so that the dock leaves the canvas most of the window
+        more = QCollapsible("More settings")
+        more.setObjectName("more_settings")
+        advanced_widget = QWidget()
+        advanced = QFormLayout(advanced_widget)
+        advanced.setContentsMargins(0, 0, 0, 0)
+        more.addWidget(advanced_widget)
+        form.addRow(more)
+        self.more_settings = more
+        self.tile = self._spin(advanced, "Tile size", 64, 2048, 256, "tile",
+                               "Tiles are fused at every step, so they leave no seams; smaller tiles use less memory.")
+        self.tile.setSingleStep(64)
+        self.device = QComboBox(objectName="device")
+        self.device.addItems(["auto", "cpu", "cuda", "mps"])
+        advanced.addRow("Device", self.device)
+        self.precision = QComboBox(objectName="precision")
+        self.precision.addItems(PRECISIONS)
+        self.precision.setToolTip("Arithmetic of the network. auto: bfloat16 on CPUs that compute it natively "
+                                  "(1.45x as fast, results within a grey level), float32 elsewhere.")
+        advanced.addRow("Precision", self.precision)
+        self.threshold = QDoubleSpinBox(objectName="threshold", decimals=3, minimum=0.001, maximum=1.0,
+                                        singleStep=0.01, value=UNCERTAINTY_THRESHOLD)
+        self.threshold.setToolTip("Uncertainty (std, in [0, 1] intensity units) above which pixels are flagged.")
+        advanced.addRow("Threshold", self.threshold)
+        self.difficulty = QCheckBox("Difficulty map", objectName="difficulty")
+        self.difficulty.setToolTip("Add the model's difficulty map (phi): where it expects restoration to be hard.")
+        advanced.addRow("", self.difficulty)
         self.zarr_path = QLineEdit(objectName="zarr_path", placeholderText="result.zarr")
+        self.zarr_path.setMinimumWidth(60)  # long paths scroll; the dock stays narrow
         browse = QPushButton("…", objectName="browse_zarr")
         browse.clicked.connect(self._choose_zarr_path)
         row = QHBoxLayout()
         row.addWidget(self.zarr_path)
         row.addWidget(browse)
-        form.addRow("Zarr file", row)
+        advanced.addRow("Zarr file", row)
+        self.cache_mb = self._spin(advanced, "Live memory", 16, 65536, CACHE_MB, "cache_mb",
+                                   "Memory for tiles restored in live mode (least recently seen dropped first).")
+        self.cache_mb.setSuffix(" MB")
+        self.live_tile = self._spin(advanced, "Live tile", 64, 1024, LIVE_TILE, "live_tile",
+                                    "Output pixels per tile in live mode: smaller tiles show sooner, larger ones cost "
+                                    "fewer network evaluations per view.")
+        self.live_tile.setSingleStep(64)
+
+        self.show_buttons = ShowButtons(self)
+        self.layout().insertWidget(self.layout().indexOf(self.status), self.show_buttons)
+        self.live_mode = LiveMode(self, self.cache_mb.value())
+        self.cache_mb.valueChanged.connect(self.live_mode.set_cache_mb)
+        self.live.toggled.connect(self._toggle_live)
+        for control in (self.layer_picker.currentTextChanged, self.model_picker.currentTextChanged,
+                        self.samples.valueChanged, self.steps.valueChanged, self.seed.valueChanged,
+                        self.device.currentTextChanged, self.precision.currentTextChanged,
+                        self.live_tile.valueChanged):
+            control.connect(self.live_mode.restart_later)
         self.scope.currentIndexChanged.connect(lambda: self.zarr_path.setEnabled(self.scope.currentData() == "zarr"))
         self.layer_picker.currentTextChanged.connect(self._default_scope)
         self._default_scope()
+        compact(self, form, advanced)
+
+    def sizeHint(self):
+        """Ask the dock for little width (the rows wrap when narrow), so that the canvas keeps most of the window."""
+        hint = super().sizeHint()
+        hint.setWidth(min(hint.width(), DOCK_WIDTH))
+        return hint
+
+    def _toggle_live(self, on: bool) -> None:
+        from napari.utils.notifications import show_error
+
+        if not on:
+            self.live_mode.stop()
+            self.status.setText("Live mode is off.")
+            return
+        message = self.live_mode.start() if self.supports_live else "This task has no live mode."
+        if message:
+            self.live.setChecked(False)
+            show_error(message)
 
     def _spin(self, form, label, lo, hi, value, name, tip) -> QSpinBox:
         box = QSpinBox(objectName=name, minimum=lo, maximum=hi, value=value)
@@ -450,8 +537,23 @@ class RestoreWidget(JobWidget):
     def add_task_controls(self, form: QFormLayout) -> None:
         """Add controls specific to the task (e.g. the scale factor)."""
 
-    def make_job(self, data: np.ndarray, model: str, settings: Settings):
+    def make_job(self, data: np.ndarray, model, settings: Settings, norm=None):
+        """The task's job on ``data`` (``norm``: the intensity mapping, when ``data`` is part of a larger image)."""
         raise NotImplementedError
+
+    supports_live = True  # the task restores a plane from that plane alone (not isotropic reconstruction)
+
+    def live_scale(self) -> int:
+        """How many output pixels per input pixel along y and x."""
+        return 1
+
+    def live_key(self) -> tuple:
+        """The task's own options that decide the result (e.g. the scale factor)."""
+        return ()
+
+    def show_layers(self, image, result, uncertainty) -> None:
+        """The layers the Result / Input / Map buttons switch between (the latest result)."""
+        self.show_buttons.follow(image, result, uncertainty)
 
     def output_grid(self, layer) -> tuple[tuple, tuple]:
         """``(scale, translate)`` of the output layers; the input's own for same-size outputs."""
@@ -526,8 +628,9 @@ class RestoreWidget(JobWidget):
         self.doing = f"Running {self.task} on {layer.name}…"
         self.status.setText(self.doing)
         start = [s.start or 0 for s in region]
+        key = self.run_key(layer, region)
         self.start(job, f"{self.task}: {layer.name}",
-                   lambda result, layer=layer: self.on_result(layer, result, start))
+                   lambda result, layer=layer: self.on_result(layer, result, start, key))
 
     def _run_to_zarr(self, layer) -> None:
         """The whole layer, chunk by chunk in this process, into an OME-Zarr store (resumed if unfinished)."""
@@ -553,10 +656,19 @@ class RestoreWidget(JobWidget):
         self.cancelled_text = f"Cancelled; finished chunks are kept in {path}: run again to resume."
         self.doing = f"Running {self.task} on {layer.name} into {path}…"
         self.status.setText(self.doing)
+        key = self.run_key(layer, path)
         self.start(job, f"{self.task}: {layer.name} → {path}",
-                   lambda info, layer=layer: self.on_zarr_result(layer, path, info))
+                   lambda info, layer=layer: self.on_zarr_result(layer, path, info, key))
 
-    def on_zarr_result(self, layer, path: str, info: dict) -> None:
+    def run_key(self, layer, region) -> str:
+        """What makes two runs the same: the input, the region (or target file), the model and every setting that
+        decides the pixels. A run with the key of an earlier result replaces that result's layers."""
+        from ..core.live import settings_key
+
+        return repr((self.task, layer.name, id(layer.data), str(region), self.model_picker.currentData(),
+                     settings_key(self.settings()), self.live_key()))
+
+    def on_zarr_result(self, layer, path: str, info: dict, key: str | None = None) -> None:
         """Open the finished store lazily (dask arrays read chunk by chunk) as the usual output layers."""
         import dask.array as da
 
@@ -566,7 +678,7 @@ class RestoreWidget(JobWidget):
         maps = {name: da.from_zarr(path, component=map_key(name)) for name in ("image", "uncertainty", "difficulty")
                 if name in info["maps"]}
         result = Restoration(maps["image"], maps.get("uncertainty"), maps.get("difficulty"), info)
-        self.on_result(layer, result)
+        self.on_result(layer, result, run_key=key)
         self.status.setText(f"{self.status.text()} Saved in {path} (drag it into napari to open it again).")
 
     def on_progress(self, p) -> None:
@@ -576,8 +688,9 @@ class RestoreWidget(JobWidget):
         self.status.setText(f"{self.doing}\n{p.message}")  # e.g. which gap and slice, or the learning's loss
         super().on_progress(p)
 
-    def on_result(self, layer, result, start=None) -> None:
-        """Add the output layers; ``start`` is the region's first input pixel (its place in the layer)."""
+    def on_result(self, layer, result, start=None, run_key: str | None = None) -> None:
+        """Add the output layers, named after the input and the task; ``start`` is the region's first input pixel
+        (its place in the layer). The layers of an earlier run with the same ``run_key`` are replaced."""
         info = dict(result.info)
         meta = {k: info[k] for k in ("uncertainty_score", "threshold", "reliable", "model", "samples", "steps",
                                      "seed", "software")}
@@ -588,17 +701,81 @@ class RestoreWidget(JobWidget):
         scale, translate = self.output_grid(layer)
         if start is not None:
             translate = tuple(t + s * first for t, s, first in zip(translate, layer.scale, start))
-        for data, kwargs, _ in result_layers(f"{layer.name}_{self.suffix}", layer.name, result.image,
-                                             result.uncertainty, result.difficulty, meta, info["threshold"],
-                                             layer.contrast_limits, scale=scale, translate=translate,
-                                             units=layer.units, axis_labels=layer.axis_labels):
-            self.viewer.add_image(data, **kwargs)
-        self.layer_picker.setCurrentText(layer.name)  # new layers get selected; keep the input for the next run
+        if run_key is not None:
+            meta["run_key"] = run_key
+        earlier = {old.metadata.get("map", "image"): old for old in self.viewer.layers
+                   if run_key is not None and old.metadata.get("run_key") == run_key}
+        added = {}
+        name = f"{layer.name}_{self.suffix}"
+        for data, kwargs, _ in result_layers(name, name, result.image, result.uncertainty, result.difficulty, meta,
+                                             info["threshold"], layer.contrast_limits, scale=scale,
+                                             translate=translate, units=layer.units, axis_labels=layer.axis_labels):
+            kind = kwargs["metadata"].get("map", "image")
+            old = earlier.get(kind)
+            if old is None:
+                added[kind] = self.viewer.add_image(data, **kwargs)
+            else:  # the same run again: its own layers take the new result
+                old.data, old.metadata = data, kwargs["metadata"]
+                old.scale, old.translate = kwargs["scale"], kwargs["translate"]
+                added[kind] = old
+        self.show_layers(layer, added["image"], added.get("uncertainty"))
         done = f"Done in {info['seconds']:.1f} s ({info['device']}, {info['precision']})"
         if info["reliable"] is None:
             text = f"{done}; {'one sample' if info['samples'] else info['model']}: no uncertainty."
         else:
             flagged = 100 * info["flagged_fraction"]
             text = (f"{done}. {verdict(info['uncertainty_score'], info['threshold'])} "
-                    f"({flagged:.2f}% of pixels above {info['threshold']:.2f}).")
+                    f"({flagged:.2f}% of pixels above {info['threshold']:g}).")
         self.status.setText(" ".join([text, *(f"Note: {n}." for n in info.get("notes", []))]))
+
+
+class ShowButtons(QWidget):
+    """Result / Input / Map: one click shows the restored image (flagged areas in red over it), the input alone, or
+    the whole uncertainty map."""
+
+    MODES = ("Result", "Input", "Map")
+
+    def __init__(self, parent=None):
+        from qtpy.QtWidgets import QButtonGroup
+
+        super().__init__(parent, objectName="show_buttons")
+        self.layers = (None, None, None)
+        self.group = QButtonGroup(self)
+        row = QHBoxLayout(self)
+        row.setContentsMargins(0, 0, 0, 0)
+        for mode in self.MODES:
+            button = QPushButton(mode, objectName=f"show_{mode.lower()}", checkable=True)
+            button.setToolTip({"Result": "The result, with the areas above the uncertainty threshold in red.",
+                               "Input": "The image the result was made from.",
+                               "Map": "The whole uncertainty map (red-yellow above the threshold)."}[mode])
+            self.group.addButton(button)
+            row.addWidget(button)
+        self.group.buttons()[0].setChecked(True)
+        self.group.buttonClicked.connect(lambda _: self.apply())
+        self.setEnabled(False)
+
+    @property
+    def mode(self) -> str:
+        return self.group.checkedButton().text()
+
+    def set_mode(self, mode: str) -> None:
+        self.group.buttons()[self.MODES.index(mode)].setChecked(True)
+        self.apply()
+
+    def follow(self, image, result, uncertainty) -> None:
+        self.layers = (image, result, uncertainty)
+        self.setEnabled(True)
+        self.apply()
+
+    def apply(self) -> None:
+        from .._layers import style_uncertainty
+
+        image, result, uncertainty = self.layers
+        mode = self.mode
+        if image is not None:
+            image.visible = True
+        if result is not None:
+            result.visible = mode == "Result"
+        if uncertainty is not None:
+            uncertainty.visible = mode != "Input"
+            style_uncertainty(uncertainty, full=mode == "Map")

@@ -10,5 +10,5 @@ class DenoiseWidget(RestoreWidget):
     task = "denoise"
     suffix = "denoised"
 
-    def make_job(self, data, model, settings):
-        return denoise(data, model, settings)
+    def make_job(self, data, model, settings, norm=None):
+        return denoise(data, model, settings, norm)

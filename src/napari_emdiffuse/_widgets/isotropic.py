@@ -21,6 +21,7 @@ class IsotropicWidget(RestoreWidget):
     task = "isotropic"
     suffix = "isotropic"
     planewise = False  # every output slice needs its acquired neighbours: "current slice" means the whole stack
+    supports_live = False  # the same: no slice can be restored from what one view of one slice shows
 
     def add_task_controls(self, form) -> None:
         self.mode = QComboBox(objectName="mode")
@@ -67,7 +68,7 @@ class IsotropicWidget(RestoreWidget):
     def needs_model(self) -> bool:
         return self.mode.currentData() == WITH_MODEL
 
-    def make_job(self, data, model, settings):
+    def make_job(self, data, model, settings, norm=None):
         if data.ndim != 3:
             raise ValueError("Isotropic reconstruction needs a volume (z, y, x); this layer is 2D.")
         factor = self.factor.value()

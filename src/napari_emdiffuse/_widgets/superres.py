@@ -18,8 +18,16 @@ class SuperresWidget(RestoreWidget):
             self.scale.addItem(f"×{factor}", factor)
         form.addRow("Scale", self.scale)
 
-    def make_job(self, data, model, settings):
-        return superres(data, model, settings, scale=self.scale.currentData())
+        self.scale.currentIndexChanged.connect(lambda: self.live_mode.restart_later())
+
+    def make_job(self, data, model, settings, norm=None):
+        return superres(data, model, settings, scale=self.scale.currentData(), norm=norm)
+
+    def live_scale(self) -> int:
+        return self.scale.currentData()
+
+    def live_key(self) -> tuple:
+        return (self.scale.currentData(),)
 
     def output_grid(self, layer):
         """Finer pixels over the same extent: the first output pixel's centre sits inside the first input pixel."""

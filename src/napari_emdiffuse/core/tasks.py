@@ -151,9 +151,16 @@ def is_reliable(score: float, threshold: float) -> bool:
 
 
 def verdict(score: float, threshold: float) -> str:
-    if is_reliable(score, threshold):
-        return f"reliable: uncertainty score {score:.3f} ≤ {threshold:.2f}"
-    return f"NOT reliable: uncertainty score {score:.3f} > {threshold:.2f}; check the flagged areas"
+    """The reliability verdict, with both numbers printed to as many decimals as it takes for them to compare as
+    the values do (0.12018 against 0.12 prints as 0.12018 > 0.12000, never 0.120 > 0.120)."""
+    reliable = is_reliable(score, threshold)
+    digits = 3
+    while digits < 9 and np.isfinite(score) and (round(score, digits) <= round(threshold, digits)) != reliable:
+        digits += 1
+    shown, limit = f"{score:.{digits}f}", f"{threshold:.{digits}f}"
+    if reliable:
+        return f"reliable: uncertainty score {shown} ≤ {limit}"
+    return f"NOT reliable: uncertainty score {shown} > {limit}; check the flagged areas"
 
 
 def pick_device(name: str = "auto"):
