@@ -169,15 +169,12 @@ def test_result_input_and_map_buttons(make_napari_viewer, qtbot, em_pair, user_m
     assert result.visible and unc.colormap.name == "emdiffuse_uncertainty"
 
 
-def test_dock_leaves_the_canvas_half_the_window(make_napari_viewer, qtbot, tmp_path):
+def test_rarely_changed_settings_are_folded_away(make_napari_viewer, qtbot):
     from napari_emdiffuse._sample_data import noisy_sem
 
     viewer = make_napari_viewer(show=True)
     viewer.add_image(noisy_sem()[0][0], name="noisy_sem")
     _, widget = viewer.window.add_plugin_dock_widget("napari-emdiffuse", "Denoise")
     qtbot.wait(300)
-    window = viewer.window._qt_window.width()
-    canvas = viewer.window._qt_viewer.canvas.native.width()
-    assert canvas >= window / 2, (canvas, window)
     assert not widget.more_settings.isExpanded()  # rarely changed settings are folded away
     assert not widget.tile.isVisibleTo(widget)
