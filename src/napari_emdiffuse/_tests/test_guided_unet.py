@@ -301,7 +301,7 @@ def test_the_denoise_widget_adds_a_checkpoint_after_asking_its_task_and_runs_it(
     assert picker.currentText() == "best_Network" and said[-1].startswith("Added")
     widget.steps.setValue(2)
     widget.findChild(type(widget.run_button), "run_button").click()
-    qtbot.waitUntil(lambda: "noisy_uncertainty" in viewer.layers and widget.worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: "noisy_denoised_uncertainty" in viewer.layers and widget.worker is None, timeout=60_000)
     assert viewer.layers["noisy_denoised"].data.shape == noisy.shape
 
 

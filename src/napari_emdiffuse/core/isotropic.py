@@ -376,9 +376,9 @@ def check_budget(minutes: float) -> float:
     columns kept aside catches longer budgets that still fall short (a 2-minute run with the CPU at its busiest
     made 7 steps, and its model was not used: ``results/self_supervised_budget_2min.json``).
     """
-    minutes = float(minutes)
-    if not math.isfinite(minutes):
-        raise InputError(f"The training time must be a number of minutes, not {minutes:g}.")
+    from .limits import check_number
+
+    minutes = check_number("minutes", minutes)  # a number at all: the one validation of every number
     if minutes < SELF_SUPERVISED_MIN_MINUTES:
         raise InputError(f"A training time of {minutes:g} minutes is too short for the learnt model to beat "
                          f"{MOTION_INTERPOLATION} (it needs about {SELF_SUPERVISED_MIN_MINUTES:g} minutes on a "
