@@ -3,8 +3,13 @@
     python training/train_isotropic.py ../shared/data/em -o src/napari_emdiffuse/models/isotropic-fibsem.npz --minutes 80
 
 Volume ``fibsem_iso10nm_a_250.tif`` (10 nm in z, y and x) is used in all three orientations: an isotropic volume
-looks alike along each axis, so every axis can play z. Every factor R from 2 to 10 and every slice j between two
-kept slices is a label of one model; R = 4 and R = 6 (the common serial-section ratios) get most of the training.
+looks alike along each axis, so every axis can play z. The network is told where the slice it makes lies: the gap
+between its two sections in lateral pixels (:data:`GAPS`, any real number in range) and the fraction of the way
+across, so one model serves any z spacing, whole factor or not. Gaps come whole from the volume as recorded and in
+half and three-quarter pixels from copies binned in y and x only (``--lateral-scales``: 20 nm pixels with 10 nm
+between planes); gaps of 3.5 to 6.5 pixels (the common serial-section ratios) get most of the training.
+``--init`` from a model with integer labels (the earlier ``"R:j"`` variants) first fits the position embedding to
+that model's label embeddings, so training starts from what it knew.
 The model is residual: it diffuses the difference between the slice and the motion-compensated interpolation of
 its two neighbours (``core/flow.py``), which is small and learnt much faster than the slice itself. Volume ``b``
 is held out for the benchmark (``benchmarks/isotropic_quality.py``). With ``--scales`` the volume is also shown
@@ -17,19 +22,48 @@ import argparse
 
 import tifffile
 import torch
-from common import add_arguments, fit
+from common import add_arguments, fit, init_from
 
-from napari_emdiffuse.core.isotropic import FACTORS, LABELS, interpolation_batches, oriented, sees_start
-from napari_emdiffuse.core.network import UNet, UNetConfig
+from napari_emdiffuse.core.isotropic import GAPS, interpolation_batches, oriented, sees_start
+from napari_emdiffuse.core.network import UNet, UNetConfig, position_encoding
 from napari_emdiffuse.core.normalize import Normalizer
 from napari_emdiffuse.core.simulate import coarser_voxels
 
-MAIN_FACTORS = (4, 6)
+POSITION_FEATURES = 8
+MAIN_GAPS = (3.5, 6.5)
 
 
-def factor_weights(main_share: float = 0.6) -> list[float]:
-    others = [f for f in FACTORS if f not in MAIN_FACTORS]
-    return [main_share / len(MAIN_FACTORS) if f in MAIN_FACTORS else (1 - main_share) / len(others) for f in FACTORS]
+def gap_weight(gap: float, main: float = 3.0) -> float:
+    return main if MAIN_GAPS[0] <= gap <= MAIN_GAPS[1] else 1.0
+
+
+def laterally_coarser(volume, scale: float):
+    """The volume with its planes (axes 1 and 2) binned by ``1 / scale``, its plane spacing kept."""
+    import torch.nn.functional as F
+
+    planes = torch.from_numpy(volume.astype("float32"))[:, None]
+    return F.interpolate(planes, scale_factor=scale, mode="area")[:, 0].numpy()
+
+
+def fit_positions_to_labels(net, source_meta: dict, source_state: dict, iterations: int = 4000) -> float:
+    """Fit ``net.position_mlp`` so that each whole-factor position ``(R, j / R)`` gets the source model's embedding
+    of its label ``"R:j"``; returns the final mean squared error. (Fitting other positions to their nearest label
+    as well pulls the fit at the labels' own far off: neighbouring labels' embeddings are unrelated vectors.)"""
+    labels = source_meta["labels"]
+    table = source_state["label_emb.weight"].float()
+    positions = torch.tensor([(int(n.split(":")[0]), int(n.split(":")[1]) / int(n.split(":")[0])) for n in labels])
+    targets = torch.stack([table[int(i)] for i in labels.values()])
+    optimiser = torch.optim.Adam(net.position_mlp.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, iterations)
+    for _ in range(iterations):
+        loss = ((net.position_mlp(position_encoding(positions, net.config.position_features)) - targets) ** 2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+    print(f"position embedding fitted to {len(labels)} labels: mse {loss.item():.2e} "
+          f"(embedding variance {table.var().item():.2e})", flush=True)
+    return loss.item()
 
 
 def main():
@@ -39,9 +73,6 @@ def main():
     parser.add_argument("--flow-device", default="cpu",
                         help="where batches' motion-compensated starts are estimated: cuda lets a few batch-making "
                              "processes keep a GPU busy (on the CPU they are the bottleneck)")
-    parser.add_argument("--cache-starts", action="store_true",
-                        help="compute each plane pair's start once, over the whole planes as in reconstruction, and "
-                             "keep it (about 4 GB per batch process): 2.5x the steps in 65 minutes on 2 CPU cores")
     parser.add_argument("--invert", type=float, default=0.0,
                         help="fraction of examples in the other contrast convention (membranes bright)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
@@ -49,6 +80,10 @@ def main():
                              "mean of 2x2x2), so the model serves coarser volumes too")
     parser.add_argument("--scale-shares", type=float, nargs="+", default=None,
                         help="the examples' share of each scale (default: equal)")
+    parser.add_argument("--lateral-scales", type=float, nargs="*", default=[0.75, 0.5],
+                        help="also show the volume binned in y and x only by 1 / S (gaps of fractions of pixels)")
+    parser.add_argument("--lateral-share", type=float, default=0.35,
+                        help="the examples' share of the laterally binned copies, together")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     volume = tifffile.imread(args.data / "fibsem_iso10nm_a_250.tif")
@@ -56,21 +91,42 @@ def main():
     shares = args.scale_shares or [1.0] * len(args.scales)
     if len(shares) != len(args.scales):
         parser.error("give one --scale-shares value per --scales value")
-    volumes, volume_shares = [], []
+    whole = sum(shares)
+    lateral = args.lateral_share if args.lateral_scales else 0.0
+    volumes, volume_shares, ratios = [], [], []
     for scale, share in zip(args.scales, shares):
-        scaled = coarser_voxels(volume, scale)
-        volumes += oriented(scaled)
-        volume_shares += [share / 3] * 3
+        scaled = oriented(coarser_voxels(volume, scale))
+        volumes += scaled
+        volume_shares += [(1 - lateral) * share / whole / 3] * 3
+        ratios += [1.0] * 3
+        for lateral_scale in args.lateral_scales if scale == 1 else []:
+            volumes += [laterally_coarser(v, lateral_scale) for v in scaled]
+            volume_shares += [lateral / len(args.lateral_scales) / 3] * 3
+            ratios += [lateral_scale] * 3
     net = UNet(UNetConfig(cond_channels=3, base=args.base, mults=(1, 2, 2, 4), blocks=1, attention=True, patch=2,
-                          num_labels=len(LABELS)))
-    meta = {"task": "isotropic", "script": "training/train_isotropic.py", "labels": LABELS,
-            "factors": list(FACTORS), "mode": "isotropic training data", "residual": True, "start": "motion",
-            "description": "vEMDiffuse-i: slices between serial sections, trained on 10 nm isotropic FIB-SEM"
+                          position_features=POSITION_FEATURES))
+    inherited = {}
+    if args.init:
+        from napari_emdiffuse.core.models import load_model
+
+        source = load_model(args.init)
+        if "labels" in source.meta and "label_emb.weight" in source.net.state_dict():
+            init_from(net, args.init)
+            fit_positions_to_labels(net, source.meta, source.net.state_dict())
+            inherited = {"init": str(args.init), "sampling": source.meta["sampling"]}
+            args.init = None  # done here
+    meta = {**inherited, "task": "isotropic", "script": "training/train_isotropic.py",
+            "gaps": list(GAPS),
+            "mode": "isotropic training data", "residual": True, "start": "motion",
+            "description": "vEMDiffuse-i: slices anywhere between serial sections 2 to 16 pixels apart, trained on "
+                           "10 nm isotropic FIB-SEM"
                            + (" in both contrast conventions (membranes dark or bright)." if args.invert else ".")}
-    fit(net, lambda seed: interpolation_batches(volumes, FACTORS, args.batch, args.patch, seed, factor_weights(),
-                                                jitter=0.03, residual="motion", cache=args.cache_starts,
+    largest = int(GAPS[1] / min(ratios))
+    fit(net, lambda seed: interpolation_batches(volumes, range(2, largest + 1), args.batch, args.patch, seed,
+                                                gap_weight, jitter=0.03, residual="motion", cache=False,
                                                 start_condition=sees_start(net), invert=args.invert,
-                                                device=args.flow_device, volume_shares=volume_shares),
+                                                device=args.flow_device, volume_shares=volume_shares,
+                                                ratios=ratios, gaps=GAPS),
         meta, args)
 
 

@@ -41,6 +41,7 @@ from .tasks import (
 )
 
 FACTORS = tuple(range(2, 11))
+GAPS = (2.0, 16.0)  # lateral pixels between sections the bundled model was trained for (see condition_of)
 LABELS = {f"{r}:{j}": i for i, (r, j) in enumerate((r, j) for r in FACTORS for j in range(1, r))}
 
 
@@ -195,7 +196,8 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
                           seed: int = 0, weights: Sequence[float] | None = None, jitter: float = 0.0,
                           multiple: int = 16, residual: str | None = None, cache: bool = False,
                           start_condition: bool = False, invert: float = 0.0, device=None,
-                          volume_shares: Sequence[float] | None = None):
+                          volume_shares: Sequence[float] | None = None, ratios: Sequence[float] | None = None,
+                          gaps: tuple[float, float] | None = None):
     """Endless training batches ``(x0, cond, label)`` in model space.
 
     Each volume is normalised to [0, 1] and oriented with the axis to interpolate across first. An example takes
@@ -213,6 +215,13 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
     interpolation of the inverted planes is the inverted interpolation, so cached ones serve both.
     ``device`` is where that interpolation is computed (default: the CPU). ``volume_shares`` are the volumes'
     shares of the examples (default: by size, every voxel alike).
+
+    With ``gaps`` (lowest, highest) the labels are positions ``(gap, fraction)`` for networks with
+    ``position_features`` (see :func:`condition_of`): a target ``j`` planes above the lower of two planes
+    ``factor`` apart lies at fraction ``j / factor`` of a gap of ``factor * ratio`` lateral pixels, where a volume's
+    ``ratio`` (``ratios``, default 1) is its plane spacing over its lateral pixel (0.5 for a volume binned 2 x in y
+    and x only: gaps of half pixels). Each volume then draws the factors whose gap lies in ``gaps``, with
+    probabilities ``weights`` taken as a function of the gap (a callable), or alike.
     """
     import torch
 
@@ -220,14 +229,22 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
 
     rng = np.random.default_rng(seed)
     contrast = np.random.default_rng([seed, 1])  # its own stream: which examples are drawn does not depend on invert
-    p = None if weights is None else np.asarray(weights, float) / np.sum(weights)
+    ratios = [1.0] * len(volumes) if ratios is None else list(ratios)
     given = [v.size for v in volumes] if volume_shares is None else volume_shares
-    drawn = [(v, s) for v, s in zip(volumes, given) if v.shape[0] > max(factors)]
+    if gaps is None:  # labels: the factors given, for every volume
+        drawable = [(list(factors), weights) for _ in volumes]
+    else:  # positions: each volume's factors that give a gap in range
+        drawable = []
+        for ratio in ratios:
+            own = [f for f in factors if gaps[0] <= f * ratio <= gaps[1]]
+            drawable.append((own, None if weights is None else [weights(f * ratio) for f in own]))
+    drawn = [(v, s, r, f, None if w is None else np.asarray(w, float) / np.sum(w))
+             for v, s, r, (f, w) in zip(volumes, given, ratios, drawable) if f and v.shape[0] > max(f)]
     if not drawn:
         raise InputError(f"The volume needs more than {max(factors)} planes along the interpolation axis to learn "
                          "from.")
-    usable = [v for v, _ in drawn]
-    shares = np.array([s for _, s in drawn], float)
+    usable = [d[0] for d in drawn]
+    shares = np.array([d[1] for d in drawn], float)
     h = min(patch, *(v.shape[1] for v in usable))
     w = min(patch, *(v.shape[2] for v in usable))
     # planes smaller than the network's multiple (e.g. z-x planes of a volume of few slices) are mirrored out to it
@@ -244,9 +261,9 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
     while True:
         xs, cs, ls, fractions, starts = [], [], [], [], []
         for _ in range(batch):
-            factor = int(rng.choice(factors, p=p))
             i = int(rng.choice(len(usable), p=shares / shares.sum()))
-            v = usable[i]
+            v, _, ratio, own, p = drawn[i]
+            factor = int(rng.choice(own, p=p))
             z = int(rng.integers(0, v.shape[0] - factor))
             y, x = rng.integers(0, v.shape[1] - h + 1), rng.integers(0, v.shape[2] - w + 1)
             j = int(rng.integers(1, factor))
@@ -268,7 +285,7 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
             xs.append(target)
             cs.append(np.stack([below, above]))
             starts.extend(planes[3:])
-            ls.append(LABELS[label_of(factor, j)])
+            ls.append(LABELS[label_of(factor, j)] if gaps is None else (factor * ratio, j / factor))
             fractions.append([j / factor])
         x0 = to_model_space(xs)
         if residual:
@@ -278,7 +295,7 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
             x0 = x0 - to_model_space(starts)
             if start_condition:
                 cs = [np.concatenate([c, s[None]]) for c, s in zip(cs, starts)]
-        yield x0, to_model_space(cs), torch.tensor(ls)
+        yield x0, to_model_space(cs), torch.tensor(ls, dtype=None if gaps is None else torch.float32)
 
 
 def oriented(volume: np.ndarray, axes: Sequence[int] = (0, 1, 2)) -> list[np.ndarray]:

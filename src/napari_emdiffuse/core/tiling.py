@@ -108,6 +108,18 @@ class NoiseField:
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # sample k is evaluated mirrored by FLIPS[k % 4]
 
 
+Label = int | tuple[float, float] | None  # a model variant: its index, or a position (gap, fraction); see network
+
+
+def labels(label: Label, n: int, device) -> torch.Tensor | None:
+    """``label`` for a batch of ``n``: (n,) indices or (n, 2) positions."""
+    if label is None:
+        return None
+    if isinstance(label, tuple):
+        return torch.tensor(label, dtype=torch.float32, device=device).expand(n, 2)
+    return torch.full((n,), label, device=device)
+
+
 class TiledDenoiser:
     """``denoiser(x, sigma)`` for a whole image: tiles, runs the network in batches, blends.
 
@@ -121,7 +133,7 @@ class TiledDenoiser:
     """
 
     def __init__(self, net, cond: torch.Tensor, tile: int, overlap: int, batch: int, device: torch.device,
-                 label: int | None = None, origin: tuple[int, int] = (0, 0), dtype: torch.dtype | None = None):
+                 label: Label = None, origin: tuple[int, int] = (0, 0), dtype: torch.dtype | None = None):
         self.net, self.device, self.batch, self.dtype = net, device, max(1, batch), dtype
         self.cond, self.label, self.overlap, self.origin = cond, label, overlap, origin
         self.first_log_phi: torch.Tensor | None = None
@@ -170,7 +182,7 @@ class TiledDenoiser:
             xt = xt.to(self.device).contiguous(memory_format=torch.channels_last)
             ct = ct.to(self.device).contiguous(memory_format=torch.channels_last)
             sig = torch.full((len(chunk),), sigma, device=self.device)
-            label = None if self.label is None else torch.full((len(chunk),), self.label, device=self.device)
+            label = labels(self.label, len(chunk), self.device)
             with torch.inference_mode(), torch.autocast(self.device.type, self.dtype or torch.float32,
                                                         enabled=self.dtype is not None):
                 d, _, lp = precondition(self.net, xt, ct, sig, label)
