@@ -8,7 +8,7 @@ between its two sections in lateral pixels (:data:`GAPS`, any real number in ran
 across, so one model serves any z spacing, whole factor or not. Gaps come whole from the volume as recorded and in
 half and three-quarter pixels from copies binned in y and x only (``--lateral-scales``: 20 nm pixels with 10 nm
 between planes); gaps of 3.5 to 6.5 pixels (the common serial-section ratios) get most of the training.
-``--init`` from a model with integer labels (the earlier ``"R:j"`` variants) first fits the position embedding to
+``--init`` from a model with integer labels (the earlier ``"R:j"`` variants) first fills the position table from
 that model's label embeddings, so training starts from what it knew.
 The model is residual: it diffuses the difference between the slice and the motion-compensated interpolation of
 its two neighbours (``core/flow.py``), which is small and learnt much faster than the slice itself. Volume ``b``
@@ -25,11 +25,11 @@ import torch
 from common import add_arguments, fit, init_from
 
 from napari_emdiffuse.core.isotropic import GAPS, interpolation_batches, oriented, sees_start
-from napari_emdiffuse.core.network import UNet, UNetConfig, position_encoding
+from napari_emdiffuse.core.network import UNet, UNetConfig, position_embedding
 from napari_emdiffuse.core.normalize import Normalizer
 from napari_emdiffuse.core.simulate import coarser_voxels
 
-POSITION_FEATURES = 8
+POSITIONS = 32  # the position table's gaps (up to 32 px) and fraction steps (1/32)
 MAIN_GAPS = (3.5, 6.5)
 
 
@@ -45,25 +45,24 @@ def laterally_coarser(volume, scale: float):
     return F.interpolate(planes, scale_factor=scale, mode="area")[:, 0].numpy()
 
 
-def fit_positions_to_labels(net, source_meta: dict, source_state: dict, iterations: int = 4000) -> float:
-    """Fit ``net.position_mlp`` so that each whole-factor position ``(R, j / R)`` gets the source model's embedding
-    of its label ``"R:j"``; returns the final mean squared error. (Fitting other positions to their nearest label
-    as well pulls the fit at the labels' own far off: neighbouring labels' embeddings are unrelated vectors.)"""
+def positions_from_labels(net, source_meta: dict, source_state: dict) -> None:
+    """Fill ``net.position_table`` from a model with labels ``"R:j"``: every node (gap, fraction) gets the
+    embedding of the nearest label (whole factors within the source's, the nearest slice), so that the labels'
+    own positions (R, j / R) get exactly the source's embedding (for R up to half the table's fraction steps)."""
     labels = source_meta["labels"]
     table = source_state["label_emb.weight"].float()
-    positions = torch.tensor([(int(n.split(":")[0]), int(n.split(":")[1]) / int(n.split(":")[0])) for n in labels])
-    targets = torch.stack([table[int(i)] for i in labels.values()])
-    optimiser = torch.optim.Adam(net.position_mlp.parameters(), lr=3e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, iterations)
-    for _ in range(iterations):
-        loss = ((net.position_mlp(position_encoding(positions, net.config.position_features)) - targets) ** 2).mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-    print(f"position embedding fitted to {len(labels)} labels: mse {loss.item():.2e} "
-          f"(embedding variance {table.var().item():.2e})", flush=True)
-    return loss.item()
+    factors = sorted({int(name.split(":")[0]) for name in labels})
+    n = net.config.positions
+    with torch.no_grad():
+        for g in range(n):
+            factor = min(max(g + 1, factors[0]), factors[-1])
+            for f in range(n + 1):
+                j = min(max(round(f / n * factor), 1), factor - 1)
+                net.position_table[g, f] = table[int(labels[f"{factor}:{j}"])]
+    exact = torch.tensor([(int(k.split(":")[0]), int(k.split(":")[1]) / int(k.split(":")[0])) for k in labels])
+    error = (position_embedding(net.position_table, exact) - table[[int(i) for i in labels.values()]]).abs().max()
+    print(f"position table filled from {len(labels)} labels: largest difference at theirs {error.item():.2e}",
+          flush=True)
 
 
 def main():
@@ -104,7 +103,7 @@ def main():
             volume_shares += [lateral / len(args.lateral_scales) / 3] * 3
             ratios += [lateral_scale] * 3
     net = UNet(UNetConfig(cond_channels=3, base=args.base, mults=(1, 2, 2, 4), blocks=1, attention=True, patch=2,
-                          position_features=POSITION_FEATURES))
+                          positions=POSITIONS))
     inherited = {}
     if args.init:
         from napari_emdiffuse.core.models import load_model
@@ -112,7 +111,7 @@ def main():
         source = load_model(args.init)
         if "labels" in source.meta and "label_emb.weight" in source.net.state_dict():
             init_from(net, args.init)
-            fit_positions_to_labels(net, source.meta, source.net.state_dict())
+            positions_from_labels(net, source.meta, source.net.state_dict())
             inherited = {"init": str(args.init), "sampling": source.meta["sampling"]}
             args.init = None  # done here
     meta = {**inherited, "task": "isotropic", "script": "training/train_isotropic.py",

@@ -13,7 +13,7 @@ def make_tiny_model(folder, task: str, name: str, **meta) -> str:
 
     torch.manual_seed(0)
     net = UNet(UNetConfig(base=8, mults=(1, 2), patch=2, num_labels=len(meta.get("labels", {})),
-                          cond_channels=2 if task == "isotropic" else 1))
+                          positions=32 if "gaps" in meta else 0, cond_channels=2 if task == "isotropic" else 1))
     for p in net.parameters():  # untrained zero-initialised branches would make the net the identity
         torch.nn.init.normal_(p, std=0.05)
     return str(save_model(net, {"task": task, "name": name, "sampling": {"steps": 3}, **meta}, folder / f"{name}.npz"))
@@ -42,9 +42,16 @@ def tiny_superres_x2(models_dir):
 
 @pytest.fixture(scope="session")
 def tiny_isotropic(models_dir):
+    """Told the position (gap, fraction) of each slice, as the bundled model is: any factor, sections 1-32 px apart."""
+    return make_tiny_model(models_dir, "isotropic", "tiny-iso", gaps=[1, 32])
+
+
+@pytest.fixture(scope="session")
+def tiny_isotropic_labels(models_dir):
+    """A model of whole factors only (labels "R:j"), as the earlier bundled ones and the authors' are."""
     from napari_emdiffuse.core.isotropic import LABELS
 
-    return make_tiny_model(models_dir, "isotropic", "tiny-iso", labels=LABELS)
+    return make_tiny_model(models_dir, "isotropic", "tiny-iso-labels", labels=LABELS)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ import torch
 
 from napari_emdiffuse.core.isotropic import (
     LABELS,
+    REGION_MARGIN,
     decimate,
     factor_from_voxel,
     flicker,
@@ -13,6 +14,8 @@ from napari_emdiffuse.core.isotropic import (
     label_of,
     lateral_truth,
     oriented,
+    output_slices,
+    plan_planes,
     sees_start,
     self_supervised,
     split_aside,
@@ -88,25 +91,91 @@ def test_same_seed_same_volume_and_noise_is_shared_along_z(tiny_isotropic, volum
     assert np.array_equal(a.image, b.image) and not np.array_equal(a.image, c.image)
 
 
-def test_factor_outside_the_supported_range_or_model_is_refused(tiny_isotropic, tiny_model, volume, models_dir):
+def test_positions_a_model_does_not_serve_are_refused_with_a_sentence(tiny_isotropic, tiny_isotropic_labels,
+                                                                      tiny_model, volume, models_dir):
     from napari_emdiffuse._tests.conftest import make_tiny_model
 
-    with pytest.raises(InputError, match="2 to 10"):
-        drive(isotropic(volume, tiny_isotropic, factor=11))
+    with pytest.raises(InputError, match="whole z factors only \\(2 to 10\\), not a slice 0.09 of the way between "
+                                         "sections 11 pixels apart"):
+        drive(isotropic(volume, tiny_isotropic_labels, factor=11))
+    with pytest.raises(InputError, match="whole z factors only"):
+        drive(isotropic(volume, tiny_isotropic_labels, factor=2.5))
+    with pytest.raises(InputError, match="between sections 1 to 32 pixels apart, not a slice 0.50 of the way between "
+                                         "sections 40 pixels apart"):
+        drive(isotropic(volume, tiny_isotropic, factor=2, gap=40))
+    with pytest.raises(InputError, match="The z factor R must be a number from 1 to 32, not 33"):
+        drive(isotropic(volume, tiny_isotropic, factor=33))
+    with pytest.raises(InputError, match="nothing to generate"):
+        drive(isotropic(volume, tiny_isotropic, factor=1))
     with pytest.raises(Exception, match="not a isotropic model|not an isotropic model"):
         drive(isotropic(volume, tiny_model, factor=4))
     only4 = make_tiny_model(models_dir, "isotropic", "only4", labels={f"4:{j}": LABELS[f"4:{j}"] for j in (1, 2, 3)})
-    with pytest.raises(InputError, match="supports"):
+    with pytest.raises(InputError, match="whole z factors only \\(4\\)"):
         drive(isotropic(volume, only4, factor=6))
     with pytest.raises(InputError, match="at least 2 slices"):
         drive(isotropic(volume[:1], tiny_isotropic, factor=4))
 
 
-@pytest.mark.parametrize(("voxel", "factor"), [((40, 10, 10), 4), ((30, 8, 8), 4), ((60, 10, 10), 6),
-                                               ((50, 4, 4), 13), ((20, 9.8, 10.2), 2), ((10, 10, 10), None),
-                                               ((1, 1, 1), None), ((12, 10, 10), None)])
+def test_planes_lie_at_their_positions_and_sections_stay_where_they_were():
+    planes = plan_planes(4, 2.5)  # sections at 0, 2.5, 5, 7.5 output planes
+    assert len(planes) == output_slices(4, 2.5) == 8
+    assert [(p.index, p.below) for p in planes if p.acquired] == [(0, 0), (5, 2)]
+    fractions = {p.index: (p.below, p.above, round(p.fraction, 6)) for p in planes if not p.acquired}
+    assert fractions[1] == (0, 1, 0.4) and fractions[3] == (1, 2, 0.2) and fractions[7] == (2, 3, 0.8)
+    # bad sections are never used: planes at or near them come from the nearest good ones
+    repaired = plan_planes(6, 1, bad=(2, 3))
+    assert [(p.below, p.above, round(p.fraction, 6), p.section) for p in repaired if not p.acquired] == [
+        (1, 4, round(1 / 3, 6), 2), (1, 4, round(2 / 3, 6), 3)]
+    assert [p.section for p in plan_planes(4, 2.5) if not p.acquired] == [None] * 6
+
+
+@pytest.mark.parametrize(("factor", "gap"), [(2.5, None), (12.5, None), (6.25, 12.5)])
+def test_a_factor_that_is_not_whole_keeps_the_sections_on_the_grid_exactly(tiny_isotropic, volume, factor, gap):
+    result = drive(isotropic(volume, tiny_isotropic, Settings(steps=1, samples=2), factor=factor, gap=gap))
+    assert len(result.image) == int(3 * factor + 1e-6) + 1
+    for z in range(4):  # every section that falls on the output grid is copied, with no uncertainty
+        k = z * factor
+        if k == int(k):
+            assert np.array_equal(result.image[int(k)], volume[z]) and not result.uncertainty[int(k)].any()
+    assert result.info["factor"] == factor and result.info["section_gap"] == (gap or factor)
+    assert np.isfinite(result.info["uncertainty_score"])
+
+
+def test_bad_sections_are_regenerated_from_their_good_neighbours(tiny_isotropic, models_dir):
+    rng = np.random.default_rng(5)
+    volume = (rng.random((6, 32, 32)) * 200 + 20).astype(np.uint8)
+    result = drive(isotropic(volume, tiny_isotropic, Settings(steps=1, samples=2), factor=1, gap=3, bad=[2, 3]))
+    assert result.image.shape == volume.shape and result.info["regenerated"] == "2-3"
+    kept = [0, 1, 4, 5]
+    assert np.array_equal(result.image[kept], volume[kept]) and not result.uncertainty[kept].any()
+    assert all(not np.array_equal(result.image[z], volume[z]) and result.uncertainty[z].all() for z in (2, 3))
+    # with a factor too: the planes around a bad section are generated across it, 2 gaps wide
+    twice = drive(isotropic(volume, tiny_isotropic, Settings(steps=1, samples=2), factor=2, gap=3, bad=[2]))
+    assert len(twice.image) == 11 and not np.array_equal(twice.image[4], volume[2])
+    assert np.array_equal(twice.image[[0, 2, 6, 8, 10]], volume[[0, 1, 3, 4, 5]])
+
+
+def test_damaged_regions_are_replaced_and_the_rest_of_the_section_is_kept(tiny_isotropic):
+    rng = np.random.default_rng(6)
+    volume = (rng.random((5, 64, 64)) * 200 + 20).astype(np.uint8)
+    damaged = np.zeros(volume.shape, np.uint8)
+    damaged[2, 20:30, 10:40] = 1  # a fold in section 2
+    result = drive(isotropic(volume, tiny_isotropic, Settings(steps=1, samples=2), factor=1, gap=4, bad=damaged))
+    far = np.ones((64, 64), bool)
+    far[20 - 2 * REGION_MARGIN:30 + 2 * REGION_MARGIN, 10 - 2 * REGION_MARGIN:40 + 2 * REGION_MARGIN] = False
+    assert np.array_equal(result.image[2][far], volume[2][far]) and not result.uncertainty[2][far].any()
+    assert (result.image[2][20:30, 10:40] != volume[2][20:30, 10:40]).mean() > 0.9
+    assert result.uncertainty[2][20:30, 10:40].all() and result.info["regenerated"] == "2"
+    assert np.array_equal(result.image[[0, 1, 3, 4]], volume[[0, 1, 3, 4]])
+    with pytest.raises(InputError, match="cover the volume"):
+        drive(isotropic(volume, tiny_isotropic, factor=1, gap=4, bad=damaged[:, :10]))
+
+
+@pytest.mark.parametrize(("voxel", "factor"), [((40, 10, 10), 4), ((30, 8, 8), 3.75), ((60, 10, 10), 6),
+                                               ((50, 4, 4), 12.5), ((20, 9.8, 10.2), 2), ((10, 10, 10), None),
+                                               ((1, 1, 1), None), ((50, 4.17, 4.17), 11.99), ((12, 10, 10), 1.2)])
 def test_the_factor_follows_from_the_voxel_size(voxel, factor):
-    assert factor_from_voxel(voxel) == factor  # 50 nm sections of 4 nm pixels: 13, beyond what we make (refused)
+    assert factor_from_voxel(voxel) == factor  # any ratio: whether a model serves it is decided later
 
 
 def test_training_examples_are_a_slice_between_its_two_conditions():
@@ -178,7 +247,7 @@ def test_self_supervised_learns_from_lateral_planes_of_the_volume_alone(volume):
     vol = np.random.default_rng(1).random((6, 48, 48)).astype(np.float32)
     assert [v.shape for v in oriented(vol, axes=(1, 2))] == [(48, 6, 48), (48, 6, 48)]
     model = drive(self_supervised(vol, 4, minutes=0.03, batch=2, patch=32))
-    assert model.meta["labels"] == {f"4:{j}": LABELS[f"4:{j}"] for j in (1, 2, 3)}
+    assert model.meta["gaps"] == [4, 4] and model.net.config.positions > 0
     assert sees_start(model.net)  # reconstruction below hands it the start as its third channel
     result = drive(isotropic(vol, model, Settings(samples=2, steps=1), factor=4))
     assert result.image.shape == (21, 48, 48) and np.array_equal(result.image[::4], vol)

@@ -206,7 +206,7 @@ def volume_tuning(volume, base_model, factor: int, batch: int) -> Tuning:
     planes = oriented(norm(volume[: len(volume) - held]))
     net = base_model.net
     residual = base_model.meta.get("start", "linear") if base_model.meta.get("residual") else None
-    cache = residual is not None and caches_starts(planes, factor, TUNING_CACHE_PIXELS)
+    cache = residual is not None and caches_starts(planes, [factor], TUNING_CACHE_PIXELS)
 
     def batches(seed: int) -> Iterator:
         return interpolation_batches(planes, [factor], batch, 96, seed, multiple=net.config.multiple,

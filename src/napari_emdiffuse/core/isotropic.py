@@ -21,9 +21,11 @@ of the others (a volume can be processed in chunks along z with one acquired sli
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,16 +35,16 @@ from .tasks import (
     Progress,
     Restoration,
     Settings,
-    model_label,
     new_results,
     prepare,
     sample_planes,
     summarise,
 )
 
-FACTORS = tuple(range(2, 11))
-GAPS = (2.0, 16.0)  # lateral pixels between sections the bundled model was trained for (see condition_of)
+FACTORS = tuple(range(2, 11))  # the whole factors of models with labels "R:j" (the earlier bundled ones, the authors')
 LABELS = {f"{r}:{j}": i for i, (r, j) in enumerate((r, j) for r in FACTORS for j in range(1, r))}
+GAPS = (2.0, 16.0)  # lateral pixels between sections the bundled model was trained for (see condition_of)
+ON_SECTION = 1e-6  # an output plane this close to a section (in sections) is that section
 
 
 def label_of(factor: int, j: int) -> str:
@@ -50,20 +52,25 @@ def label_of(factor: int, j: int) -> str:
     return f"{factor}:{j}"
 
 
-def check_factor(factor: int) -> int:
+def check_factor(factor: float) -> float:
+    """A z factor R (section spacing over output spacing): a number above 1 (whole or not), up to 32. Whether a model
+    serves it is :func:`condition_of`'s to say."""
     from .limits import check_number
 
-    return check_number("factor", factor)  # FACTORS: 2 to 10
+    factor = check_number("factor", factor)
+    return int(factor) if factor == int(factor) else factor
 
 
-def factor_from_voxel(voxel: Sequence[float]) -> int | None:
-    """The R that makes a volume of voxel size ``(z, y, x)`` about isotropic: its z spacing over its pixel size,
-    rounded (not clamped: a ratio beyond :data:`FACTORS` is the caller's to refuse, e.g. with
-    :func:`check_voxel_factor`). None when the voxel size does not tell (unknown sizes read as ones, unusable sizes,
-    or a volume already about isotropic).
+def factor_from_voxel(voxel: Sequence[float]) -> float | None:
+    """The R that makes a volume of voxel size ``(z, y, x)`` isotropic: its z spacing over its pixel size, to 1/100
+    (50 nm sections of 4 nm pixels: 12.5). Not clamped: a ratio no model serves is refused later with a sentence.
+    None when the voxel size does not tell (unknown sizes read as ones, unusable sizes, or a volume already about
+    isotropic).
     """
     ratio = _ratio(voxel)
-    return int(ratio + 0.5) if 1.5 <= ratio < 1e6 else None
+    if not 1.05 <= ratio < 1e6:
+        return None
+    return int(round(ratio)) if abs(ratio - round(ratio)) < 0.005 else round(ratio, 2)
 
 
 def _ratio(voxel: Sequence[float]) -> float:
@@ -71,17 +78,102 @@ def _ratio(voxel: Sequence[float]) -> float:
     return z / ((y + x) / 2) if all(math.isfinite(v) and v > 0 for v in (z, y, x)) else math.nan
 
 
-def check_voxel_factor(voxel: Sequence[float]) -> int:
+def check_voxel_factor(voxel: Sequence[float]) -> float:
     """The R of :func:`factor_from_voxel`, refused with a sentence when the voxel size gives none we make."""
     factor = factor_from_voxel(voxel)
     size = " x ".join(f"{v:g}" for v in voxel[-3:])
     if factor is None:
         raise InputError(f"The voxel size {size} does not give a z spacing larger than the pixel size; give the z "
                          "factor R.")
-    if factor not in FACTORS:
-        raise InputError(f"The voxel size {size} gives a z factor of {_ratio(voxel):.3g}, "
-                         f"outside the supported {FACTORS[0]} to {FACTORS[-1]}; give the z factor R.")
-    return factor
+    try:
+        return check_factor(factor)
+    except InputError as err:
+        raise InputError(f"The voxel size {size} gives a z factor of {factor:g}: {err}") from err
+
+
+def output_spacing(z_spacing: float, factor: float) -> float:
+    """The output's z spacing: the sections' spacing over R."""
+    return z_spacing / factor
+
+
+def positions_text(model) -> str:
+    """What positions ``model`` can generate, for refusals: "sections 2 to 16 pixels apart" or whole factors."""
+    if uses_positions(model):
+        low, high = model.meta.get("gaps", GAPS)
+        return f"slices between sections {low:g} to {high:g} pixels apart"
+    factors = sorted({int(name.split(":")[0]) for name in model.meta.get("labels") or {}})
+    listed = (f"{factors[0]} to {factors[-1]}" if len(factors) > 2 and factors == list(range(factors[0], factors[-1] + 1))
+              else ", ".join(map(str, factors)))
+    return f"slices at whole z factors only ({listed})"
+
+
+def uses_positions(model) -> bool:
+    return getattr(model.net.config, "positions", 0) > 0
+
+
+def condition_of(model, gap: float, fraction: float):
+    """What ``model`` is told about a slice ``fraction`` of the way (0 to 1) between two sections ``gap`` lateral
+    pixels apart: that position itself for networks with a position embedding, or the label ``"R:j"`` of models
+    trained on whole factors, which serve only positions of that form. Anything else: InputError."""
+    if uses_positions(model):
+        low, high = model.meta.get("gaps", GAPS)
+        if low - ON_SECTION <= gap <= high + ON_SECTION:
+            return (float(gap), float(fraction))
+    else:
+        factor = round(gap)
+        j = round(fraction * factor)
+        name = label_of(factor, j)
+        if abs(gap - factor) < ON_SECTION and abs(fraction * factor - j) < 1e-4 and name in (model.meta.get("labels")
+                                                                                                or {}):
+            return int(model.meta["labels"][name])
+    raise InputError(f"The model '{model.name}' makes {positions_text(model)}, not a slice {fraction:.2f} of the way "
+                     f"between sections {gap:g} pixels apart.")
+
+
+@dataclass(frozen=True)
+class Plane:
+    """Where output plane ``index`` lies: ``fraction`` of the way from section ``below`` to section ``above`` (the
+    nearest good ones); fraction 0 with ``below == above`` is the acquired section itself."""
+
+    index: int
+    below: int
+    above: int
+    fraction: float
+
+    @property
+    def acquired(self) -> bool:
+        return self.below == self.above
+
+    @property
+    def section(self) -> int | None:
+        """The section a generated plane replaces (a bad one), or None for a plane between sections."""
+        position = self.below + self.fraction * (self.above - self.below)
+        return None if self.acquired or abs(position - round(position)) >= ON_SECTION else round(position)
+
+
+def output_slices(sections: int, factor: float, offset: float = 0.0) -> int:
+    """Output planes from ``offset`` (in sections) to the last section, R to a section."""
+    return int(math.floor((sections - 1 - offset) * factor + ON_SECTION)) + 1
+
+
+def plan_planes(sections: int, factor: float, bad: Sequence[int] = (), offset: float = 0.0) -> list[Plane]:
+    """Every output plane of a stack of ``sections``: plane ``k`` lies at ``offset + k / factor`` sections, so the
+    acquired sections stay where they were (those on the output grid are copied exactly; with a factor that is not
+    whole, the others fall between output planes). Bad sections are never used: planes at or near them are
+    generated from the nearest good sections on each side."""
+    bad = set(bad)
+    good = [s for s in range(sections) if s not in bad]
+    planes = []
+    for k in range(output_slices(sections, factor, offset)):
+        position = offset + k / factor
+        nearest = round(position)
+        if abs(position - nearest) < ON_SECTION and nearest not in bad:
+            planes.append(Plane(k, nearest, nearest, 0.0))
+            continue
+        i = bisect.bisect_right(good, position) - 1
+        below, above = good[i], good[i + 1]
+        planes.append(Plane(k, below, above, (position - below) / (above - below)))
+    return planes
 
 
 def check_isotropic(voxel: Sequence[float]) -> None:
@@ -90,10 +182,6 @@ def check_isotropic(voxel: Sequence[float]) -> None:
     if max(z, y, x) > 1.5 * min(z, y, x):
         raise InputError(f"Fine-tuning for isotropic reconstruction learns from an isotropic volume (e.g. FIB-SEM "
                          f"with the same spacing along z, y and x); this one's voxels are {z:g} x {y:g} x {x:g}.")
-
-
-def output_slices(z: int, factor: int) -> int:
-    return (z - 1) * factor + 1
 
 
 def sees_start(net) -> bool:
@@ -131,16 +219,23 @@ def between(below: np.ndarray, above: np.ndarray, fractions, start: str = "linea
     return below * (1 - t) + above * t
 
 
-def interpolate(volume: np.ndarray, factor: int, start: str = "linear") -> np.ndarray:
-    """The volume on the fine z grid by plain interpolation (float32): the baselines, and the sampler's start."""
+def interpolate(volume: np.ndarray, factor: float, start: str = "linear", bad: Sequence[int] = ()) -> np.ndarray:
+    """The volume on the output z grid (:func:`plan_planes`) by plain interpolation (float32): the baselines, and
+    the sampler's start."""
     v = np.asarray(volume, dtype=np.float32)
-    fractions = np.arange(1, factor, dtype=np.float32) / factor
-    gaps = between(v[:-1], v[1:], np.broadcast_to(fractions, (len(v) - 1, factor - 1)), start)  # (gaps, R-1, y, x)
     out = np.zeros((output_slices(len(v), factor),) + v.shape[1:], np.float32)
-    out[::factor] = v
-    for j in range(1, factor):
-        out[j::factor] = gaps[:, j - 1]
+    for (below, above), planes in pairs(plan_planes(len(v), factor, bad)):
+        out[[p.index for p in planes]] = (v[below] if below == above else
+                                          between(v[below], v[above], [p.fraction for p in planes], start))
     return out
+
+
+def pairs(planes: Sequence[Plane]) -> list[tuple[tuple[int, int], list[Plane]]]:
+    """The planes grouped by the sections they lie between (in order): each pair's start is computed once."""
+    groups: dict[tuple[int, int], list[Plane]] = {}
+    for p in planes:
+        groups.setdefault((p.below, p.above), []).append(p)
+    return list(groups.items())
 
 
 def flicker(volume: np.ndarray) -> float:
@@ -149,12 +244,45 @@ def flicker(volume: np.ndarray) -> float:
     return float(np.abs(np.diff(v, axis=0)).mean())
 
 
-def isotropic(volume, model=None, settings: Settings | None = None, factor: int = 4,
-              norm: Normalizer | None = None) -> Generator[Progress, None, Restoration]:
-    """Reconstruct the R - 1 slices between each pair of acquired slices of ``volume`` (z, y, x).
+def bad_sections(bad, volume_shape: tuple[int, ...]) -> tuple[tuple[int, ...], np.ndarray | None]:
+    """The sections to regenerate and, for damage marked as regions, a mask of them (z, y, x) or None.
 
-    The uncertainty (``tasks.predictive_spread``) is zero on the acquired slices; the score and verdict are computed
-    on the generated slices only.
+    ``bad`` is a sequence of section indices (whole sections) or a mask of the volume's shape (a labels layer:
+    nonzero where damaged); a section with any marked pixel is regenerated and its marked regions replaced."""
+    if bad is None:
+        return (), None
+    if isinstance(bad, np.ndarray) and bad.ndim == 3:
+        if bad.shape != tuple(volume_shape):
+            raise InputError(f"The damaged regions ({' x '.join(map(str, bad.shape))}) must cover the volume "
+                             f"({' x '.join(map(str, volume_shape))}) exactly.")
+        mask = bad != 0
+        return tuple(int(z) for z in np.flatnonzero(mask.any(axis=(1, 2)))), mask
+    from .sections import check_sections
+
+    return check_sections(bad, volume_shape[0]), None
+
+
+REGION_MARGIN = 4  # px: a marked region is widened by this much, then blended over as much again (no visible edge)
+
+
+def region_weight(mask: np.ndarray) -> np.ndarray:
+    """Where a regenerated section replaces the acquired one: 1 in the marked region (widened), fading to 0."""
+    from scipy.ndimage import binary_dilation, gaussian_filter
+
+    grown = binary_dilation(mask, iterations=REGION_MARGIN)
+    return np.maximum(grown, gaussian_filter(grown.astype(np.float32), REGION_MARGIN / 2)).astype(np.float32)
+
+
+def isotropic(volume, model=None, settings: Settings | None = None, factor: float = 4,
+              norm: Normalizer | None = None, *, gap: float | None = None, bad=None,
+              offset: float = 0.0) -> Generator[Progress, None, Restoration]:
+    """Generate the planes of ``volume`` (z, y, x) on a z grid ``factor`` times finer than its sections.
+
+    ``gap`` is the sections' spacing in lateral pixels (what the model is told; default ``factor``: the output is
+    isotropic). ``bad`` (section indices, or a mask of damaged regions: see :func:`bad_sections`) are regenerated
+    from their nearest good neighbours; with ``factor`` 1 that is all that is done. ``offset`` is where the first
+    output plane lies, in sections (a chunk of a larger volume). The uncertainty (``tasks.predictive_spread``) is
+    zero where the acquisition is kept; the score and verdict are computed on the generated planes (regions) only.
     """
     settings = settings or Settings()
     factor = check_factor(factor)
@@ -162,32 +290,64 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: int 
     volume, device, model, norm = prepare(volume, model, settings, "isotropic", norm)
     if volume.ndim != 3 or len(volume) < 2:
         raise InputError("Isotropic reconstruction needs a volume (z, y, x) with at least 2 slices.")
-    labels = [model_label(model, label_of(factor, j)) for j in range(1, factor)]
-    gaps = len(volume) - 1
-    fractions = np.arange(1, factor) / factor
+    from .limits import check_number
+
+    gap = factor if gap is None else check_number("gap", gap)
+    bad, regions = bad_sections(bad, volume.shape)
+    planes = plan_planes(len(volume), factor, bad, offset)
+    made = [p for p in planes if not p.acquired]
+    if not made:
+        raise InputError("There is nothing to generate: give a z factor above 1 or mark sections to regenerate.")
+    groups = pairs(made)
+    conditions = {key: [condition_of(model, (key[1] - key[0]) * gap, p.fraction) for p in group]
+                  for key, group in groups}  # every position checked before any work
     start = model.meta.get("start", "linear")
     with_start = sees_start(model.net)
 
-    results = new_results(model, settings, (output_slices(len(volume), factor),) + volume.shape[1:], norm)
-    results.image[::factor] = volume  # exactly the acquisition; its maps stay zero: certain, no difficulty
+    results = new_results(model, settings, (len(planes),) + volume.shape[1:], norm)
+    for p in planes:
+        if p.acquired:
+            results.image[p.index] = volume[p.below]  # exactly the acquisition; its maps stay zero: certain
 
     def jobs() -> Iterator[PlaneJob]:
-        below = norm(volume[0])
-        for g in range(gaps):
-            above = norm(volume[g + 1])
-            starts = between(below, above, fractions, start, device)
-            for j in range(1, factor):
-                cond = np.stack([below, above, starts[j - 1]] if with_start else [below, above])
-                yield PlaneJob(cond, starts[j - 1], labels[j - 1], g * factor + j,
-                               f" gap {g + 1}/{gaps}, slice {j}/{factor - 1}")
-            below = above
+        for n, ((below, above), group) in enumerate(groups):
+            b, a = norm(volume[below]), norm(volume[above])
+            starts = between(b, a, [p.fraction for p in group], start, device)
+            for p, s, label in zip(group, starts, conditions[below, above]):
+                yield PlaneJob(np.stack([b, a, s] if with_start else [b, a]), s, label, p.index,
+                               f" sections {below}-{above} ({n + 1}/{len(groups)}), {p.fraction:.2f} of the way")
 
-    tile, notes = yield from sample_planes(model, jobs(), gaps * (factor - 1), results, settings, device, "isotropic")
-    uncertainty = results.uncertainty
-    # scored on the generated slices only: a view of them (gap by gap, the acquired slice first), not a copy
-    generated = None if uncertainty is None else uncertainty[:-1].reshape(gaps, factor, *volume.shape[1:])[:, 1:]
-    info = summarise("isotropic", model, settings, device, generated, tile, notes, started, factor=factor)
-    return Restoration(results.image, uncertainty, results.difficulty, info)
+    tile, notes = yield from sample_planes(model, jobs(), len(made), results, settings, device, "isotropic")
+    between_sections = [p.index for p in made if p.section is None]
+    scored = [] if results.uncertainty is None else [results.uncertainty[between_sections].ravel()]
+    for p in made:
+        if p.section is not None:  # a regenerated section: only its marked regions replace the acquisition
+            region = _blend_regenerated(results, p.index, volume[p.section],
+                                        None if regions is None else regions[p.section])
+            if results.uncertainty is not None:
+                scored.append(results.uncertainty[p.index][region])
+    scored = np.concatenate(scored) if scored else None
+    extra = {"factor": factor, "section_gap": gap}
+    if bad:
+        from .sections import format_sections
+
+        extra["regenerated"] = format_sections(bad)
+    info = summarise("isotropic", model, settings, device, scored, tile, notes, started, **extra)
+    return Restoration(results.image, results.uncertainty, results.difficulty, info)
+
+
+def _blend_regenerated(results, index: int, acquired: np.ndarray, region: np.ndarray | None) -> np.ndarray:
+    """Keep the acquisition outside a section's marked ``region`` (all of it regenerated without one), blended at
+    the edges; returns where the section is regenerated (a mask), to score."""
+    if region is None or region.all():
+        return np.ones(acquired.shape, bool)
+    w = region_weight(region)
+    norm = results.norm
+    results.image[index] = norm.inverse(norm(results.image[index]) * w + norm(acquired) * (1 - w))
+    for extra in (results.uncertainty, results.difficulty):
+        if extra is not None:
+            extra[index] *= w
+    return region
 
 
 # --- training examples, shared by the bundled model's training script and the self-supervised mode ---------------
@@ -217,7 +377,7 @@ def interpolation_batches(volumes: Sequence[np.ndarray], factors: Sequence[int],
     shares of the examples (default: by size, every voxel alike).
 
     With ``gaps`` (lowest, highest) the labels are positions ``(gap, fraction)`` for networks with
-    ``position_features`` (see :func:`condition_of`): a target ``j`` planes above the lower of two planes
+    ``positions`` (see :func:`condition_of`): a target ``j`` planes above the lower of two planes
     ``factor`` apart lies at fraction ``j / factor`` of a gap of ``factor * ratio`` lateral pixels, where a volume's
     ``ratio`` (``ratios``, default 1) is its plane spacing over its lateral pixel (0.5 for a volume binned 2 x in y
     and x only: gaps of half pixels). Each volume then draws the factors whose gap lies in ``gaps``, with
@@ -304,7 +464,7 @@ def oriented(volume: np.ndarray, axes: Sequence[int] = (0, 1, 2)) -> list[np.nda
     return [np.ascontiguousarray(np.moveaxis(volume, axis, 0)) for axis in axes]
 
 
-def caches_starts(volumes: Sequence[np.ndarray], factor: int, limit: int | None = None) -> bool:
+def caches_starts(volumes: Sequence[np.ndarray], factors: Sequence[int], limit: int | None = None) -> bool:
     """Whether every plane pair's start fits in ``limit`` pixels (default :data:`CACHE_PIXELS`), to be kept
     (``interpolation_batches(cache=True)``).
 
@@ -312,7 +472,7 @@ def caches_starts(volumes: Sequence[np.ndarray], factor: int, limit: int | None 
     bigger ones each example's start is computed on its own patch.
     """
     limit = CACHE_PIXELS if limit is None else limit
-    return sum((len(v) - factor) * (factor - 1) * v[0].size for v in volumes) <= limit
+    return sum((len(v) - f) * (f - 1) * v[0].size for v in volumes for f in factors) <= limit
 
 
 # One step from low noise: the network corrects its start (the motion-compensated interpolation) locally instead of
@@ -326,12 +486,22 @@ SELF_SUPERVISED_SAMPLING = {"steps": 1, "sampler": "euler_ancestral", "eta": 1.0
 SELF_SUPERVISED_TRAINING_SIGMAS = (0.15, 0.5)
 CACHE_PIXELS = 2 ** 27  # 256 MB of float16 interpolations kept for self-supervised training
 SELF_SUPERVISED_NETWORK = {"base": 24, "mults": (1, 2, 2), "blocks": 1, "attention": False, "patch": 2}
+SELF_SUPERVISED_POSITIONS = 32  # gaps up to 32 px
 
 
-def self_supervised(volume, factor: int, minutes: float = 10.0, *, seed: int = 0, device: str = "auto",
-                    name: str | None = None, batch: int = 8, patch: int = 96) -> Generator:
+def learnt_factors(gaps: Sequence[float]) -> list[int]:
+    """The whole plane distances a self-supervised model learns from so that it serves ``gaps`` (lateral pixels
+    between sections): the whole numbers on each side of each gap (planes along y are one pixel apart)."""
+    return sorted({f for g in gaps for f in (max(2, math.floor(g)), max(2, math.ceil(g)))})
+
+
+def self_supervised(volume, gaps: float | Sequence[float], minutes: float = 10.0, *, seed: int = 0,
+                    device: str = "auto", name: str | None = None, batch: int = 8, patch: int = 96) -> Generator:
     """vEMDiffuse-a: train an interpolation model on ``volume`` itself within ``minutes``; return the Model.
 
+    The model serves slices anywhere between sections ``gaps`` lateral pixels apart (one number, or each gap a
+    reconstruction needs, e.g. across regenerated sections): it learns planes between planes along y and x at the
+    whole distances around each (:func:`learnt_factors`), told the position (gap, fraction) of each target.
     Yields :class:`~.train.TrainProgress`. The network is small (it must learn in minutes on a laptop CPU).
     """
     import torch
@@ -342,27 +512,30 @@ def self_supervised(volume, factor: int, minutes: float = 10.0, *, seed: int = 0
     from .tasks import pick_device
     from .train import train
 
-    factor = check_factor(factor)
+    factors = learnt_factors([gaps] if np.isscalar(gaps) else gaps)
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise InputError("Self-supervised reconstruction needs a volume (z, y, x).")
     norm = Normalizer.fit(volume)
     dev = pick_device(device)
     torch.manual_seed(seed)
-    net = UNet(UNetConfig(cond_channels=3, num_labels=len(LABELS), **SELF_SUPERVISED_NETWORK))
+    net = UNet(UNetConfig(cond_channels=3, positions=SELF_SUPERVISED_POSITIONS,
+                          **SELF_SUPERVISED_NETWORK))
     planes = oriented(norm(volume), axes=(1, 2))
-    batches = interpolation_batches(planes, [factor], batch, patch, seed, multiple=net.config.multiple,
-                                    residual="motion", cache=caches_starts(planes, factor),
-                                    start_condition=sees_start(net))
+    batches = interpolation_batches(planes, factors, batch, patch, seed, multiple=net.config.multiple,
+                                    residual="motion", cache=caches_starts(planes, factors),
+                                    start_condition=sees_start(net), gaps=(factors[0], factors[-1]))
     log_sigma = training_log_sigma(*SELF_SUPERVISED_TRAINING_SIGMAS)
     net = yield from train(net, batches, minutes=minutes, lr=1e-3, ema_decay=0.995, seed=seed, device=dev,
                            warmup=50, checkpoint_minutes=float("inf"), log_sigma=log_sigma)
-    meta = {"task": "isotropic", "labels": {label_of(factor, j): LABELS[label_of(factor, j)] for j in range(1, factor)},
-            "factors": [factor], "mode": "self-supervised", "residual": True, "start": "motion",
-            "description": f"vEMDiffuse-a: interpolation learnt from this volume's lateral planes, R = {factor}.",
+    meta = {"task": "isotropic", "gaps": [factors[0], factors[-1]], "mode": "self-supervised", "residual": True,
+            "start": "motion",
+            "description": "vEMDiffuse-a: interpolation learnt from this volume's lateral planes, between sections "
+                           f"{factors[0]} to {factors[-1]} pixels apart.",
             "training": {"minutes": minutes, "seed": seed, "date": time.strftime("%Y-%m-%d")}}
     sampling = {**SAMPLING_DEFAULTS, **SELF_SUPERVISED_SAMPLING}
-    return Model(net=net.eval(), meta={**meta, "sampling": sampling}, name=name or f"self-supervised-R{factor}",
+    return Model(net=net.eval(), meta={**meta, "sampling": sampling},
+                 name=name or f"self-supervised-{factors[0]}-{factors[-1]}px",
                  sampling=sampling)
 
 
@@ -454,31 +627,41 @@ def judge_learnt(model, truth: np.ndarray, factor: int, norm: Normalizer, settin
     return judge([score(start)] * VALIDATION_SEEDS, after, margin=SELF_SUPERVISED_MIN_GAIN)
 
 
-def motion_reconstruction(volume: np.ndarray, factor: int, norm: Normalizer) -> Generator[Progress, None, np.ndarray]:
-    """The volume on the fine z grid by motion-compensated interpolation alone, gap by gap, in its own type."""
-    from .memory import check_result_fits, result_bytes
+def motion_reconstruction(volume: np.ndarray, factor: float, norm: Normalizer, bad=None
+                          ) -> Generator[Progress, None, np.ndarray]:
+    """The volume on the output z grid by motion-compensated interpolation alone (bad sections and regions
+    regenerated so too), section pair by pair, in its own type."""
+    from .tasks import PlaneResults
 
-    shape = (output_slices(len(volume), factor),) + volume.shape[1:]
-    check_result_fits(result_bytes(shape, norm.dtype, 0))
-    out = np.zeros(shape, norm.dtype)
-    out[::factor] = volume
-    fractions = np.arange(1, factor) / factor
-    gaps = len(volume) - 1
-    for g in range(gaps):
-        out[g * factor + 1:(g + 1) * factor] = norm.inverse(between(norm(volume[g]), norm(volume[g + 1]), fractions,
-                                                                    "motion"))
-        yield Progress(g + 1, gaps, f"{MOTION_INTERPOLATION}: gap {g + 1}/{gaps}")
-    return out
+    bad, regions = bad_sections(bad, volume.shape)
+    planes = plan_planes(len(volume), factor, bad)
+    results = PlaneResults((len(planes),) + volume.shape[1:], norm, False, False)
+    groups = pairs(planes)
+    for n, ((below, above), group) in enumerate(groups):
+        if below == above:
+            results.image[group[0].index] = volume[below]
+        else:
+            made = between(norm(volume[below]), norm(volume[above]), [p.fraction for p in group], "motion")
+            for p, plane in zip(group, made):
+                results.image[p.index] = norm.inverse(plane)
+                if p.section is not None:
+                    _blend_regenerated(results, p.index, volume[p.section],
+                                       None if regions is None else regions[p.section])
+        yield Progress(n + 1, len(groups), f"{MOTION_INTERPOLATION}: sections {below}-{above}")
+    return results.image
 
 
-def isotropic_self_supervised(volume, factor: int = 4, minutes: float = 10.0, settings: Settings | None = None,
-                              norm: Normalizer | None = None, save_as: str | None = None
-                              ) -> Generator[Progress, None, Restoration]:
+def isotropic_self_supervised(volume, factor: float = 4, minutes: float = 10.0, settings: Settings | None = None,
+                              norm: Normalizer | None = None, save_as: str | None = None, *,
+                              gap: float | None = None, bad=None) -> Generator[Progress, None, Restoration]:
     """vEMDiffuse-a end to end: learn from ``volume`` for ``minutes``, judge, then reconstruct; one progress stream.
 
-    The budget, the volume's size and ``save_as`` are checked when this is called, before any work (a budget below
-    :data:`SELF_SUPERVISED_MIN_MINUTES` is refused). The last x columns (:func:`split_aside`) are kept aside from
-    learning; the learnt model is then judged on them, on the task it learnt (planes between planes along y),
+    ``factor``, ``gap`` and ``bad`` as for :func:`isotropic`. The budget, the volume's size, the sections and
+    ``save_as`` are checked when this is called, before any work (a budget below
+    :data:`SELF_SUPERVISED_MIN_MINUTES` is refused). The model learns every gap the reconstruction needs (across
+    regenerated sections too). The last x columns (:func:`split_aside`) are kept aside from
+    learning; the learnt model is then judged on them, on the task it learnt (planes between planes along y, at
+    the whole distance nearest the sections' gap),
     against the motion-compensated interpolation it starts from, by the rule fine-tuning keeps (better with every
     sampling seed by more than the seed-to-seed spread, :func:`~.finetune.judge`, and by at least
     :data:`SELF_SUPERVISED_MIN_GAIN`). A model that beats it
@@ -488,28 +671,37 @@ def isotropic_self_supervised(volume, factor: int = 4, minutes: float = 10.0, se
     is reconstructed by motion-compensated interpolation (no uncertainty map), and a note says why. Training
     progress is reported per mille of the time budget, then the check's and the reconstruction's own.
     """
+    from .limits import check_number
     from .models import free_name
 
     settings = settings or Settings()
     factor = check_factor(factor)
+    gap = factor if gap is None else check_number("gap", gap)
     minutes = check_budget(minutes)
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise InputError("Self-supervised reconstruction needs a volume (z, y, x).")
-    learn, aside = split_aside(volume, factor)
+    sections, _ = bad_sections(bad, volume.shape)
+    gaps = sorted({(p.above - p.below) * gap for p in plan_planes(len(volume), factor, sections) if not p.acquired})
+    if not gaps:
+        raise InputError("There is nothing to generate: give a z factor above 1 or mark sections to regenerate.")
+    judged = min(max(2, round(gap)), learnt_factors(gaps)[-1])
+    learn, aside = split_aside(volume, learnt_factors(gaps)[-1])
     if save_as:
         free_name(save_as)  # before the training, not after it
-    return _learn_judge_reconstruct(volume, learn, aside, factor, minutes, settings, norm, save_as)
+    return _learn_judge_reconstruct(volume, learn, aside, (factor, gap, bad, gaps, judged), minutes, settings, norm,
+                                    save_as)
 
 
-def _learn_judge_reconstruct(volume, learn, aside, factor: int, minutes: float, settings: Settings,
+def _learn_judge_reconstruct(volume, learn, aside, grid: tuple, minutes: float, settings: Settings,
                              norm: Normalizer | None, save_as: str | None) -> Generator[Progress, None, Restoration]:
     from .finetune import VALIDATION_SEEDS
     from .models import install_model
     from .tasks import pick_device, summarise
 
+    factor, gap, bad, gaps, judged = grid
     started = time.perf_counter()
-    training = self_supervised(learn, factor, minutes, seed=settings.seed, device=settings.device, name=save_as)
+    training = self_supervised(learn, gaps, minutes, seed=settings.seed, device=settings.device, name=save_as)
     steps = 0
     while True:
         try:
@@ -520,25 +712,26 @@ def _learn_judge_reconstruct(volume, learn, aside, factor: int, minutes: float, 
         steps = p.step
         yield Progress(int(1000 * p.fraction), 1000, f"learning from this volume: step {p.step}, loss {p.loss:.3f}")
     norm = norm or Normalizer.fit(volume)
-    verdict = yield from judge_learnt(model, lateral_truth(aside, factor), factor, norm, settings)
+    verdict = yield from judge_learnt(model, lateral_truth(aside, judged), judged, norm, settings)
     figures = (f"{verdict.after:.2f} dB against {verdict.before:.2f} dB on {aside.shape[2]} x columns kept aside, "
                f"seed-to-seed spread {verdict.spread:.2f} dB")
     validation = {"psnr_model": round(verdict.after, 3), "psnr_motion_interpolation": round(verdict.before, 3),
                   "gain": round(verdict.gain, 3), "spread": round(verdict.spread, 3), "seeds": VALIDATION_SEEDS,
                   "columns_aside": aside.shape[2], "steps": steps}
     if not verdict.improved:
-        image = yield from motion_reconstruction(volume, factor, norm)
+        image = yield from motion_reconstruction(volume, factor, norm, bad)
         info = summarise("isotropic", model, settings, pick_device(settings.device), None, 0, [
             f"the model learnt in {minutes:g} minutes ({steps} steps) did not beat {MOTION_INTERPOLATION} on planes "
-            f"kept aside ({figures}), so it was {'neither used nor saved' if save_as else 'not used'} and the volume is reconstructed "
-            f"by {MOTION_INTERPOLATION}, without uncertainty"], started, factor=factor)
+            f"kept aside ({figures}), so it was {'neither used nor saved' if save_as else 'not used'} and the volume "
+            f"is reconstructed by {MOTION_INTERPOLATION}, without uncertainty"], started, factor=factor,
+                         section_gap=gap)
         info.update(model=MOTION_INTERPOLATION, samples=0, steps=0, sampler=None, eta=None,
                     mode="self-supervised", train_minutes=minutes, validation=validation)
         return Restoration(image, None, None, info)
     model.meta["validation"] = validation
     if save_as:
         install_model(model.net, model.meta, save_as)
-    result = yield from isotropic(volume, model, settings, factor, norm)
+    result = yield from isotropic(volume, model, settings, factor, norm, gap=gap, bad=bad)
     result.info.update(mode="self-supervised", train_minutes=minutes, validation=validation,
                        seconds=round(time.perf_counter() - started, 3))
     result.info["notes"] = [*result.info.get("notes", []),

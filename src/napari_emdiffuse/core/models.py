@@ -96,7 +96,7 @@ MAX_META_BYTES = 1 << 20
 MAX_WEIGHT_BYTES = 1 << 30  # all arrays together
 MAX_PARAMETERS = 250_000_000
 NETWORK_LIMITS = {"in_channels": 16, "cond_channels": 16, "base": 512, "blocks": 8, "num_labels": 100_000,
-                  "position_features": 64,
+                  "positions": 64,
                   "patch": 8}
 
 

@@ -1,8 +1,8 @@
 """Conditional U-Net in the spirit of EMDiffuse's UDiM, sized for CPUs.
 
 The network sees the noisy estimate ``x`` concatenated with the condition image (the degraded acquisition),
-is told the noise level ``sigma`` (and optionally an integer label such as a slice index, or a continuous position
-such as where between two sections a slice lies), and returns two maps:
+is told the noise level ``sigma`` (and optionally an integer label such as a slice index, or a position such as where
+between two sections a slice lies), and returns two maps:
 the denoised estimate's raw output ``F`` and ``log phi``, the per-pixel difficulty of the paper's
 difficulty-aware loss.
 
@@ -34,7 +34,8 @@ class UNetConfig:
     blocks: int = 1  # residual blocks per level
     attention: bool = True  # one self-attention block at the lowest resolution
     num_labels: int = 0  # >0 adds an integer embedding (e.g. which slice between two acquired ones)
-    position_features: int = 0  # >0 adds an embedding of a position (gap, fraction): see position_encoding
+    positions: int = 0  # >0 adds an embedding of a position (gap up to this many pixels, fraction): see
+    # position_embedding
     difficulty_head: bool = True
     patch: int = 2  # pixel-unshuffle factor of the stem: full-resolution convolutions are the CPU's main cost
 
@@ -66,16 +67,20 @@ def _fourier(c: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
-def position_encoding(position: torch.Tensor, n: int) -> torch.Tensor:
-    """Features of positions ``(gap, fraction)`` (batch, 2): a slice ``fraction`` (0 to 1) of the way between two
-    sections ``gap`` lateral pixels apart. The gap enters as its logarithm (what changes between sections grows
-    with it about geometrically), the fraction as sines and cosines of ``n`` harmonics, so that any real position
-    has an embedding, not only the slots of whole factors."""
-    gap, fraction = position.float().unbind(dim=1)
-    harmonics = torch.arange(1, n + 1, device=position.device, dtype=torch.float32)[None] * math.pi
-    angles = fraction[:, None] * harmonics
-    return torch.cat([gap.clamp(min=1).log2()[:, None] / 4, fraction[:, None], torch.sin(angles), torch.cos(angles)],
-                     dim=1)
+def position_embedding(table: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """The embedding of positions ``(gap, fraction)`` (batch, 2): a slice ``fraction`` (0 to 1) of the way between
+    two sections ``gap`` lateral pixels apart. ``table`` (n, n + 1, dim) holds embeddings at whole gaps 1 .. n and
+    fractions in steps of 1 / n; any real position gets the bilinear blend of its four nearest, so positions
+    between those trained on get embeddings between theirs (a network extrapolating an embedding can be
+    confidently wrong), not only the slots of whole factors."""
+    n = table.shape[0]
+    gap = position[:, 0].float().clamp(1, n) - 1
+    fraction = position[:, 1].float().clamp(0, 1) * n
+    g0 = gap.floor().clamp(max=n - 2).long()
+    f0 = fraction.floor().clamp(max=n - 1).long()
+    wg, wf = (gap - g0)[:, None], (fraction - f0)[:, None]
+    return ((1 - wg) * ((1 - wf) * table[g0, f0] + wf * table[g0, f0 + 1])
+            + wg * ((1 - wf) * table[g0 + 1, f0] + wf * table[g0 + 1, f0 + 1]))
 
 
 class ResBlock(nn.Module):
@@ -121,8 +126,8 @@ class UNet(nn.Module):
         self.register_buffer("frequencies", _frequencies(cfg.base), persistent=False)
         self.noise_mlp = nn.Sequential(nn.Linear(cfg.base, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.label_emb = nn.Embedding(cfg.num_labels, emb) if cfg.num_labels else None
-        self.position_mlp = (nn.Sequential(nn.Linear(2 + 2 * cfg.position_features, emb), nn.SiLU(),
-                                           nn.Linear(emb, emb)) if cfg.position_features else None)
+        self.position_table = (nn.Parameter(torch.zeros(cfg.positions, cfg.positions + 1, emb))
+                               if cfg.positions else None)
         widths = [cfg.base * m for m in cfg.mults]
         self.stem = nn.Conv2d((cfg.in_channels + cfg.cond_channels) * cfg.patch**2, widths[0], 3, padding=1)
 
@@ -167,10 +172,10 @@ class UNet(nn.Module):
             if label is None:
                 raise ValueError("this model needs a label (e.g. the slice index)")
             emb = emb + self.label_emb(label)
-        if self.position_mlp is not None:
+        if self.position_table is not None:
             if label is None:
                 raise ValueError("this model needs a position (gap, fraction)")
-            emb = emb + self.position_mlp(position_encoding(label, self.config.position_features))
+            emb = emb + position_embedding(self.position_table, label)
         h = self.stem(F.pixel_unshuffle(torch.cat([x, cond], dim=1), self.config.patch))
         skips = []
         for level, blocks in enumerate(self.down):

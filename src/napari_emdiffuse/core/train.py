@@ -87,14 +87,17 @@ def train(net: torch.nn.Module, batches: Iterator[Batch], *, iterations: int | N
                                  learns_difficulty=learns_difficulty[0] if learns_difficulty else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
+        # a step whose gradient overflowed (an example the network was confidently wrong on, in bfloat16) is
+        # skipped: clipping an infinite norm would write NaN into every weight
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)):
+            opt.step()
         step += 1
         decay = min(ema_decay, (1 + step) / (10 + step))  # average over fewer steps early on
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), net.parameters()):
                 p_ema.lerp_(p, 1 - decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if math.isfinite(loss.item()):
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         due = time.perf_counter() - last_checkpoint > 60 * checkpoint_minutes
         if due or step % report_every == 0 or step == 1:
             yield TrainProgress(step, iterations, running, time.perf_counter() - start, min(used(), 1.0),
