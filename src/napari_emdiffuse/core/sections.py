@@ -72,3 +72,222 @@ def parse_sections(text: str, count: int, max_run: int | None = None) -> tuple[i
                 raise InputError(f"The {b - a + 1} consecutive bad sections {a}-{b} are too many to regenerate; "
                                  f"at most {max_run} in a row can be.")
     return tuple(sorted(chosen))
+
+
+@dataclass(frozen=True)
+class Suspect:
+    """A section the detector proposes as bad, for the user to confirm."""
+
+    index: int  # 0-based, as napari's slider counts the input's sections
+    reason: str  # a short phrase for users, e.g. "41% blank"
+    score: float  # the evidence over the detector's threshold: 1 at the threshold, larger is surer
+    region: np.ndarray | None = field(default=None, repr=False)  # (y, x) damaged area where the damage is local
+
+
+WORK_SIZE = 256  # the long side of the downsampled sections that correlation and streaks are measured on
+BLOCKS = 128  # blank and saturated areas are found in blocks, about this many along the long side
+FLAT = 0.1  # a block is flat when its grey values vary less than this fraction of the stack's typical block's
+SATURATED = 0.5  # a block is saturated when at least this fraction of it sits at the stack's maximum value
+POOR_CORRELATION = 0.3  # a section correlates poorly when its best neighbour correlates below this fraction of typical
+ROBUST_SPREADS = 4.0  # ... and that many robust standard deviations below the stack's typical neighbour correlation
+STREAK_SPREADS = 9.0  # a streak's mean contrast along its length, in robust standard deviations of the stack's
+STREAK_SIZE = 128  # the long side of the sections that streaks are looked for on
+ANGLES = np.arange(0.0, 180.0, 11.25)
+
+
+def _block_stats(section: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per block: the standard deviation of the grey values, the fraction at the section's maximum; and that maximum.
+    Blocks at the bottom and right edges that are cut short still count (padded with their edge values)."""
+    h, w = section.shape
+    padded = np.pad(section, ((0, -h % block), (0, -w % block)), mode="edge")
+    blocks = padded.reshape(padded.shape[0] // block, block, padded.shape[1] // block, block).swapaxes(1, 2)
+    top = section.max()
+    std = blocks.std(axis=(2, 3), dtype=np.float64).astype(np.float32)
+    at_top = (blocks == top).mean(axis=(2, 3), dtype=np.float32)
+    return std, at_top, float(top)
+
+
+def _downsample(section: np.ndarray, factor: int) -> np.ndarray:
+    h, w = (s // factor * factor for s in section.shape)
+    s = np.asarray(section[:h, :w], dtype=np.float32)
+    return s.reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3)) if factor > 1 else s
+
+
+def _bounded_runs(flags: np.ndarray, max_run: int) -> np.ndarray:
+    """Flags (z, ...) kept where they form runs along z of at most ``max_run`` with unflagged places on both sides:
+    damage confined to a few sections, not structure that persists (nor damage no neighbour can repair)."""
+    kept = np.zeros_like(flags)
+    z = len(flags)
+    for start in range(1, z - 1):
+        for length in range(1, min(max_run, z - 1 - start) + 1):
+            run = flags[start:start + length].all(axis=0) & ~flags[start - 1] & ~flags[start + length]
+            kept[start:start + length] |= run
+    return kept
+
+
+def _correlation(a: np.ndarray, b: np.ndarray, weight: np.ndarray) -> float:
+    total = weight.sum()
+    if total < 0.05 * weight.size:  # too little left to compare
+        return np.nan
+    a = a - (a * weight).sum() / total
+    b = b - (b * weight).sum() / total
+    denominator = np.sqrt((weight * a * a).sum() * (weight * b * b).sum())
+    return float((weight * a * b).sum() / denominator) if denominator > 0 else np.nan
+
+
+def _robust(values: np.ndarray) -> tuple[float, float]:
+    """Median and robust standard deviation (scaled MAD) of the finite values."""
+    values = values.reshape(-1)[:: max(1, values.size // 500_000)]  # a regular subsample: as robust, and quick
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return np.nan, np.nan
+    median = float(np.median(values))
+    return median, float(1.4826 * np.median(np.abs(values - median)))
+
+
+def _percent(fraction: float) -> str:
+    return f"{max(1, round(100 * fraction))}%"
+
+
+def _line_means(images: np.ndarray, valid: np.ndarray, angle: float, length: int, width: int) -> np.ndarray:
+    """Means of ``images`` (z, y, x) over lines ``length`` long and ``width`` wide at ``angle`` degrees, on the
+    rotated grid (where the lines run along x); NaN where less than half a line lies on valid pixels."""
+    rotate = dict(axes=(2, 1), reshape=True, order=1, mode="constant", cval=0.0)
+    turned = ndi.rotate(images * valid, angle, **rotate)
+    partial = ~valid.all(axis=(1, 2))
+    inside = np.broadcast_to(ndi.rotate(np.ones((1,) + valid.shape[1:], np.float32), angle, **rotate), turned.shape)
+    if partial.any():  # most sections are wholly valid: one footprint serves them all
+        inside = inside.copy()
+        inside[partial] = ndi.rotate(valid[partial].astype(np.float32), angle, **rotate)
+    box = dict(size=(1, width, length), mode="constant")
+    sums, counts = ndi.uniform_filter(turned, **box), ndi.uniform_filter(inside, **box)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0.5, sums / counts, np.nan)
+
+
+def _unrotate(mask: np.ndarray, angle: float, shape: tuple[int, int]) -> np.ndarray:
+    back = ndi.rotate(mask.astype(np.float32), -angle, reshape=True, order=1)
+    top, left = (back.shape[0] - shape[0]) // 2, (back.shape[1] - shape[1]) // 2
+    return back[top:top + shape[0], left:left + shape[1]] > 0.25
+
+
+def _to_full(mask: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
+    """A mask on a grid ``factor`` times coarser, at the full resolution ``shape`` (edges extended)."""
+    full = np.repeat(np.repeat(mask, factor, axis=0), factor, axis=1)[:shape[0], :shape[1]]
+    return np.pad(full, ((0, shape[0] - full.shape[0]), (0, shape[1] - full.shape[1])), mode="edge")
+
+
+def suspect_sections(volume, max_run: int = 3, min_area: float = 0.02) -> list[Suspect]:
+    """Sections of a stack (z, y, x) that look damaged or lost, for the user to confirm, in the order of the stack.
+
+    Proposed: a section that correlates poorly with both neighbours, far below the stack's typical neighbour
+    correlation (measured robustly, on downsampled band-passed sections); blank areas (flat at a constant value) and
+    saturated areas (at the stack's maximum) of at least ``min_area`` of a section, where the same place is intact in
+    the sections around (within ``max_run``: damage, not structure that persists); folds and cracks, thin long streaks
+    darker (or brighter) than both neighbours; knife marks, several such parallel stripes. Local damage comes with its
+    region (a mask at the volume's resolution). Never the first or last section: they cannot be regenerated."""
+    vol = check_image(volume, ndims=(3,))
+    if vol.dtype == np.bool_:
+        vol = vol.view(np.uint8)
+    z, h, w = vol.shape
+    if z < 3:
+        return []
+    block = max(2, -(-max(h, w) // BLOCKS))
+    factor = max(1, -(-max(h, w) // WORK_SIZE))
+    stats = [_block_stats(section, block) for section in vol]
+    spread = np.stack([s[0] for s in stats])
+    tops = np.array([s[2] for s in stats])
+    saturated = (np.stack([s[1] for s in stats]) >= SATURATED) & (tops == tops.max())[:, None, None]
+    flat = (spread <= FLAT * float(np.median(spread))) & ~saturated
+    blank, saturated = _bounded_runs(flat, max_run), _bounded_runs(saturated, max_run)
+
+    found: dict[int, list[tuple[str, float, np.ndarray | None]]] = {}
+    damaged = np.zeros((z, h, w), bool)
+    for i in range(1, z - 1):
+        area = blank[i] | saturated[i]
+        if area.mean() >= min_area:
+            region = _to_full(ndi.binary_dilation(area), block, (h, w))
+            damaged[i] = region
+            for kind, flags in (("blank", blank[i]), ("saturated", saturated[i])):
+                if flags.mean() >= min_area / 2:
+                    found.setdefault(i, []).append((f"{_percent(flags.mean())} {kind}", flags.mean() / min_area,
+                                                    region))
+
+    sections, valid = _band_passed(vol, damaged, factor)
+    _poor_correlation(sections, valid, found)
+    _streaks(sections, valid, found, factor, (h, w))
+    suspects = []
+    for i in sorted(found):
+        reasons, scores, regions = zip(*found[i])
+        region = None if any(r is None for r in regions) else np.logical_or.reduce(regions)
+        suspects.append(Suspect(i, "; ".join(reasons), float(max(scores)), region))
+    return suspects
+
+
+def _band_passed(vol: np.ndarray, damaged: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """Downsampled sections without noise and shading, normalised to zero mean and unit variance over their intact
+    pixels (damaged ones set to 0), and where they are intact."""
+    sections, valid = [], []
+    for section, region in zip(vol, damaged):
+        small = _downsample(section, factor)
+        keep = _downsample(~region, factor) > 0.99
+        if keep.any():
+            small[~keep] = small[keep].mean()  # no edge at the damage's border
+        sigma = max(small.shape) / 16
+        small = ndi.gaussian_filter(small, 1.0) - ndi.gaussian_filter(small, sigma)
+        mean, std = (small[keep].mean(), small[keep].std()) if keep.any() else (0.0, 0.0)
+        sections.append(np.where(keep, (small - mean) / std if std > 0 else 0.0, 0.0).astype(np.float32))
+        valid.append(keep)
+    return np.stack(sections), np.stack(valid)
+
+
+def _poor_correlation(sections: np.ndarray, valid: np.ndarray, found: dict) -> None:
+    pairs = np.array([_correlation(a, b, (va & vb).astype(np.float32))
+                      for a, b, va, vb in zip(sections[:-1], sections[1:], valid[:-1], valid[1:])])
+    typical, spread = _robust(pairs)
+    if not typical > 0.05:  # sections unrelated to each other: nothing to compare with
+        return
+    threshold = min(POOR_CORRELATION * typical, typical - ROBUST_SPREADS * spread)
+    for i in range(1, len(sections) - 1):
+        best = np.nanmax(pairs[i - 1:i + 1]) if np.isfinite(pairs[i - 1:i + 1]).any() else np.nan
+        if best < threshold:
+            found.setdefault(i, []).append((f"correlates poorly with both neighbours ({best:.2f} vs typical "
+                                            f"{typical:.2f})", (typical - best) / (typical - threshold), None))
+
+
+def _streaks(sections: np.ndarray, valid: np.ndarray, found: dict, factor: int, shape: tuple[int, int]) -> None:
+    """Thin long streaks darker (folds) or brighter (cracks) than both neighbours; several parallel: knife marks.
+    Looked for on sections downsampled again to about STREAK_SIZE: lines along 16 angles make it the slow part."""
+    step = max(1, round(max(sections.shape[1:]) / STREAK_SIZE))
+    if step > 1:
+        sections = np.stack([_downsample(s, step) for s in sections])
+        valid = np.stack([_downsample(v, step) > 0.99 for v in valid])
+        factor *= step
+    inner = valid[1:-1] & valid[:-2] & valid[2:]
+    neighbours = np.stack([sections[:-2], sections[2:]])
+    length = max(16, max(sections.shape[1:]) // 4)
+    best = np.zeros((2, len(inner)))
+    hits: dict[tuple[int, int], list] = {}
+    for sign, (kind, contrast) in enumerate((("dark", sections[1:-1] - neighbours.min(0)),
+                                             ("bright", neighbours.max(0) - sections[1:-1]))):  # negative on streaks
+        for angle in ANGLES:
+            means = _line_means(contrast, inner, angle, length, 2)
+            centre, spread = _robust(means)
+            score = (centre - means) / spread
+            per_section = np.nanmax(np.nan_to_num(score, nan=-np.inf), axis=(1, 2))
+            for j in np.flatnonzero(per_section > STREAK_SPREADS):
+                hits.setdefault((j, sign), []).append((angle, score[j]))
+            best[sign] = np.maximum(best[sign], per_section)
+    for (j, sign), angles in hits.items():
+        kind = ("dark", "bright")[sign]
+        region = np.zeros(inner.shape[1:], bool)
+        stripes = 0
+        for angle, score in angles:
+            lines = score > STREAK_SPREADS / 2
+            labels, _ = ndi.label(lines)
+            long = [s for s in ndi.find_objects(labels) if s[1].stop - s[1].start >= length]
+            stripes = max(stripes, len(long))
+            region |= _unrotate(lines, angle, inner.shape[1:])
+        region = _to_full(ndi.binary_dilation(region, iterations=2), factor, shape)
+        reason = "knife marks: stripes" if stripes >= 3 else f"fold or crack: {kind} streak"
+        found.setdefault(int(j) + 1, []).append((reason, best[sign, j] / STREAK_SPREADS, region))
