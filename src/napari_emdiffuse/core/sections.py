@@ -90,9 +90,10 @@ FLAT = 0.1  # a block is flat when its grey values vary less than this fraction 
 SATURATED = 0.5  # a block is saturated when at least this fraction of it sits at the stack's maximum value
 POOR_CORRELATION = 0.3  # a section correlates poorly when its best neighbour correlates below this fraction of typical
 ROBUST_SPREADS = 4.0  # ... and that many robust standard deviations below the stack's typical neighbour correlation
-STREAK_SPREADS = 9.0  # a streak's mean contrast along its length, in robust standard deviations of the stack's
+STREAK_SPREADS = 7.0  # a streak's contrast along its length, in robust standard deviations of the stack's
 STREAK_SIZE = 128  # the long side of the sections that streaks are looked for on
-ANGLES = np.arange(0.0, 180.0, 11.25)
+SEGMENTS = 4  # a streak must be darker (or brighter) along this many consecutive segments
+ANGLE_STEP = 180 / 40  # degrees between the directions looked along
 
 
 def _block_stats(section: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -149,22 +150,6 @@ def _percent(fraction: float) -> str:
     return f"{max(1, round(100 * fraction))}%"
 
 
-def _line_means(images: np.ndarray, valid: np.ndarray, angle: float, length: int, width: int) -> np.ndarray:
-    """Means of ``images`` (z, y, x) over lines ``length`` long and ``width`` wide at ``angle`` degrees, on the
-    rotated grid (where the lines run along x); NaN where less than half a line lies on valid pixels."""
-    rotate = dict(axes=(2, 1), reshape=True, order=1, mode="constant", cval=0.0)
-    turned = ndi.rotate(images * valid, angle, **rotate)
-    partial = ~valid.all(axis=(1, 2))
-    inside = np.broadcast_to(ndi.rotate(np.ones((1,) + valid.shape[1:], np.float32), angle, **rotate), turned.shape)
-    if partial.any():  # most sections are wholly valid: one footprint serves them all
-        inside = inside.copy()
-        inside[partial] = ndi.rotate(valid[partial].astype(np.float32), angle, **rotate)
-    box = dict(size=(1, width, length), mode="constant")
-    sums, counts = ndi.uniform_filter(turned, **box), ndi.uniform_filter(inside, **box)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0.5, sums / counts, np.nan)
-
-
 def _unrotate(mask: np.ndarray, angle: float, shape: tuple[int, int]) -> np.ndarray:
     back = ndi.rotate(mask.astype(np.float32), -angle, reshape=True, order=1)
     top, left = (back.shape[0] - shape[0]) // 2, (back.shape[1] - shape[1]) // 2
@@ -214,7 +199,7 @@ def suspect_sections(volume, max_run: int = 3, min_area: float = 0.02) -> list[S
                                                     region))
 
     sections, valid = _band_passed(vol, damaged, factor)
-    _poor_correlation(sections, valid, found)
+    _poor_correlation(sections, valid, found, max_run)
     _streaks(sections, valid, found, factor, (h, w))
     suspects = []
     for i in sorted(found):
@@ -241,23 +226,61 @@ def _band_passed(vol: np.ndarray, damaged: np.ndarray, factor: int) -> tuple[np.
     return np.stack(sections), np.stack(valid)
 
 
-def _poor_correlation(sections: np.ndarray, valid: np.ndarray, found: dict) -> None:
-    pairs = np.array([_correlation(a, b, (va & vb).astype(np.float32))
-                      for a, b, va, vb in zip(sections[:-1], sections[1:], valid[:-1], valid[1:])])
+def _shifted_correlation(a: np.ndarray, b: np.ndarray, reach: int) -> float:
+    """The best correlation of two zero-mean sections over shifts of up to ``reach`` pixels: serial sections are
+    never perfectly aligned, and a few pixels' shift alone must not make good neighbours look unrelated."""
+    energy = np.sqrt((a * a).sum() * (b * b).sum())
+    if energy == 0:
+        return np.nan
+    cross = np.fft.irfft2(np.fft.rfft2(a) * np.conj(np.fft.rfft2(b)), s=a.shape)
+    near = np.r_[0:reach + 1, -reach:0]
+    return float(cross[np.ix_(near, near)].max() / energy)
+
+
+def _poor_correlation(sections: np.ndarray, valid: np.ndarray, found: dict, max_run: int) -> None:
+    """Runs of at most ``max_run`` sections (mostly single ones) cut off from the stack on both sides: each pair of
+    sections across the run's ends correlates far below the stack's typical neighbours (a lost section replaced by
+    noise, a section from elsewhere); within the run the sections may resemble each other."""
+    intact = valid.mean(axis=(1, 2)) > 0.05
+    reach = max(2, max(sections.shape[1:]) // 32)
+    pairs = np.array([_shifted_correlation(a, b, reach) if ia and ib else np.nan
+                      for a, b, ia, ib in zip(sections[:-1], sections[1:], intact[:-1], intact[1:])])
     typical, spread = _robust(pairs)
     if not typical > 0.05:  # sections unrelated to each other: nothing to compare with
         return
     threshold = min(POOR_CORRELATION * typical, typical - ROBUST_SPREADS * spread)
-    for i in range(1, len(sections) - 1):
-        best = np.nanmax(pairs[i - 1:i + 1]) if np.isfinite(pairs[i - 1:i + 1]).any() else np.nan
-        if best < threshold:
-            found.setdefault(i, []).append((f"correlates poorly with both neighbours ({best:.2f} vs typical "
-                                            f"{typical:.2f})", (typical - best) / (typical - threshold), None))
+    cuts = np.flatnonzero(pairs < threshold)  # pair k joins sections k and k + 1
+    for before, after in zip(cuts[:-1], cuts[1:]):
+        first, last = before + 1, after
+        if last - first + 1 > max_run:
+            continue
+        score = (typical - max(pairs[before], pairs[after])) / (typical - threshold)
+        values = f"{pairs[before]:.2f} and {pairs[after]:.2f} vs typical {typical:.2f}"
+        reason = (f"correlates poorly with both neighbours ({values})" if first == last else
+                  f"sections {first}-{last} correlate poorly with the sections around them ({values})")
+        for i in range(first, last + 1):
+            found.setdefault(i, []).append((reason, score, None))
+
+
+def _segment_means(images: np.ndarray, angle: float, segment: int, width: int) -> np.ndarray:
+    """On ``images`` (n, y, x) rotated by ``angle`` degrees: at each place, the least dark of the means over
+    SEGMENTS consecutive line segments ``segment`` long and ``width`` wide that run along x through it; NaN where a
+    segment leaves the section. A streak is dark all along; natural structure seldom is, over that length."""
+    rotate = dict(axes=(2, 1), reshape=True, order=1, mode="constant", cval=0.0)
+    turned = ndi.rotate(images, angle, **rotate)
+    inside = ndi.rotate(np.ones(images.shape[1:], np.float32), angle, **{**rotate, "axes": (1, 0)}) > 0.99
+    means = ndi.uniform_filter(turned, size=(1, width, segment), mode="constant")
+    means[:, ~ndi.minimum_filter(inside, size=(width, segment), mode="constant")] = np.nan
+    shifts = [round((k - (SEGMENTS - 1) / 2) * segment) for k in range(SEGMENTS)]
+    least = np.roll(means, shifts[0], axis=2)
+    for shift in shifts[1:]:
+        least = np.maximum(least, np.roll(means, shift, axis=2))  # NaN stays NaN
+    return least
 
 
 def _streaks(sections: np.ndarray, valid: np.ndarray, found: dict, factor: int, shape: tuple[int, int]) -> None:
     """Thin long streaks darker (folds) or brighter (cracks) than both neighbours; several parallel: knife marks.
-    Looked for on sections downsampled again to about STREAK_SIZE: lines along 16 angles make it the slow part."""
+    Looked for on sections downsampled again to about STREAK_SIZE: lines along many angles make it the slow part."""
     step = max(1, round(max(sections.shape[1:]) / STREAK_SIZE))
     if step > 1:
         sections = np.stack([_downsample(s, step) for s in sections])
@@ -265,29 +288,33 @@ def _streaks(sections: np.ndarray, valid: np.ndarray, found: dict, factor: int, 
         factor *= step
     inner = valid[1:-1] & valid[:-2] & valid[2:]
     neighbours = np.stack([sections[:-2], sections[2:]])
-    length = max(16, max(sections.shape[1:]) // 4)
-    best = np.zeros((2, len(inner)))
-    hits: dict[tuple[int, int], list] = {}
-    for sign, (kind, contrast) in enumerate((("dark", sections[1:-1] - neighbours.min(0)),
-                                             ("bright", neighbours.max(0) - sections[1:-1]))):  # negative on streaks
-        for angle in ANGLES:
-            means = _line_means(contrast, inner, angle, length, 2)
-            centre, spread = _robust(means)
-            score = (centre - means) / spread
-            per_section = np.nanmax(np.nan_to_num(score, nan=-np.inf), axis=(1, 2))
-            for j in np.flatnonzero(per_section > STREAK_SPREADS):
-                hits.setdefault((j, sign), []).append((angle, score[j]))
-            best[sign] = np.maximum(best[sign], per_section)
-    for (j, sign), angles in hits.items():
-        kind = ("dark", "bright")[sign]
+    darker = np.where(inner, sections[1:-1] - neighbours.min(0), 0.0)  # negative where darker than both
+    brighter = np.where(inner, neighbours.max(0) - sections[1:-1], 0.0)  # negative where brighter than both
+    contrast = np.concatenate([darker, brighter]).astype(np.float32)
+    segment = max(8, max(sections.shape[1:]) // (SEGMENTS + 1))
+    n = len(inner)
+    best = np.zeros(2 * n)
+    hits: dict[int, list] = {}
+    for angle in np.arange(0.0, 180.0, ANGLE_STEP):
+        means = _segment_means(contrast, angle, segment, 3)
+        score = np.empty_like(means)
+        for half in (slice(0, n), slice(n, 2 * n)):
+            centre, spread = _robust(means[half])
+            score[half] = (centre - means[half]) / spread
+        per_image = np.nanmax(np.nan_to_num(score, nan=-np.inf), axis=(1, 2))
+        for k in np.flatnonzero(per_image > STREAK_SPREADS):
+            hits.setdefault(int(k), []).append((angle, score[k]))
+        best = np.maximum(best, per_image)
+    for k, angles in hits.items():
+        j, kind = k % n, ("dark", "bright")[k // n]
         region = np.zeros(inner.shape[1:], bool)
         stripes = 0
         for angle, score in angles:
-            lines = score > STREAK_SPREADS / 2
+            lines = np.nan_to_num(score, nan=0.0) > STREAK_SPREADS / 2
             labels, _ = ndi.label(lines)
-            long = [s for s in ndi.find_objects(labels) if s[1].stop - s[1].start >= length]
-            stripes = max(stripes, len(long))
-            region |= _unrotate(lines, angle, inner.shape[1:])
+            stripes = max(stripes, sum(s[1].stop - s[1].start >= segment for s in ndi.find_objects(labels)))
+            region |= _unrotate(ndi.binary_dilation(lines, np.ones((1, SEGMENTS * segment), bool)), angle,
+                                inner.shape[1:])
         region = _to_full(ndi.binary_dilation(region, iterations=2), factor, shape)
         reason = "knife marks: stripes" if stripes >= 3 else f"fold or crack: {kind} streak"
-        found.setdefault(int(j) + 1, []).append((reason, best[sign, j] / STREAK_SPREADS, region))
+        found.setdefault(j + 1, []).append((reason, best[k] / STREAK_SPREADS, region))
