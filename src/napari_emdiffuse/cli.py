@@ -3,6 +3,7 @@
     emdiffuse denoise noisy.tif -o denoised.tif --uncertainty unc.tif --json
     emdiffuse denoise tiles/*.tif -o restored/ --uncertainty restored/
     emdiffuse isotropic sections.tif -o isotropic.tif --factor 5
+    emdiffuse isotropic sstem.tif -o isotropic.tif --bad-sections 12,40-41
     emdiffuse models
 """
 
@@ -92,8 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     superres.add_argument("--scale", type=int, default=2, choices=[2, 4], help="upsampling factor in y and x")
     iso = sub.add_parser("isotropic", help="reconstruct the slices between serial sections (vEMDiffuse-i/-a)")
     _common(iso)
-    iso.add_argument("--factor", type=int, default=None,
-                     help="R: z spacing / lateral pixel size (2-10); default: from the input's voxel size")
+    spacing = iso.add_mutually_exclusive_group()
+    spacing.add_argument("--factor", type=float, default=None,
+                         help="R: the sections' spacing over the output's z spacing, whole or not (e.g. 12.5); "
+                              "default: the input's z spacing over its pixel size (an isotropic output)")
+    spacing.add_argument("--output-spacing", type=float, default=None, metavar="NM",
+                         help="the output's z spacing in nm instead of --factor (the input must give its voxel size)")
+    iso.add_argument("--bad-sections", default=None, metavar="LIST",
+                     help="sections to regenerate from their good neighbours (lost, folded, cracked), counted "
+                          "from 0 as napari's slider counts them, e.g. 12,40-41; with --factor 1 only they are "
+                          "made")
     iso.add_argument("--self-supervised", action="store_true",
                      help="no isotropic model: learn from the input volume itself first (vEMDiffuse-a)")
     iso.add_argument("--train-minutes", type=float, default=10.0, help="training budget with --self-supervised")
@@ -172,22 +181,36 @@ def _settings(args):
                     eta=args.eta, difficulty=args.difficulty is not None)
 
 
-def _z_factor(args, image) -> int:
-    """The volume's z spacing over its pixel size, when its metadata says them (no ``--factor`` given)."""
-    from .core.isotropic import check_voxel_factor
+def _z_grid(args, image) -> None:
+    """``args.factor`` (R: from ``--factor``, ``--output-spacing`` or the voxel size) and ``args.gap`` (the
+    sections' spacing in lateral pixels, what the model is told: from the voxel size when the file gives it, else
+    R) for the volume ``image``; ``args.bad`` the sections to regenerate."""
+    from .core.isotropic import check_factor, check_voxel_factor, factor_from_voxel
+    from .core.sections import parse_sections
 
     if image.data.ndim != 3:
         raise CLIError(f"Isotropic reconstruction needs a volume (z, y, x); {args.input.name} is not one.")
-    if image.unit != "nm":
-        raise CLIError(f"{args.input.name} does not give its voxel size; give the z factor with --factor R.")
-    try:
-        factor = check_voxel_factor(image.scale)
-    except ValueError as err:
-        raise CLIError(f"{args.input.name}: {str(err).rstrip('.')} (--factor R).") from err
+    ratio = factor_from_voxel(image.scale) if image.unit == "nm" else None
+    size = " x ".join(f"{v:g}" for v in image.scale)
+    if args.output_spacing is not None:
+        if image.unit != "nm":
+            raise CLIError(f"{args.input.name} does not give its voxel size, so --output-spacing cannot be turned "
+                           "into a factor; give the z factor with --factor R.")
+        args.factor = check_factor(round(image.scale[-3] / args.output_spacing, 4))
+    elif args.factor is None:
+        if image.unit != "nm":
+            raise CLIError(f"{args.input.name} does not give its voxel size; give the z factor with --factor R.")
+        if ratio is None:
+            raise CLIError(f"{args.input.name}: the voxel size {size} nm does not give a z spacing larger than the "
+                           "pixel size; give the z factor with --factor R.")
+        args.factor = check_voxel_factor(image.scale)
+    args.gap = ratio if ratio is not None else args.factor
+    args.bad = parse_sections(args.bad_sections or "", len(image.data))
     if not (args.quiet or args.json):
-        print(f"emdiffuse: z factor R = {factor}, from the voxel size {' x '.join(f'{v:g}' for v in image.scale)} "
-              f"nm", file=sys.stderr)
-    return factor
+        unit = "nm" if image.unit == "nm" else "(the input's z spacing)"
+        print(f"emdiffuse: z factor R = {args.factor:g}: output z spacing {image.scale[-3] / args.factor:.4g} {unit}"
+              + (f", sections {args.gap:g} pixels apart (voxel size {size} nm)" if ratio is not None else ""),
+              file=sys.stderr)
 
 
 def _restore(args, job_factory) -> dict:
@@ -197,9 +220,9 @@ def _restore(args, job_factory) -> dict:
     from .core.zarr_io import is_zarr, open_volume
 
     image = None
-    if args.command == "isotropic" and args.factor is None:
+    if args.command == "isotropic":
         image = open_volume(args.input) if is_zarr(args.input) else read_tiff(args.input)
-        args.factor = _z_factor(args, image)
+        _z_grid(args, image)
     lateral_factor, axial_factor = getattr(args, "scale", 1), getattr(args, "factor", 1)
     if is_zarr(args.input) or is_zarr(args.output):
         return _restore_chunked(args, max(lateral_factor, axial_factor))
@@ -207,9 +230,11 @@ def _restore(args, job_factory) -> dict:
         image = read_tiff(args.input)
     pixel = list(image.scale)
     pixel[-2:] = [s / lateral_factor for s in pixel[-2:]]
-    if axial_factor > 1 and len(pixel) > 2:
+    if args.command == "isotropic":
         pixel[-3] /= axial_factor
     result = drive(job_factory(image.data, args), _progress_bar(args.quiet or args.json))
+    if args.command == "isotropic":
+        result.info["output_z_spacing"] = round(pixel[-3], 6)
     if args.uncertainty is not None and result.uncertainty is None and result.info["samples"]:
         raise CLIError("This model gives no uncertainty from one sample; use --samples 2 or more.")
     written = []
@@ -242,11 +267,19 @@ def _restore_chunked(args, factor: int) -> dict:
     if getattr(args, "self_supervised", False):
         raise CLIError("Self-supervised training needs the volume in memory: learn on a TIFF crop of it with "
                        "--self-supervised --save-model NAME, then process the Zarr volume with --model NAME.")
-    job = restore_volume(args.input, args.output, ChunkedTask(args.command, factor), args.model, _settings(args),
+    if getattr(args, "bad", None):
+        raise CLIError("Bad sections are regenerated in a volume held in memory: give a TIFF of the part around "
+                       "them, or leave out --bad-sections.")
+    task = ChunkedTask(args.command, factor, getattr(args, "gap", None))
+    job = restore_volume(args.input, args.output, task, args.model, _settings(args),
                          chunk=args.chunk, halo=args.halo, scheduler=args.scheduler, workers=args.workers,
                          overwrite=args.overwrite, dashboard=args.dashboard)
     try:
         info = drive(job, _progress_bar(args.quiet or args.json))
+        if task.axial > 1:
+            from .core.zarr_io import open_volume
+
+            info["output_z_spacing"] = round(open_volume(args.output).scale[-3], 6)
     except KeyboardInterrupt:
         print(f"emdiffuse: interrupted; finished chunks are kept in {args.output}: run the same command to resume.",
               file=sys.stderr)
@@ -263,7 +296,8 @@ def _summary(info: dict, as_json: bool) -> None:
         print(f"emdiffuse: note: {note}", file=sys.stderr)
     if as_json:
         keys = ("input", "output", "uncertainty_score", "threshold", "reliable", "seconds", "model", "samples",
-                "steps", "seed", "flagged_fraction", "device", "precision")
+                "steps", "seed", "flagged_fraction", "device", "precision") + tuple(
+                    k for k in ("factor", "output_z_spacing", "section_gap", "regenerated") if k in info)
         print(json.dumps({k: info.get(k) for k in keys}))
     elif info.get("reliable") is not None:
         print(f"{verdict(info['uncertainty_score'], info['threshold'])} ({info['seconds']:.1f} s)")
@@ -415,6 +449,7 @@ def _check_before_work(args, batch: list[argparse.Namespace]) -> None:
         check_number("chunk", size)
     if getattr(args, "factor", None) is not None:
         check_factor(args.factor)
+    check_optional("output_spacing", getattr(args, "output_spacing", None))
     if getattr(args, "self_supervised", False):
         check_number("minutes", args.train_minutes, "The training time (--train-minutes)")
     if getattr(args, "save_model", None):
@@ -489,8 +524,8 @@ def main(argv: list[str] | None = None) -> int:
             def job(image, a):
                 if a.self_supervised:
                     return isotropic_self_supervised(image, a.factor, a.train_minutes, _settings(a),
-                                                     save_as=a.save_model)
-                return isotropic(image, a.model, _settings(a), factor=a.factor)
+                                                     save_as=a.save_model, gap=a.gap, bad=a.bad)
+                return isotropic(image, a.model, _settings(a), factor=a.factor, gap=a.gap, bad=a.bad)
 
             return _restore_each(args, job)
         elif args.command == "superres":

@@ -69,13 +69,15 @@ def test_tiles_of_a_window_sit_where_the_full_image_has_them():
     assert window[0] == 0 and window[-1] == 500 - 256
 
 
-def test_blocks_cover_the_output_once():
-    task = ChunkedTask("isotropic", 3)
+@pytest.mark.parametrize("factor", [3, 2.5, 12.5, 5.6])
+def test_blocks_cover_the_output_once(factor):
+    task = ChunkedTask("isotropic", factor)
     blocks = plan_blocks((6, 50, 41), task, (2, 20, 16), halo=8, align=4)
     covered = np.zeros(task.output_shape((6, 50, 41)), int)
     for b in blocks:
         covered[b.write] += 1
         assert b.read[1].start % 4 == 0 and b.read[2].start % 4 == 0
+        assert 0 <= task.plane_offset(b) < 1  # the block's first plane lies in its first gap
     assert (covered == 1).all()
 
 
@@ -106,7 +108,9 @@ def test_chunked_superres_and_isotropic_equal_in_memory(tmp_path, tiny_superres,
                              (ChunkedTask("superres", 4), tiny_superres_x2, lambda v: superres(  # two x2 steps
                                  v, tiny_superres_x2, SETTINGS, scale=4, norm=norm)),
                              (ChunkedTask("isotropic", 2), tiny_isotropic, lambda v: isotropic(v, tiny_isotropic,
-                              SETTINGS, factor=2, norm=norm))):
+                              SETTINGS, factor=2, norm=norm)),
+                             (ChunkedTask("isotropic", 2.5, 5), tiny_isotropic, lambda v: isotropic(  # not whole
+                                 v, tiny_isotropic, SETTINGS, factor=2.5, gap=5, norm=norm))):
         whole = drive(job(volume[:, :40, :44]))
         output = tmp_path / f"{task.name}{task.factor}.zarr"
         drive(restore_volume(source, output, task, model, SETTINGS, chunk=(1, 20, 24)))

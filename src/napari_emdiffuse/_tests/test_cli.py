@@ -140,3 +140,42 @@ def test_progress_bar_overwrites_its_line_whole_and_gives_each_phase_its_own(cap
     lengths = [len(u) for u in updates]
     assert len(updates) == 3 and lengths == sorted(lengths)  # a shorter message leaves nothing behind
     assert len(reconstruction.split("\r")[1]) < len(updates[0]) and rest == ""
+
+
+def sstem(path, sections: int = 4, spacing: float = 50.0, pixel: float = 4.0):
+    """An anisotropic stack as serial-section TEM gives it: 50 nm sections of 4 nm pixels (R = 12.5)."""
+    data = (np.random.default_rng(0).random((sections, 32, 40)) * 200 + 20).astype(np.uint8)
+    tifffile.imwrite(path, data, imagej=True, resolution=(1 / pixel, 1 / pixel),
+                     metadata={"unit": "nm", "spacing": spacing, "axes": "ZYX"})
+    return data
+
+
+def test_isotropic_any_z_spacing_reports_the_factor_and_keeps_sections_in_place(tmp_path, tiny_isotropic, capsys):
+    data = sstem(tmp_path / "sstem.tif")
+    fast = ["--model", tiny_isotropic, "--steps", "1", "--samples", "2", "--json"]
+    assert main(["isotropic", str(tmp_path / "sstem.tif"), "-o", str(tmp_path / "iso.tif"), *fast]) == 0
+    summary = json.loads(capsys.readouterr().out.strip())
+    assert summary["factor"] == 12.5 and summary["output_z_spacing"] == pytest.approx(4.0)
+    assert summary["section_gap"] == 12.5
+    result = read_tiff(tmp_path / "iso.tif")
+    assert result.data.shape == (38, 32, 40) and result.scale == pytest.approx((4.0, 4.0, 4.0))
+    assert np.array_equal(result.data[[0, 25]], data[[0, 2]])  # sections 0 and 2 fall on the 4 nm grid
+    assert result.summary["factor"] == 12.5 and result.summary["output_z_spacing"] == pytest.approx(4.0)
+    # a chosen output spacing: 10 nm (R = 5); the model is still told the sections are 12.5 pixels apart
+    assert main(["isotropic", str(tmp_path / "sstem.tif"), "-o", str(tmp_path / "s10.tif"), "--output-spacing",
+                 "10", *fast]) == 0
+    summary = json.loads(capsys.readouterr().out.strip())
+    assert (summary["factor"], summary["output_z_spacing"], summary["section_gap"]) == (5, 10, 12.5)
+    assert read_tiff(tmp_path / "s10.tif").data.shape == (16, 32, 40)
+    # --factor overrides the metadata's ratio (the output spacing follows); bad sections are regenerated
+    assert main(["isotropic", str(tmp_path / "sstem.tif"), "-o", str(tmp_path / "f1.tif"), "--factor", "1",
+                 "--bad-sections", "1", *fast]) == 0
+    summary = json.loads(capsys.readouterr().out.strip())
+    assert summary["regenerated"] == "1" and summary["output_z_spacing"] == pytest.approx(50)
+    repaired = read_tiff(tmp_path / "f1.tif").data
+    assert np.array_equal(repaired[[0, 2, 3]], data[[0, 2, 3]]) and not np.array_equal(repaired[1], data[1])
+    # two in a row are 37.5 pixels from their good neighbours: beyond the model, refused with its sentence
+    assert main(["isotropic", str(tmp_path / "sstem.tif"), "-o", str(tmp_path / "f2.tif"), "--factor", "1",
+                 "--bad-sections", "1-2", *fast]) == 2
+    assert "not a slice 0.33 of the way between sections 37.5 pixels apart" in capsys.readouterr().err
+    assert not (tmp_path / "f2.tif").exists()

@@ -369,7 +369,7 @@ def test_cli_writes_the_reconstruction_with_z_pixel_size_divided(tmp_path, tiny_
     assert tifffile.imread(unc).shape == (16, 24, 40)
     # without --factor: the voxel size's (40 nm sections of 8 nm pixels), said on stderr
     assert main(["isotropic", str(src), "-o", str(out), "--model", tiny_isotropic, "--steps", "1", "--overwrite"]) == 0
-    assert "R = 5, from the voxel size 40 x 8 x 8 nm" in capsys.readouterr().err
+    assert "R = 5: output z spacing 8 nm, sections 5 pixels apart (voxel size 40 x 8 x 8 nm)" in capsys.readouterr().err
     assert read_tiff(out).data.shape == (16, 24, 40) and read_tiff(out).scale == pytest.approx((8.0, 8.0, 8.0))
     unknown = tmp_path / "plain.tif"
     tifffile.imwrite(unknown, volume, photometric="minisblack")
@@ -418,13 +418,14 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     sections = viewer.add_image(volume, name="sections", scale=(50.0, 4.0, 4.0), translate=(100.0, 0.0, 8.0))
     _, widget = viewer.window.add_plugin_dock_widget("napari-emdiffuse", "Isotropic reconstruction")
     assert isinstance(widget, IsotropicWidget)
-    assert widget.factor.value() == 10  # from the layer's scale: 50 nm over 4 nm, at most 10
+    assert widget.factor.value() == 12.5  # from the layer's scale: 50 nm over 4 nm, whole or not
+    assert widget.grid.text() == "Output z spacing 4; sections 12.5 pixels apart."
     viewer.add_image(volume, name="other", scale=(60.0, 10.0, 10.0))  # selected: the picker and R follow it
     qtbot.waitUntil(lambda: widget.layer_picker.currentText() == "other", timeout=2_000)  # once the loop runs
     assert widget.factor.value() == 6
     viewer.layers.selection.active = sections
     qtbot.waitUntil(lambda: widget.layer_picker.currentText() == "sections", timeout=2_000)
-    assert widget.factor.value() == 10  # ... until R is set by hand: then it stays (the second run below)
+    assert widget.factor.value() == 12.5  # ... until R is set by hand: then it stays (the second run below)
     widget.model_picker.setCurrentText("tiny-iso")
     widget.factor.setValue(5)
     widget.steps.setValue(1)
@@ -438,7 +439,7 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     widget.mode.setCurrentIndex(widget.mode.findData(SELF_SUPERVISED))  # vEMDiffuse-a needs no model
     assert not widget.model_picker.isEnabled() and widget.minutes.isEnabled()
     assert not widget.model_picker.menu_button.isEnabled()
-    wide = viewer.add_image(np.tile(volume, (2, 1, 3)), name="wide", scale=(50.0, 4.0, 4.0))  # 48 columns aside
+    wide = viewer.add_image(np.tile(volume, (2, 1, 3)), name="wide", scale=(20.0, 4.0, 4.0))  # 48 columns aside
     qtbot.waitUntil(lambda: widget.layer_picker.currentText() == "wide", timeout=2_000)
     widget.minutes.setValue(1.0)  # too short to beat the start: refused before any work, in one sentence
     shown = []
@@ -455,7 +456,7 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     qtbot.waitUntil(lambda: "wide_isotropic" in viewer.layers and widget.worker is None, timeout=90_000)
     # progress shows the learning, the check on columns kept aside, then the reconstruction, under what runs
     assert any("Running isotropic on wide" in s and "learning from this volume: step" in s for s in statuses)
-    assert any("planes kept aside, seed 1/3" in s for s in statuses) and any("gap 7/7" in s for s in statuses)
+    assert any("planes kept aside, seed 1/3" in s for s in statuses) and any("(7/7)" in s for s in statuses)
     assert viewer.layers["wide_isotropic"].data.shape == (36, 24, 120) and "wide_isotropic_uncertainty" in viewer.layers
     # the learnt model joins the picker, to process more of the acquisition (e.g. all of it into a Zarr file)
     learnt = [widget.model_picker.itemText(i) for i in range(widget.model_picker.count())
@@ -467,7 +468,7 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     monkeypatch.setenv("EMDIFFUSE_MODELS_DIR", str(tmp_path))
     monkeypatch.setattr("napari_emdiffuse.core.isotropic.SELF_SUPERVISED_MIN_MINUTES", 0.1)
     viewer.layers.remove(wide)
-    viewer.add_image(sections_moving_along_y(), name="smooth", scale=(50.0, 4.0, 4.0))
+    viewer.add_image(sections_moving_along_y(), name="smooth", scale=(20.0, 4.0, 4.0))
     qtbot.waitUntil(lambda: widget.layer_picker.currentText() == "smooth", timeout=2_000)
     widget.run_button.click()
     qtbot.waitUntil(lambda: "smooth_isotropic" in viewer.layers and widget.worker is None, timeout=90_000)
@@ -508,3 +509,57 @@ def test_sample_volume_opens_over_its_truth_and_is_what_the_widget_starts_on(mak
     assert {str(u) for u in acquired.units + truth.units} == {"nanometer"}
     _, widget = viewer.window.add_plugin_dock_widget("napari-emdiffuse", "Isotropic reconstruction")
     assert widget.layer_picker.currentText() == "anisotropic_volume"
+
+
+def test_widget_marks_bad_sections_and_damaged_regions_at_a_factor_from_the_layer_scale(make_napari_viewer, qtbot,
+                                                                                         tiny_isotropic, monkeypatch,
+                                                                                         tmp_path):
+    import shutil
+
+    from scipy.ndimage import gaussian_filter
+
+    from napari_emdiffuse._widgets.isotropic import IsotropicWidget
+
+    shutil.copy(tiny_isotropic, tmp_path)
+    monkeypatch.setenv("EMDIFFUSE_MODELS_DIR", str(tmp_path))
+    rng = np.random.default_rng(2)
+    smooth = gaussian_filter(rng.random((6, 64, 64)), (1.5, 3, 3))
+    volume = (20 + 200 * (smooth - smooth.min()) / np.ptp(smooth)).astype(np.uint8)
+    volume[3] = 0  # a lost section: blank
+    viewer = make_napari_viewer()
+    sections = viewer.add_image(volume, name="sstem", scale=(50.0, 4.0, 4.0), translate=(10.0, 0.0, 0.0))
+    widget = IsotropicWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    assert widget.factor.value() == 12.5 and "sections 12.5 pixels apart" in widget.grid.text()
+    widget.model_picker.setCurrentText("tiny-iso")
+    widget.steps.setValue(1)
+    widget.find_button.click()  # the detector proposes the blank section, for the user to confirm
+    assert widget.bad_sections.text() == "3" and "3: " in widget.status.text()
+    widget.run_button.click()
+    qtbot.waitUntil(lambda: "sstem_isotropic" in viewer.layers and widget.worker is None, timeout=60_000)
+    iso = viewer.layers["sstem_isotropic"]
+    assert iso.data.shape == (63, 64, 64) and tuple(iso.scale) == pytest.approx((4.0, 4.0, 4.0))
+    assert iso.extent.world[0][0] == sections.extent.world[0][0]  # the first section where it was
+    assert np.array_equal(iso.data[50], volume[4]) and np.array_equal(iso.data[25], volume[2])  # on the grid: kept
+    assert iso.metadata["factor"] == 12.5 and iso.metadata["regenerated"] == "3"
+    assert "Regenerated sections 3." in widget.status.text()
+    planes_at_3 = iso.data[int(np.ceil(3 * 12.5))]  # lies between 2 and 4 now: generated, not the blank section
+    assert planes_at_3.mean() > 20
+
+    # a damaged region painted in a labels layer: only it is regenerated (R = 1: nothing else is made)
+    widget.bad_sections.setText("")
+    damage = np.zeros(volume.shape, np.uint8)
+    damage[2, 10:30, 20:40] = 1
+    viewer.add_labels(damage, name="damage", scale=(50.0, 4.0, 4.0), translate=(10.0, 0.0, 0.0))
+    viewer.layers.selection.active = sections
+    qtbot.waitUntil(lambda: widget.regions.findText("damage") >= 0, timeout=2_000)
+    widget.regions.setCurrentText("damage")
+    widget.factor.setValue(1)
+    widget.run_button.click()
+    qtbot.waitUntil(lambda: widget.worker is None and viewer.layers["sstem_isotropic"].data.shape == volume.shape
+                    if "sstem_isotropic" in viewer.layers else False, timeout=60_000)
+    repaired = [layer for layer in viewer.layers if layer.name.startswith("sstem_isotropic")
+                and layer.data.shape == volume.shape and "map" not in layer.metadata][-1].data
+    assert np.array_equal(repaired[[0, 1, 3, 4, 5]], volume[[0, 1, 3, 4, 5]])
+    assert np.array_equal(repaired[2, 50:, :], volume[2, 50:, :])  # far from the region: kept
+    assert (repaired[2, 10:30, 20:40] != volume[2, 10:30, 20:40]).mean() > 0.5

@@ -291,13 +291,22 @@ def test_the_same_validation_serves_the_widgets_and_the_core():
     assert check_number("halo", 3.0) == 3 and isinstance(check_number("eta", 1), float)
 
 
-def test_a_z_factor_beyond_the_supported_range_from_metadata_is_refused(tmp_path, tiny_isotropic, capsys):
-    path = tmp_path / "sections.tif"
+def test_a_z_factor_a_model_does_not_serve_is_refused_not_clamped(tmp_path, tiny_isotropic, tiny_isotropic_labels,
+                                                                   capsys):
+    path, far = tmp_path / "sections.tif", tmp_path / "far.tif"
     tifffile.imwrite(path, np.zeros((3, 32, 32), np.uint8), imagej=True, resolution=(1 / 4, 1 / 4),
                      metadata={"unit": "nm", "spacing": 50.0})
-    refused(capsys, "isotropic", path, "-o", tmp_path / "o.tif", "--model", tiny_isotropic, *FAST,
-            says="z factor of 12.5")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sections.tif"]
+    tifffile.imwrite(far, np.zeros((3, 32, 32), np.uint8), imagej=True, resolution=(1 / 4, 1 / 4),
+                     metadata={"unit": "nm", "spacing": 160.0})
+    refused(capsys, "isotropic", path, "-o", tmp_path / "o.tif", "--model", tiny_isotropic_labels, *FAST,
+            says="whole z factors only (2 to 10), not a slice 0.08 of the way between sections 12.5 pixels apart")
+    refused(capsys, "isotropic", far, "-o", tmp_path / "o.tif", "--model", tiny_isotropic, *FAST,
+            says="gives a z factor of 40, outside the 1 to 32 made; give the z factor R")
+    refused(capsys, "isotropic", path, "-o", tmp_path / "o.tif", "--model", tiny_isotropic, "--bad-sections", "2",
+            *FAST, says="Section 2 cannot be regenerated: it has no good neighbour after it")
+    refused(capsys, "isotropic", path, "-o", tmp_path / "o.tif", "--model", tiny_isotropic, "--output-spacing", "0",
+            *FAST, says="The output z spacing must be a number above 0 to 1e+09, not 0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["far.tif", "sections.tif"]
 
 
 def test_output_locations_are_checked_before_the_run(tmp_path, image_tif, tiny_model, capsys):

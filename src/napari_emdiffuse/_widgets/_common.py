@@ -636,21 +636,20 @@ class RestoreWidget(JobWidget):
         """The whole layer, chunk by chunk in this process, into an OME-Zarr store (resumed if unfinished)."""
         from napari.utils.notifications import show_error
 
-        from ..core.chunked import ChunkedTask, restore_volume
+        from ..core.chunked import restore_volume
 
         path = self.zarr_path.text().strip()
         if not path:
             show_error("Choose the Zarr file to write the result to.")
             return
-        out_scale, _ = self.output_grid(layer)
-        factor = max(round(a / b) for a, b in zip(layer.scale, out_scale))  # x2/x4 in y, x or R along z
         pixel, unit = pixel_size(layer.scale, layer.metadata, layer.units)
         try:
             settings = self.settings()  # the shared validation (core/limits.py): its sentence, before any work
+            task = self.chunked_task(layer)
         except ValueError as err:
             show_error(str(err))
             return
-        job = restore_volume(full_resolution(layer), path, ChunkedTask(self.task, factor),
+        job = restore_volume(full_resolution(layer), path, task,
                              self.model_picker.currentData(), settings, pixel_size=pixel,
                              unit=unit, scheduler="threads")
         self.cancelled_text = f"Cancelled; finished chunks are kept in {path}: run again to resume."
@@ -659,6 +658,13 @@ class RestoreWidget(JobWidget):
         key = self.run_key(layer, path)
         self.start(job, f"{self.task}: {layer.name} → {path}",
                    lambda info, layer=layer: self.on_zarr_result(layer, path, info, key))
+
+    def chunked_task(self, layer):
+        """The task of a run into a Zarr file: how its output grid relates to the layer's."""
+        from ..core.chunked import ChunkedTask
+
+        out_scale, _ = self.output_grid(layer)
+        return ChunkedTask(self.task, max(round(a / b) for a, b in zip(layer.scale, out_scale)))  # x2/x4 in y, x
 
     def run_key(self, layer, region) -> str:
         """What makes two runs the same: the input, the region (or target file), the model and every setting that
@@ -695,7 +701,8 @@ class RestoreWidget(JobWidget):
         meta = {k: info[k] for k in ("uncertainty_score", "threshold", "reliable", "model", "samples", "steps",
                                      "seed", "software")}
         meta.update(source=layer.name, task=self.task, sampler=info["sampler"], seconds=info["seconds"],
-                    device=info["device"], precision=info["precision"], flagged_fraction=info.get("flagged_fraction"))
+                    device=info["device"], precision=info["precision"], flagged_fraction=info.get("flagged_fraction"),
+                    **{k: info[k] for k in ("factor", "section_gap", "regenerated") if k in info})
         if "unit" in layer.metadata:  # nm or pixel, for the writer's pixel size
             meta["unit"] = layer.metadata["unit"]
         scale, translate = self.output_grid(layer)
@@ -726,7 +733,11 @@ class RestoreWidget(JobWidget):
             flagged = 100 * info["flagged_fraction"]
             text = (f"{done}. {verdict(info['uncertainty_score'], info['threshold'])} "
                     f"({flagged:.2f}% of pixels above {info['threshold']:g}).")
-        self.status.setText(" ".join([text, *(f"Note: {n}." for n in info.get("notes", []))]))
+        self.status.setText(" ".join([text, *(f"Note: {n}." for n in info.get("notes", [])), *self.result_notes(info)]))
+
+    def result_notes(self, info: dict) -> list[str]:
+        """What the task adds to the status line after a run."""
+        return []
 
 
 class ShowButtons(QWidget):

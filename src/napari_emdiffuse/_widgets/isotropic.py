@@ -1,20 +1,23 @@
-"""The Isotropic reconstruction dock widget (vEMDiffuse-i with a trained model, vEMDiffuse-a self-supervised)."""
+"""The Isotropic reconstruction dock widget (vEMDiffuse-i with a trained model, vEMDiffuse-a self-supervised): any z
+factor, bad sections and damaged regions regenerated from their good neighbours."""
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QSpinBox
+import numpy as np
+from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QHBoxLayout, QLabel, QLineEdit, QPushButton
 
 from ..core.isotropic import (
-    FACTORS,
     SELF_SUPERVISED_MIN_MINUTES,
     factor_from_voxel,
     isotropic,
     isotropic_self_supervised,
 )
+from ..core.limits import LIMITS
 from ..core.models import dated_name
-from ._common import RestoreWidget
+from ._common import RestoreWidget, full_resolution
 
 WITH_MODEL, SELF_SUPERVISED = "model", "self-supervised"
+NO_REGIONS = "none"
 
 
 class IsotropicWidget(RestoreWidget):
@@ -39,24 +42,115 @@ class IsotropicWidget(RestoreWidget):
                                 f"{SELF_SUPERVISED_MIN_MINUTES:g} min on a 2-core CPU: a model that does not beat "
                                 "motion-compensated interpolation on columns kept aside is not used.")
         form.addRow("Training time", self.minutes)
-        self.factor = QSpinBox(objectName="factor", minimum=FACTORS[0], maximum=FACTORS[-1], value=4)
-        self.factor.setToolTip("R: the z spacing divided by the pixel size; R - 1 slices are made between two. "
-                               "Follows the layer's scale when it tells, until you set it.")
+        limit = LIMITS["factor"]
+        self.factor = QDoubleSpinBox(objectName="factor", minimum=limit.low, maximum=limit.high, value=4.0,
+                                     decimals=2, singleStep=0.5)
+        self.factor.setToolTip("R: the sections' spacing over the output's z spacing, whole or not (50 nm sections "
+                               "of 4 nm pixels: 12.5 for an isotropic output). The sections stay where they are. "
+                               "Follows the layer's scale when it tells, until you set it; 1 only regenerates the "
+                               "bad sections.")
         form.addRow("z factor R", self.factor)
+        self.grid = QLabel(objectName="grid")
+        self.grid.setWordWrap(True)
+        form.addRow("", self.grid)
+        self.bad_sections = QLineEdit(objectName="bad_sections", placeholderText="e.g. 12, 40-41")
+        self.bad_sections.setToolTip("Lost, folded or cracked sections to regenerate from their good neighbours, "
+                                     "counted from 0 as the slider counts them. Find proposes suspects to check.")
+        self.find_button = QPushButton("Find", objectName="find_sections")
+        self.find_button.setToolTip("Propose sections that look damaged (poor correlation with both neighbours, "
+                                    "blank or saturated areas, folds): look at each before you run.")
+        self.find_button.clicked.connect(self.find_suspects)
+        row = QHBoxLayout()
+        row.addWidget(self.bad_sections)
+        row.addWidget(self.find_button)
+        form.addRow("Bad sections", row)
+        self.regions = QComboBox(objectName="damaged_regions")
+        self.regions.setToolTip("A labels layer of the image's shape, painted where sections are damaged: only those "
+                                "regions are regenerated, the rest of each section is kept.")
+        form.addRow("Damaged regions", self.regions)
         self.mode.currentIndexChanged.connect(self._mode_changed)
         self._mode_changed()
         self.factor_chosen = False  # once the user sets R, picking layers no longer changes it
         self.factor.valueChanged.connect(lambda: setattr(self, "factor_chosen", True))
+        self.factor.valueChanged.connect(self._show_grid)
         self.layer_picker.currentTextChanged.connect(self._factor_from_layer)
+        self.layer_picker.currentTextChanged.connect(self._refresh_regions)
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self._refresh_regions)
         self._factor_from_layer()
+        self._refresh_regions()
 
     def _factor_from_layer(self, *_) -> None:
         layer = self.layer_picker.layer()
         factor = factor_from_voxel(layer.scale) if layer is not None and layer.ndim == 3 else None
         if factor is not None and not self.factor_chosen:
             self.factor.blockSignals(True)
-            self.factor.setValue(min(factor, FACTORS[-1]))  # shown in the box, for the user to change
+            self.factor.setValue(min(factor, self.factor.maximum()))  # shown in the box, for the user to change
             self.factor.blockSignals(False)
+        self._show_grid()
+
+    def section_gap(self, layer) -> float:
+        """The sections' spacing in pixels, what the model is told: the layer's z scale over its pixel size when it
+        tells, else R (the output is then isotropic)."""
+        return (factor_from_voxel(layer.scale) if layer is not None and layer.ndim == 3 else None) or \
+            self.factor.value()
+
+    def _show_grid(self, *_) -> None:
+        layer = self.layer_picker.layer()
+        if layer is None or layer.ndim != 3:
+            self.grid.setText("")
+            return
+        unit = str(layer.units[-3]) if getattr(layer, "units", None) else ""
+        unit = "" if unit in ("pixel", "") else f" {unit.replace('nanometer', 'nm')}"
+        factor = self.factor.value()
+        self.grid.setText(f"Output z spacing {layer.scale[-3] / factor:.4g}{unit}; sections "
+                          f"{self.section_gap(layer):g} pixels apart.")
+
+    def _refresh_regions(self, *_) -> None:
+        from napari.layers import Labels
+
+        layer = self.layer_picker.layer()
+        current = self.regions.currentText()
+        self.regions.clear()
+        self.regions.addItem(NO_REGIONS)
+        for other in self.viewer.layers:
+            if isinstance(other, Labels) and layer is not None and other.data.shape == full_resolution(layer).shape:
+                self.regions.addItem(other.name)
+        self.regions.setCurrentIndex(max(0, self.regions.findText(current)))
+
+    def find_suspects(self) -> None:
+        """Run the detector on the layer and put what it proposes in the bad sections' box, with its reasons."""
+        from napari.utils.notifications import show_error, show_info
+
+        from ..core.sections import format_sections, suspect_sections
+
+        layer = self.layer_picker.layer()
+        if layer is None or layer.ndim != 3:
+            show_error("Choose a volume (z, y, x) to look for damaged sections in.")
+            return
+        try:
+            found = suspect_sections(np.asarray(full_resolution(layer)))
+        except ValueError as err:
+            show_error(str(err))
+            return
+        if not found:
+            self.status.setText("No section looks damaged.")
+            return
+        self.bad_sections.setText(format_sections(s.index for s in found))
+        reasons = "; ".join(f"{s.index}: {s.reason}" for s in found)
+        self.status.setText(f"Suspect sections (check each before you run): {reasons}.")
+        show_info(f"Suspect sections: {format_sections(s.index for s in found)}")
+
+    def _bad(self, layer, data_shape):
+        """What to regenerate: the listed sections, and the damaged regions' labels (cropped as the data is)."""
+        from ..core.sections import parse_sections
+
+        sections = parse_sections(self.bad_sections.text(), data_shape[0])
+        if self.regions.currentText() in (NO_REGIONS, "") or self.regions.currentText() not in self.viewer.layers:
+            return list(sections) or None
+        mask = np.asarray(self.viewer.layers[self.regions.currentText()].data)[self.region(layer)] != 0
+        mask[list(sections)] = True
+        return mask
 
     def _mode_changed(self) -> None:
         learning = self.mode.currentData() == SELF_SUPERVISED
@@ -71,14 +165,27 @@ class IsotropicWidget(RestoreWidget):
     def make_job(self, data, model, settings, norm=None):
         if data.ndim != 3:
             raise ValueError("Isotropic reconstruction needs a volume (z, y, x); this layer is 2D.")
-        factor = self.factor.value()
+        layer = self.layer_picker.layer()
+        factor, gap, bad = self.factor.value(), self.section_gap(layer), self._bad(layer, data.shape)
         if self.mode.currentData() == SELF_SUPERVISED:
             return isotropic_self_supervised(data, factor, self.minutes.value(), settings,
-                                             save_as=dated_name(f"self-supervised-R{factor}"))
-        return isotropic(data, model, settings, factor=factor)
+                                             save_as=dated_name(f"self-supervised-R{factor:g}"), gap=gap, bad=bad)
+        return isotropic(data, model, settings, factor=factor, gap=gap, bad=bad)
+
+    def chunked_task(self, layer):
+        from ..core.chunked import ChunkedTask
+
+        if self.bad_sections.text().strip() or self.regions.currentText() not in (NO_REGIONS, ""):
+            raise ValueError("Bad sections are regenerated in a volume held in memory: process the layer (or the "
+                             "current view) instead of a Zarr file.")
+        return ChunkedTask(self.task, self.factor.value(), self.section_gap(layer))
 
     def output_grid(self, layer):
         """R times finer in z over the same extent: acquired slices stay where they were."""
         scale = list(layer.scale)
         scale[-3] /= self.factor.value()
         return tuple(scale), tuple(layer.translate)
+
+    def result_notes(self, info: dict) -> list[str]:
+        notes = [f"R = {info['factor']:g}, sections {info['section_gap']:g} pixels apart."] if "factor" in info else []
+        return notes + ([f"Regenerated sections {info['regenerated']}."] if info.get("regenerated") else [])

@@ -46,21 +46,25 @@ class ChunkedTask:
     """A task and how its output grid relates to the input: ``factor`` in y, x (superres) or along z (isotropic)."""
 
     name: str  # "denoise", "superres" or "isotropic"
-    factor: int = 1
+    factor: float = 1  # isotropic: any R above 1 (see core/isotropic.py)
+    gap: float | None = None  # isotropic: the sections' spacing in lateral pixels (default: the factor)
 
     @property
     def lateral(self) -> int:
         return self.factor if self.name == "superres" else 1
 
     @property
-    def axial(self) -> int:
+    def axial(self) -> float:
         return self.factor if self.name == "isotropic" else 1
 
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        lateral = tuple(s * self.lateral for s in shape[-2:])
-        return ((shape[0] - 1) * self.axial + 1,) + lateral if len(shape) == 3 else lateral
+        from .isotropic import output_slices
 
-    def job(self, window: np.ndarray, model, settings: Settings, norm: Normalizer):
+        lateral = tuple(s * self.lateral for s in shape[-2:])
+        return (output_slices(shape[0], self.axial),) + lateral if len(shape) == 3 else lateral
+
+    def job(self, window: np.ndarray, model, settings: Settings, norm: Normalizer, offset: float = 0.0):
+        """The job restoring ``window``; ``offset``: where its first output plane lies (isotropic, in sections)."""
         from . import tasks
 
         if self.name == "denoise":
@@ -69,7 +73,11 @@ class ChunkedTask:
             return tasks.superres(window, model, settings, scale=self.factor, norm=norm)
         from .isotropic import isotropic
 
-        return isotropic(window, model, settings, factor=self.factor, norm=norm)
+        return isotropic(window, model, settings, factor=self.factor, norm=norm, gap=self.gap, offset=offset)
+
+    def plane_offset(self, block: Block) -> float:
+        """Where a block's first output plane lies in its window, in sections (planes lie at k / R sections)."""
+        return block.write[0].start / self.axial - block.read[0].start if self.axial > 1 else 0.0
 
 
 @dataclass(frozen=True)
@@ -92,18 +100,20 @@ def plan_blocks(shape: tuple[int, int, int], task: ChunkedTask, chunk: tuple[int
     because each gap needs the slices on both sides. Windows start at multiples of ``align`` (the network's size
     multiple): a window that reaches the volume's end is then padded to the same end as the whole volume is.
     """
+    from .isotropic import first_plane, output_slices
+
     depth, lateral, axial = shape[0], task.lateral, task.axial
-    out_depth = (depth - 1) * axial + 1
+    out_depth = output_slices(depth, axial)
     cz, cy, cx = chunk
     zs = []
     for z0 in range(0, max(depth - 1, 1) if axial > 1 else depth, cz):
         if axial == 1:
             z1 = min(z0 + cz, depth)
             zs.append((slice(z0, z1), slice(0, z1 - z0), slice(z0, z1)))
-        else:  # gaps z0 .. z1-1; the last block also writes the last acquired slice
+        else:  # the planes from section z0 up to (not at) z1; the last block also writes the plane at the last
             z1 = min(z0 + cz, depth - 1)
-            out_end = out_depth if z1 == depth - 1 else z1 * axial
-            zs.append((slice(z0, z1 + 1), slice(0, out_end - z0 * axial), slice(z0 * axial, out_end)))
+            start, end = first_plane(z0, axial), out_depth if z1 == depth - 1 else first_plane(z1, axial)
+            zs.append((slice(z0, z1 + 1), slice(0, end - start), slice(start, end)))
 
     def lateral_ranges(length: int, size: int):
         for start in range(0, length, size):
@@ -210,7 +220,8 @@ def process_block(block: Block, job: ChunkJob) -> dict:
         if job.run_id in _CANCELLED:
             raise Cancelled
 
-    result = drive(job.task.job(window, job.model, settings, job.norm), check_cancelled)
+    result = drive(job.task.job(window, job.model, settings, job.norm, job.task.plane_offset(block)),
+                   check_cancelled)
     root = zarr.open_group(job.output, mode="r+")
     keep = block.keep[3 - job.ndim:]
     for name in job.maps:
@@ -232,8 +243,10 @@ def map_key(name: str) -> str:
 def uncertainty_histogram(uncertainty: np.ndarray, task: ChunkedTask, first_slice: int) -> np.ndarray:
     """Counts of the uncertainty values that score (isotropic: the generated slices only) in fixed bins."""
     if task.axial > 1:
-        z = np.arange(first_slice, first_slice + len(uncertainty))
-        uncertainty = uncertainty[z % task.axial != 0]
+        from .isotropic import on_section
+
+        uncertainty = uncertainty[[not on_section(k, task.axial) for k in range(first_slice,
+                                                                               first_slice + len(uncertainty))]]
     counts, _ = np.histogram(np.minimum(uncertainty, HISTOGRAM_MAX), HISTOGRAM_BINS, (0.0, HISTOGRAM_MAX))
     return counts
 
@@ -370,7 +383,12 @@ def restore_volume(source, output: str | os.PathLike, task: ChunkedTask, model: 
                    for i in range(len(steps)))
     maps = ("image",) + (("uncertainty",) if gives_uncertainty(model_info, settings) else ()) + (
         ("difficulty",) if settings.difficulty else ())
-    run = {"task": task.name, "factor": task.factor, "model": model_info.name, "model_path": model_path,
+    if task.axial > 1:  # every position the chunks will ask of the model, before any work
+        from .isotropic import check_positions
+
+        check_positions(model_info, shape3[0], task.factor, task.gap)
+    run = {"task": task.name, "factor": task.factor, "gap": task.gap, "model": model_info.name,
+           "model_path": model_path,
            "input_fingerprint": input_fingerprint(data), "chunk": list(chunk), "halo": halo, "maps": list(maps),
            "settings": {k: v for k, v in asdict(settings).items() if k not in ("device", "threshold", "origin")}}
     blocks = plan_blocks(shape3, task, chunk, halo, model_info.net.config.multiple)
@@ -484,7 +502,7 @@ def _create_output(path: Path, data, task: ChunkedTask, chunk, maps, run: dict, 
     from .zarr_io import create_ome_zarr
 
     out_shape = task.output_shape(tuple(data.shape))
-    out_chunk = (chunk[0] * task.axial, chunk[1] * task.lateral, chunk[2] * task.lateral)[3 - data.ndim:]
+    out_chunk = (math.ceil(chunk[0] * task.axial), chunk[1] * task.lateral, chunk[2] * task.lateral)[3 - data.ndim:]
     pixel = tuple(pixel_size or (1.0,) * data.ndim)
     scale = tuple(s / task.axial for s in pixel[:-2]) + tuple(s / task.lateral for s in pixel[-2:])
     dtypes = {"image": np.dtype(data.dtype), "uncertainty": np.float32, "difficulty": np.float32}

@@ -179,20 +179,23 @@ def volume_tuning(volume, base_model, factor: int, batch: int) -> Tuning:
     from .isotropic import (
         caches_starts,
         check_factor,
+        check_positions,
         decimate,
         interpolation_batches,
         isotropic,
-        label_of,
         oriented,
         sees_start,
+        uses_positions,
     )
     from .memory import available_bytes
 
     volume = check_image(volume, (3,))
     factor = check_factor(factor)
-    labels = base_model.meta.get("labels") or {}
-    if any(label_of(factor, j) not in labels for j in range(1, factor)):
-        raise InputError(f"The model '{base_model.name}' does not generate slices for R = {factor}.")
+    if factor != int(factor):
+        raise InputError(f"Fine-tuning learns the slices between planes of an isotropic volume, so its z factor R is "
+                         f"a whole number, not {factor:g} (the tuned model serves any factor its base does).")
+    factor = int(factor)
+    check_positions(base_model, 2 * factor + 1, factor)
     held = max(2 * factor + 1, round(0.2 * len(volume)))  # at least two gaps
     if len(volume) < 2 * held or min(volume.shape[1:]) < 2 * factor + 1:
         raise InputError(f"Fine-tuning for R = {factor} needs an isotropic volume of at least {2 * held} slices "
@@ -210,7 +213,8 @@ def volume_tuning(volume, base_model, factor: int, batch: int) -> Tuning:
 
     def batches(seed: int) -> Iterator:
         return interpolation_batches(planes, [factor], batch, 96, seed, multiple=net.config.multiple,
-                                     residual=residual, cache=cache, start_condition=sees_start(net))
+                                     residual=residual, cache=cache, start_condition=sees_start(net),
+                                     gaps=(factor, factor) if uses_positions(base_model) else None)
 
     kept_aside = volume[len(volume) - held:][: (held - 1) // factor * factor + 1]
     y0, x0 = ((n - min(n, VALIDATION_PIXELS)) // 2 for n in kept_aside.shape[1:])

@@ -88,7 +88,8 @@ def check_voxel_factor(voxel: Sequence[float]) -> float:
     try:
         return check_factor(factor)
     except InputError as err:
-        raise InputError(f"The voxel size {size} gives a z factor of {factor:g}: {err}") from err
+        raise InputError(f"The voxel size {size} gives a z factor of {factor:g}, outside the 1 to 32 made; give the "
+                         "z factor R.") from err
 
 
 def output_spacing(z_spacing: float, factor: float) -> float:
@@ -130,6 +131,21 @@ def condition_of(model, gap: float, fraction: float):
                      f"between sections {gap:g} pixels apart.")
 
 
+def plane_conditions(model, groups, gap: float) -> dict:
+    """What ``model`` is told for each plane of :func:`pairs` ``groups``: a list per pair of sections ``gap``
+    pixels apart; InputError for a position it does not serve."""
+    return {(below, above): [condition_of(model, (above - below) * gap, p.fraction) for p in group]
+            for (below, above), group in groups}
+
+
+def check_positions(model, sections: int, factor: float, gap: float | None = None) -> None:
+    """Refuse, before any work, a factor and section spacing whose planes ``model`` cannot make (a chunked run's
+    chunks each check only their own). The positions repeat every few sections: a few hundred cover them all."""
+    factor = check_factor(factor)
+    plane_conditions(model, pairs([p for p in plan_planes(min(sections, 256), factor) if not p.acquired]),
+                     factor if gap is None else gap)
+
+
 @dataclass(frozen=True)
 class Plane:
     """Where output plane ``index`` lies: ``fraction`` of the way from section ``below`` to section ``above`` (the
@@ -149,6 +165,16 @@ class Plane:
         """The section a generated plane replaces (a bad one), or None for a plane between sections."""
         position = self.below + self.fraction * (self.above - self.below)
         return None if self.acquired or abs(position - round(position)) >= ON_SECTION else round(position)
+
+
+def on_section(index: int, factor: float) -> bool:
+    """Whether output plane ``index`` (at ``index / factor`` sections) is a section."""
+    return abs(index / factor - round(index / factor)) < ON_SECTION
+
+
+def first_plane(section: int, factor: float) -> int:
+    """The first output plane at or after ``section``."""
+    return math.ceil(section * factor - ON_SECTION * factor)
 
 
 def output_slices(sections: int, factor: float, offset: float = 0.0) -> int:
@@ -266,11 +292,12 @@ REGION_MARGIN = 4  # px: a marked region is widened by this much, then blended o
 
 
 def region_weight(mask: np.ndarray) -> np.ndarray:
-    """Where a regenerated section replaces the acquired one: 1 in the marked region (widened), fading to 0."""
-    from scipy.ndimage import binary_dilation, gaussian_filter
+    """Where a regenerated section replaces the acquired one: 1 in the marked region and up to
+    :data:`REGION_MARGIN` pixels from it, fading linearly to 0 over as many again (exactly 0 beyond)."""
+    from scipy.ndimage import distance_transform_edt
 
-    grown = binary_dilation(mask, iterations=REGION_MARGIN)
-    return np.maximum(grown, gaussian_filter(grown.astype(np.float32), REGION_MARGIN / 2)).astype(np.float32)
+    distance = distance_transform_edt(~mask)
+    return np.clip(2 - distance / REGION_MARGIN, 0, 1).astype(np.float32)
 
 
 def isotropic(volume, model=None, settings: Settings | None = None, factor: float = 4,
@@ -299,8 +326,7 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: floa
     if not made:
         raise InputError("There is nothing to generate: give a z factor above 1 or mark sections to regenerate.")
     groups = pairs(made)
-    conditions = {key: [condition_of(model, (key[1] - key[0]) * gap, p.fraction) for p in group]
-                  for key, group in groups}  # every position checked before any work
+    conditions = plane_conditions(model, groups, gap)  # every position checked before any work
     start = model.meta.get("start", "linear")
     with_start = sees_start(model.net)
 

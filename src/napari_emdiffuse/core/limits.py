@@ -39,6 +39,7 @@ LIMITS = {
     "minutes": Limit("The training time in minutes", 0.0, 7 * 24 * 60, whole=False, low_open=True),
     "factor": Limit("The z factor R", 1, 32, whole=False),
     "gap": Limit("The section spacing in pixels", 1, 1000, whole=False),
+    "output_spacing": Limit("The output z spacing", 0.0, 1e9, whole=False, low_open=True),
     "scale": Limit("The super-resolution factor", 2, 4),
     "sigma_max": Limit("The model's largest noise level sigma_max", 0.0, 1000.0, whole=False, low_open=True),
     "sigma_end": Limit("The model's smallest noise level sigma_end", 0.0, 10.0, whole=False, low_open=True),

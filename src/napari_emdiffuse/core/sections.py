@@ -318,3 +318,15 @@ def _streaks(sections: np.ndarray, valid: np.ndarray, found: dict, factor: int, 
         region = _to_full(ndi.binary_dilation(region, iterations=2), factor, shape)
         reason = "knife marks: stripes" if stripes >= 3 else f"fold or crack: {kind} streak"
         found.setdefault(j + 1, []).append((reason, best[k] / STREAK_SPREADS, region))
+
+
+def check_sections(indices, count: int, max_run: int | None = None) -> tuple[int, ...]:
+    """Bad sections given as numbers (a script's list, a widget's selection): refused by the rules of
+    :func:`parse_sections`, which they go through as their text."""
+    try:
+        whole = [int(i) for i in indices if float(i) == int(i)]
+    except (TypeError, ValueError, OverflowError):
+        whole = None
+    if whole is None or len(whole) != len(list(indices)):
+        raise InputError(f"Bad sections are whole numbers counted from 0, not {list(indices)!r}.")
+    return parse_sections(", ".join(str(i) for i in whole), count, max_run)
