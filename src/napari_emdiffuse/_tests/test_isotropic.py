@@ -419,7 +419,7 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     _, widget = viewer.window.add_plugin_dock_widget("napari-emdiffuse", "Isotropic reconstruction")
     assert isinstance(widget, IsotropicWidget)
     assert widget.factor.value() == 12.5  # from the layer's scale: 50 nm over 4 nm, whole or not
-    assert widget.grid.text() == "Output z spacing 4; sections 12.5 pixels apart."
+    assert widget.grid.text() == "z 4, gaps 12.5 px"
     viewer.add_image(volume, name="other", scale=(60.0, 10.0, 10.0))  # selected: the picker and R follow it
     qtbot.waitUntil(lambda: widget.layer_picker.currentText() == "other", timeout=2_000)  # once the loop runs
     assert widget.factor.value() == 6
@@ -530,7 +530,7 @@ def test_widget_marks_bad_sections_and_damaged_regions_at_a_factor_from_the_laye
     sections = viewer.add_image(volume, name="sstem", scale=(50.0, 4.0, 4.0), translate=(10.0, 0.0, 0.0))
     widget = IsotropicWidget(viewer)
     viewer.window.add_dock_widget(widget)
-    assert widget.factor.value() == 12.5 and "sections 12.5 pixels apart" in widget.grid.text()
+    assert widget.factor.value() == 12.5 and "gaps 12.5 px" in widget.grid.text()
     widget.model_picker.setCurrentText("tiny-iso")
     widget.steps.setValue(1)
     widget.find_button.click()  # the detector proposes the blank section, for the user to confirm

@@ -51,8 +51,9 @@ class IsotropicWidget(RestoreWidget):
                                "bad sections.")
         form.addRow("z factor R", self.factor)
         self.grid = QLabel(objectName="grid")
-        self.grid.setWordWrap(True)
-        form.addRow("", self.grid)
+        self.grid.setToolTip("The output's z spacing, and the sections' spacing in pixels (what the model is told: "
+                             "from the layer's scale, or R when the scale does not tell).")
+        form.addRow("Output", self.grid)
         self.bad_sections = QLineEdit(objectName="bad_sections", placeholderText="e.g. 12, 40-41")
         self.bad_sections.setToolTip("Lost, folded or cracked sections to regenerate from their good neighbours, "
                                      "counted from 0 as the slider counts them. Find proposes suspects to check.")
@@ -103,8 +104,7 @@ class IsotropicWidget(RestoreWidget):
         unit = str(layer.units[-3]) if getattr(layer, "units", None) else ""
         unit = "" if unit in ("pixel", "") else f" {unit.replace('nanometer', 'nm')}"
         factor = self.factor.value()
-        self.grid.setText(f"Output z spacing {layer.scale[-3] / factor:.4g}{unit}; sections "
-                          f"{self.section_gap(layer):g} pixels apart.")
+        self.grid.setText(f"z {layer.scale[-3] / factor:.4g}{unit}, gaps {self.section_gap(layer):g} px")
 
     def _refresh_regions(self, *_) -> None:
         from napari.layers import Labels
