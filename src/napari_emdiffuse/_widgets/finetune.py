@@ -10,7 +10,7 @@ from qtpy.QtCore import QPointF, Qt
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLineEdit, QSpinBox, QWidget
 
-from ..core.isotropic import FACTORS
+from ..core.isotropic import GAPS
 from ..core.tasks import SUPERRES_SCALES
 from ._common import JobWidget, LayerPicker, ModelPicker, full_resolution, noisiness
 
@@ -123,7 +123,7 @@ class FinetuneWidget(JobWidget):
         for factor in SUPERRES_SCALES:
             self.scale.addItem(f"×{factor}", factor)
         form.addRow("Scale", self.scale)
-        self.factor = QSpinBox(objectName="factor", minimum=FACTORS[0], maximum=FACTORS[-1], value=4)
+        self.factor = QSpinBox(objectName="factor", minimum=int(GAPS[0]), maximum=int(GAPS[1]), value=4)
         self.factor.setToolTip("R: the z spacing of the volumes to reconstruct over their pixel size")
         form.addRow("z factor R", self.factor)
         self.input_picker = LayerPicker(viewer, follow_selection=False)
