@@ -563,3 +563,12 @@ def test_widget_marks_bad_sections_and_damaged_regions_at_a_factor_from_the_laye
     assert np.array_equal(repaired[[0, 1, 3, 4, 5]], volume[[0, 1, 3, 4, 5]])
     assert np.array_equal(repaired[2, 50:, :], volume[2, 50:, :])  # far from the region: kept
     assert (repaired[2, 10:30, 20:40] != volume[2, 10:30, 20:40]).mean() > 0.5
+
+
+def test_bad_sections_from_a_script_follow_the_typed_lists_rules(tiny_isotropic, volume):
+    with pytest.raises(InputError, match="whole numbers counted from 0"):
+        drive(isotropic(volume, tiny_isotropic, factor=2, bad=[1.5]))
+    with pytest.raises(InputError, match="Section 0 cannot be regenerated"):
+        drive(isotropic(volume, tiny_isotropic, factor=2, bad=[0]))
+    with pytest.raises(InputError, match="outside the stack"):
+        drive(isotropic(volume, tiny_isotropic, factor=2, bad=[7]))
