@@ -21,13 +21,18 @@ def main():
     parser.add_argument("second", help="model name or file of the same network")
     parser.add_argument("-o", "--output", required=True)
     parser.add_argument("--weight", type=float, default=0.5, help="share of the second model")
+    parser.add_argument("--first-only", nargs="*", default=[], metavar="TENSOR",
+                        help="weights taken from the first model alone (e.g. position_table: what the second never "
+                             "learnt)")
     args = parser.parse_args()
     first, second = load_model(args.first), load_model(args.second)
     if first.meta["task"] != second.meta["task"] or first.meta["network"] != second.meta["network"]:
         raise SystemExit("The two models must be the same network for the same task.")
     a, b = first.net.state_dict(), second.net.state_dict()
-    first.net.load_state_dict({k: (1 - args.weight) * a[k] + args.weight * b[k] for k in a})
-    training = {"average": {"weight of the second": args.weight, "first": first.meta.get("training"),
+    first.net.load_state_dict({k: a[k] if k in args.first_only else (1 - args.weight) * a[k] + args.weight * b[k]
+                               for k in a})
+    training = {"average": {"weight of the second": args.weight, "first only": args.first_only,
+                            "first": first.meta.get("training"),
                             "second": second.meta.get("training")},
                 "script": "training/average_weights.py", "date": time.strftime("%Y-%m-%d")}
     print(f"saved {save_model(first.net, {**first.meta, 'training': training}, args.output)}")

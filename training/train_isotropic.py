@@ -19,6 +19,7 @@ with coarser voxels (structures fewer pixels across, more change between section
 from __future__ import annotations
 
 import argparse
+import functools
 
 import tifffile
 import torch
@@ -81,6 +82,8 @@ def main():
                         help="the examples' share of each scale (default: equal)")
     parser.add_argument("--lateral-scales", type=float, nargs="*", default=[0.75, 0.5],
                         help="also show the volume binned in y and x only by 1 / S (gaps of fractions of pixels)")
+    parser.add_argument("--main-weight", type=float, default=3.0,
+                        help="how much more often gaps of 3.5-6.5 pixels are drawn than others")
     parser.add_argument("--lateral-share", type=float, default=0.35,
                         help="the examples' share of the laterally binned copies, together")
     args = parser.parse_args()
@@ -121,8 +124,9 @@ def main():
                            "10 nm isotropic FIB-SEM"
                            + (" in both contrast conventions (membranes dark or bright)." if args.invert else ".")}
     largest = int(GAPS[1] / min(ratios))
+    weight = functools.partial(gap_weight, main=args.main_weight)
     fit(net, lambda seed: interpolation_batches(volumes, range(2, largest + 1), args.batch, args.patch, seed,
-                                                gap_weight, jitter=0.03, residual="motion", cache=False,
+                                                weight, jitter=0.03, residual="motion", cache=False,
                                                 start_condition=sees_start(net), invert=args.invert,
                                                 device=args.flow_device, volume_shares=volume_shares,
                                                 ratios=ratios, gaps=GAPS),
