@@ -94,7 +94,7 @@ def damage(volume: np.ndarray, kind: str, size, index: int, rng) -> tuple[np.nda
 
 
 KINDS = {"noise": [1, 2], "foreign": [1, 2], "blank": [0.02, 0.05, 0.15, 0.4, 1.0],
-         "saturated": [0.02, 0.05, 0.15, 0.4], "fold": [2, 4, 8, 16], "crack": [2, 4, 8], "knife": [0.2, 0.35, 0.5]}
+         "saturated": [0.02, 0.05, 0.15, 0.4], "fold": [2, 4, 8, 16], "crack": [2, 4, 8], "knife": [0.3, 0.5, 0.7]}
 
 
 def load(folder: Path) -> dict[str, np.ndarray]:

@@ -89,7 +89,7 @@ BLOCKS = 128  # blank and saturated areas are found in blocks, about this many a
 FLAT = 0.1  # a block is flat when its grey values vary less than this fraction of the stack's typical block's
 SATURATED = 0.5  # a block is saturated when at least this fraction of it sits at the stack's maximum value
 POOR_CORRELATION = 0.3  # a section correlates poorly when its best neighbour correlates below this fraction of typical
-ROBUST_SPREADS = 4.0  # ... and that many robust standard deviations below the stack's typical neighbour correlation
+ROBUST_SPREADS = 2.5  # ... and that many robust standard deviations below the stack's typical neighbour correlation
 STREAK_SPREADS = 7.0  # a streak's contrast along its length, in robust standard deviations of the stack's
 STREAK_SIZE = 128  # the long side of the sections that streaks are looked for on
 SEGMENTS = 4  # a streak must be darker (or brighter) along this many consecutive segments
@@ -205,7 +205,7 @@ def suspect_sections(volume, max_run: int = 3, min_area: float = 0.02) -> list[S
     for i in sorted(found):
         reasons, scores, regions = zip(*found[i])
         region = None if any(r is None for r in regions) else np.logical_or.reduce(regions)
-        suspects.append(Suspect(i, "; ".join(reasons), float(max(scores)), region))
+        suspects.append(Suspect(i, "; ".join(dict.fromkeys(reasons)), float(max(scores)), region))
     return suspects
 
 
@@ -300,7 +300,7 @@ def _streaks(sections: np.ndarray, valid: np.ndarray, found: dict, factor: int, 
         score = np.empty_like(means)
         for half in (slice(0, n), slice(n, 2 * n)):
             centre, spread = _robust(means[half])
-            score[half] = (centre - means[half]) / spread
+            score[half] = (centre - means[half]) / spread if spread > 0 else np.nan  # all alike: no streak
         per_image = np.nanmax(np.nan_to_num(score, nan=-np.inf), axis=(1, 2))
         for k in np.flatnonzero(per_image > STREAK_SPREADS):
             hits.setdefault(int(k), []).append((angle, score[k]))
