@@ -126,16 +126,6 @@ def _bounded_runs(flags: np.ndarray, max_run: int) -> np.ndarray:
     return kept
 
 
-def _correlation(a: np.ndarray, b: np.ndarray, weight: np.ndarray) -> float:
-    total = weight.sum()
-    if total < 0.05 * weight.size:  # too little left to compare
-        return np.nan
-    a = a - (a * weight).sum() / total
-    b = b - (b * weight).sum() / total
-    denominator = np.sqrt((weight * a * a).sum() * (weight * b * b).sum())
-    return float((weight * a * b).sum() / denominator) if denominator > 0 else np.nan
-
-
 def _robust(values: np.ndarray) -> tuple[float, float]:
     """Median and robust standard deviation (scaled MAD) of the finite values."""
     values = values.reshape(-1)[:: max(1, values.size // 500_000)]  # a regular subsample: as robust, and quick
@@ -151,6 +141,7 @@ def _percent(fraction: float) -> str:
 
 
 def _unrotate(mask: np.ndarray, angle: float, shape: tuple[int, int]) -> np.ndarray:
+    """A mask found on a grid rotated by ``angle`` degrees (reshaped), back on the section's grid of ``shape``."""
     back = ndi.rotate(mask.astype(np.float32), -angle, reshape=True, order=1)
     top, left = (back.shape[0] - shape[0]) // 2, (back.shape[1] - shape[1]) // 2
     return back[top:top + shape[0], left:left + shape[1]] > 0.25
@@ -172,6 +163,8 @@ def suspect_sections(volume, max_run: int = 3, min_area: float = 0.02) -> list[S
     darker (or brighter) than both neighbours; knife marks, several such parallel stripes. Local damage comes with its
     region (a mask at the volume's resolution). Never the first or last section: they cannot be regenerated."""
     vol = check_image(volume, ndims=(3,))
+    if not (isinstance(max_run, (int, np.integer)) and max_run >= 1):
+        raise ValueError(f"max_run must be a whole number of at least 1, not {max_run!r}")
     if vol.dtype == np.bool_:
         vol = vol.view(np.uint8)
     z, h, w = vol.shape
@@ -187,18 +180,18 @@ def suspect_sections(volume, max_run: int = 3, min_area: float = 0.02) -> list[S
     blank, saturated = _bounded_runs(flat, max_run), _bounded_runs(saturated, max_run)
 
     found: dict[int, list[tuple[str, float, np.ndarray | None]]] = {}
-    damaged = np.zeros((z, h, w), bool)
+    damaged = np.zeros_like(blank)  # on the grid of blocks: a full-resolution copy of the volume would not fit
     for i in range(1, z - 1):
         area = blank[i] | saturated[i]
         if area.mean() >= min_area:
-            region = _to_full(ndi.binary_dilation(area), block, (h, w))
-            damaged[i] = region
+            damaged[i] = ndi.binary_dilation(area)  # a block more, for the damage's ragged edge
+            region = _to_full(damaged[i], block, (h, w))
             for kind, flags in (("blank", blank[i]), ("saturated", saturated[i])):
                 if flags.mean() >= min_area / 2:
                     found.setdefault(i, []).append((f"{_percent(flags.mean())} {kind}", flags.mean() / min_area,
                                                     region))
 
-    sections, valid = _band_passed(vol, damaged, factor)
+    sections, valid = _band_passed(vol, damaged, block, factor)
     _poor_correlation(sections, valid, found, max_run)
     _streaks(sections, valid, found, factor, (h, w))
     suspects = []
@@ -209,13 +202,14 @@ def suspect_sections(volume, max_run: int = 3, min_area: float = 0.02) -> list[S
     return suspects
 
 
-def _band_passed(vol: np.ndarray, damaged: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
+def _band_passed(vol: np.ndarray, damaged: np.ndarray, block: int, factor: int) -> tuple[np.ndarray, np.ndarray]:
     """Downsampled sections without noise and shading, normalised to zero mean and unit variance over their intact
-    pixels (damaged ones set to 0), and where they are intact."""
+    pixels (damaged ones set to 0), and where they are intact; ``damaged`` is on a grid ``block`` times coarser."""
     sections, valid = [], []
     for section, region in zip(vol, damaged):
         small = _downsample(section, factor)
-        keep = _downsample(~region, factor) > 0.99
+        rows, cols = ((np.arange(n) * factor + factor // 2) // block for n in small.shape)  # the block of each pixel
+        keep = ~region[np.ix_(rows, cols)]
         if keep.any():
             small[~keep] = small[keep].mean()  # no edge at the damage's border
         sigma = max(small.shape) / 16
