@@ -121,13 +121,15 @@ def test_a_saturated_area_is_proposed_with_its_region(clean):
     assert suspect.region[area].all() and suspect.region.mean() < 2 * area.mean()
 
 
-def test_a_dark_streak_is_a_fold_or_crack_with_its_region(clean):
+@pytest.mark.parametrize("kind", ["dark", "bright"])
+def test_a_streak_is_a_fold_or_crack_with_its_region(clean, kind):
     damaged = clean.copy()
     y, x = np.mgrid[:160, :160]
     streak = np.abs((x - 80) * np.cos(0.5) + (y - 80) * np.sin(0.5) - 10) < 4  # 8 pixels wide
-    damaged[6][streak] = (damaged[6][streak] * 0.3).astype(np.uint8)
+    values = damaged[6][streak].astype(float)
+    damaged[6][streak] = values * 0.3 if kind == "dark" else 0.3 * values + 0.7 * 255
     suspect = only(suspect_sections(damaged), 6)
-    assert suspect.reason == "fold or crack: dark streak"
+    assert suspect.reason == f"fold or crack: {kind} streak"
     assert suspect.region[streak].mean() > 0.9 and suspect.region.mean() < 0.3
 
 
@@ -157,4 +159,6 @@ def test_bad_volumes_are_refused_and_tiny_stacks_have_no_suspects(clean):
     with pytest.raises(InputError, match="3D stack"):
         suspect_sections(clean[0])
     assert suspect_sections(clean[:2]) == []
+    with pytest.raises(ValueError, match="max_run"):
+        suspect_sections(clean, max_run=0)
     assert suspect_sections(np.zeros((5, 64, 64), np.uint8)) == []  # nothing to tell apart: not all suspect
