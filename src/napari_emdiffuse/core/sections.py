@@ -81,7 +81,7 @@ class Suspect:
     index: int  # 0-based, as napari's slider counts the input's sections
     reason: str  # a short phrase for users, e.g. "41% blank"
     score: float  # the evidence over the detector's threshold: 1 at the threshold, larger is surer
-    region: np.ndarray | None = field(default=None, repr=False)  # (y, x) damaged area where the damage is local
+    region: np.ndarray | None = field(default=None, repr=False, compare=False)  # (y, x) damaged area, if local
 
 
 WORK_SIZE = 256  # the long side of the downsampled sections that correlation and streaks are measured on
@@ -159,9 +159,9 @@ def suspect_sections(volume, max_run: int = 3, min_area: float = 0.02) -> list[S
     Proposed: a section that correlates poorly with both neighbours, far below the stack's typical neighbour
     correlation (measured robustly, on downsampled band-passed sections); blank areas (flat at a constant value) and
     saturated areas (at the stack's maximum) of at least ``min_area`` of a section, where the same place is intact in
-    the sections around (within ``max_run``: damage, not structure that persists); folds and cracks, thin long streaks
-    darker (or brighter) than both neighbours; knife marks, several such parallel stripes. Local damage comes with its
-    region (a mask at the volume's resolution). Never the first or last section: they cannot be regenerated."""
+    the sections around (within ``max_run``: damage, not structure that persists); folds and cracks, long straight
+    streaks darker (or brighter) than both neighbours. Local damage comes with its region (a mask at the volume's
+    resolution). Never the first or last section: they cannot be regenerated."""
     vol = check_image(volume, ndims=(3,))
     if not (isinstance(max_run, (int, np.integer)) and max_run >= 1):
         raise ValueError(f"max_run must be a whole number of at least 1, not {max_run!r}")
@@ -273,7 +273,7 @@ def _segment_means(images: np.ndarray, angle: float, segment: int, width: int) -
 
 
 def _streaks(sections: np.ndarray, valid: np.ndarray, found: dict, factor: int, shape: tuple[int, int]) -> None:
-    """Thin long streaks darker (folds) or brighter (cracks) than both neighbours; several parallel: knife marks.
+    """Thin long streaks darker (folds) or brighter (cracks) than both neighbours (strong knife marks too).
     Looked for on sections downsampled again to about STREAK_SIZE: lines along many angles make it the slow part."""
     step = max(1, round(max(sections.shape[1:]) / STREAK_SIZE))
     if step > 1:
@@ -302,13 +302,12 @@ def _streaks(sections: np.ndarray, valid: np.ndarray, found: dict, factor: int, 
     for k, angles in hits.items():
         j, kind = k % n, ("dark", "bright")[k // n]
         region = np.zeros(inner.shape[1:], bool)
-        stripes = 0
         for angle, score in angles:
-            lines = np.nan_to_num(score, nan=0.0) > STREAK_SPREADS / 2
-            labels, _ = ndi.label(lines)
-            stripes = max(stripes, sum(s[1].stop - s[1].start >= segment for s in ndi.find_objects(labels)))
+            score = np.nan_to_num(score, nan=0.0)
+            labels, _ = ndi.label(score > STREAK_SPREADS / 2)  # the streaks' full extent: hysteresis thresholds
+            lines = np.isin(labels, np.unique(labels[score > STREAK_SPREADS]))
             region |= _unrotate(ndi.binary_dilation(lines, np.ones((1, SEGMENTS * segment), bool)), angle,
                                 inner.shape[1:])
         region = _to_full(ndi.binary_dilation(region, iterations=2), factor, shape)
-        reason = "knife marks: stripes" if stripes >= 3 else f"fold or crack: {kind} streak"
+        reason = f"fold or crack: {kind} streak"
         found.setdefault(j + 1, []).append((reason, best[k] / STREAK_SPREADS, region))
