@@ -81,7 +81,7 @@ class Suspect:
     index: int  # 0-based, as napari's slider counts the input's sections
     reason: str  # a short phrase for users, e.g. "41% blank"
     score: float  # the evidence over the detector's threshold: 1 at the threshold, larger is surer
-    region: np.ndarray | None = field(default=None, repr=False)  # (y, x) damaged area where the damage is local
+    region: np.ndarray | None = field(default=None, repr=False, compare=False)  # (y, x) damaged area, if local
 
 
 WORK_SIZE = 256  # the long side of the downsampled sections that correlation and streaks are measured on
@@ -89,7 +89,7 @@ BLOCKS = 128  # blank and saturated areas are found in blocks, about this many a
 FLAT = 0.1  # a block is flat when its grey values vary less than this fraction of the stack's typical block's
 SATURATED = 0.5  # a block is saturated when at least this fraction of it sits at the stack's maximum value
 POOR_CORRELATION = 0.3  # a section correlates poorly when its best neighbour correlates below this fraction of typical
-ROBUST_SPREADS = 4.0  # ... and that many robust standard deviations below the stack's typical neighbour correlation
+ROBUST_SPREADS = 1.5  # ... and that many robust standard deviations below typical (a guard for very uneven stacks)
 STREAK_SPREADS = 7.0  # a streak's contrast along its length, in robust standard deviations of the stack's
 STREAK_SIZE = 128  # the long side of the sections that streaks are looked for on
 SEGMENTS = 4  # a streak must be darker (or brighter) along this many consecutive segments
@@ -126,16 +126,6 @@ def _bounded_runs(flags: np.ndarray, max_run: int) -> np.ndarray:
     return kept
 
 
-def _correlation(a: np.ndarray, b: np.ndarray, weight: np.ndarray) -> float:
-    total = weight.sum()
-    if total < 0.05 * weight.size:  # too little left to compare
-        return np.nan
-    a = a - (a * weight).sum() / total
-    b = b - (b * weight).sum() / total
-    denominator = np.sqrt((weight * a * a).sum() * (weight * b * b).sum())
-    return float((weight * a * b).sum() / denominator) if denominator > 0 else np.nan
-
-
 def _robust(values: np.ndarray) -> tuple[float, float]:
     """Median and robust standard deviation (scaled MAD) of the finite values."""
     values = values.reshape(-1)[:: max(1, values.size // 500_000)]  # a regular subsample: as robust, and quick
@@ -151,6 +141,7 @@ def _percent(fraction: float) -> str:
 
 
 def _unrotate(mask: np.ndarray, angle: float, shape: tuple[int, int]) -> np.ndarray:
+    """A mask found on a grid rotated by ``angle`` degrees (reshaped), back on the section's grid of ``shape``."""
     back = ndi.rotate(mask.astype(np.float32), -angle, reshape=True, order=1)
     top, left = (back.shape[0] - shape[0]) // 2, (back.shape[1] - shape[1]) // 2
     return back[top:top + shape[0], left:left + shape[1]] > 0.25
@@ -168,10 +159,12 @@ def suspect_sections(volume, max_run: int = 3, min_area: float = 0.02) -> list[S
     Proposed: a section that correlates poorly with both neighbours, far below the stack's typical neighbour
     correlation (measured robustly, on downsampled band-passed sections); blank areas (flat at a constant value) and
     saturated areas (at the stack's maximum) of at least ``min_area`` of a section, where the same place is intact in
-    the sections around (within ``max_run``: damage, not structure that persists); folds and cracks, thin long streaks
-    darker (or brighter) than both neighbours; knife marks, several such parallel stripes. Local damage comes with its
-    region (a mask at the volume's resolution). Never the first or last section: they cannot be regenerated."""
+    the sections around (within ``max_run``: damage, not structure that persists); folds and cracks, long straight
+    streaks darker (or brighter) than both neighbours. Local damage comes with its region (a mask at the volume's
+    resolution). Never the first or last section: they cannot be regenerated."""
     vol = check_image(volume, ndims=(3,))
+    if not (isinstance(max_run, (int, np.integer)) and max_run >= 1):
+        raise ValueError(f"max_run must be a whole number of at least 1, not {max_run!r}")
     if vol.dtype == np.bool_:
         vol = vol.view(np.uint8)
     z, h, w = vol.shape
@@ -187,35 +180,36 @@ def suspect_sections(volume, max_run: int = 3, min_area: float = 0.02) -> list[S
     blank, saturated = _bounded_runs(flat, max_run), _bounded_runs(saturated, max_run)
 
     found: dict[int, list[tuple[str, float, np.ndarray | None]]] = {}
-    damaged = np.zeros((z, h, w), bool)
+    damaged = np.zeros_like(blank)  # on the grid of blocks: a full-resolution copy of the volume would not fit
     for i in range(1, z - 1):
         area = blank[i] | saturated[i]
         if area.mean() >= min_area:
-            region = _to_full(ndi.binary_dilation(area), block, (h, w))
-            damaged[i] = region
+            damaged[i] = ndi.binary_dilation(area)  # a block more, for the damage's ragged edge
+            region = _to_full(damaged[i], block, (h, w))
             for kind, flags in (("blank", blank[i]), ("saturated", saturated[i])):
                 if flags.mean() >= min_area / 2:
                     found.setdefault(i, []).append((f"{_percent(flags.mean())} {kind}", flags.mean() / min_area,
                                                     region))
 
-    sections, valid = _band_passed(vol, damaged, factor)
+    sections, valid = _band_passed(vol, damaged, block, factor)
     _poor_correlation(sections, valid, found, max_run)
     _streaks(sections, valid, found, factor, (h, w))
     suspects = []
     for i in sorted(found):
         reasons, scores, regions = zip(*found[i])
         region = None if any(r is None for r in regions) else np.logical_or.reduce(regions)
-        suspects.append(Suspect(i, "; ".join(reasons), float(max(scores)), region))
+        suspects.append(Suspect(i, "; ".join(dict.fromkeys(reasons)), float(max(scores)), region))
     return suspects
 
 
-def _band_passed(vol: np.ndarray, damaged: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
+def _band_passed(vol: np.ndarray, damaged: np.ndarray, block: int, factor: int) -> tuple[np.ndarray, np.ndarray]:
     """Downsampled sections without noise and shading, normalised to zero mean and unit variance over their intact
-    pixels (damaged ones set to 0), and where they are intact."""
+    pixels (damaged ones set to 0), and where they are intact; ``damaged`` is on a grid ``block`` times coarser."""
     sections, valid = [], []
     for section, region in zip(vol, damaged):
         small = _downsample(section, factor)
-        keep = _downsample(~region, factor) > 0.99
+        rows, cols = ((np.arange(n) * factor + factor // 2) // block for n in small.shape)  # the block of each pixel
+        keep = ~region[np.ix_(rows, cols)]
         if keep.any():
             small[~keep] = small[keep].mean()  # no edge at the damage's border
         sigma = max(small.shape) / 16
@@ -279,7 +273,7 @@ def _segment_means(images: np.ndarray, angle: float, segment: int, width: int) -
 
 
 def _streaks(sections: np.ndarray, valid: np.ndarray, found: dict, factor: int, shape: tuple[int, int]) -> None:
-    """Thin long streaks darker (folds) or brighter (cracks) than both neighbours; several parallel: knife marks.
+    """Thin long streaks darker (folds) or brighter (cracks) than both neighbours (strong knife marks too).
     Looked for on sections downsampled again to about STREAK_SIZE: lines along many angles make it the slow part."""
     step = max(1, round(max(sections.shape[1:]) / STREAK_SIZE))
     if step > 1:
@@ -300,7 +294,7 @@ def _streaks(sections: np.ndarray, valid: np.ndarray, found: dict, factor: int, 
         score = np.empty_like(means)
         for half in (slice(0, n), slice(n, 2 * n)):
             centre, spread = _robust(means[half])
-            score[half] = (centre - means[half]) / spread
+            score[half] = (centre - means[half]) / spread if spread > 0 else np.nan  # all alike: no streak
         per_image = np.nanmax(np.nan_to_num(score, nan=-np.inf), axis=(1, 2))
         for k in np.flatnonzero(per_image > STREAK_SPREADS):
             hits.setdefault(int(k), []).append((angle, score[k]))
@@ -308,15 +302,14 @@ def _streaks(sections: np.ndarray, valid: np.ndarray, found: dict, factor: int, 
     for k, angles in hits.items():
         j, kind = k % n, ("dark", "bright")[k // n]
         region = np.zeros(inner.shape[1:], bool)
-        stripes = 0
         for angle, score in angles:
-            lines = np.nan_to_num(score, nan=0.0) > STREAK_SPREADS / 2
-            labels, _ = ndi.label(lines)
-            stripes = max(stripes, sum(s[1].stop - s[1].start >= segment for s in ndi.find_objects(labels)))
+            score = np.nan_to_num(score, nan=0.0)
+            labels, _ = ndi.label(score > STREAK_SPREADS / 2)  # the streaks' full extent: hysteresis thresholds
+            lines = np.isin(labels, np.unique(labels[score > STREAK_SPREADS]))
             region |= _unrotate(ndi.binary_dilation(lines, np.ones((1, SEGMENTS * segment), bool)), angle,
                                 inner.shape[1:])
         region = _to_full(ndi.binary_dilation(region, iterations=2), factor, shape)
-        reason = "knife marks: stripes" if stripes >= 3 else f"fold or crack: {kind} streak"
+        reason = f"fold or crack: {kind} streak"
         found.setdefault(j + 1, []).append((reason, best[k] / STREAK_SPREADS, region))
 
 
