@@ -534,7 +534,8 @@ def test_widget_marks_bad_sections_and_damaged_regions_at_a_factor_from_the_laye
     widget.model_picker.setCurrentText("tiny-iso")
     widget.steps.setValue(1)
     widget.find_button.click()  # the detector proposes the blank section, for the user to confirm
-    assert widget.bad_sections.text() == "3" and "3: " in widget.status.text()
+    assert widget.bad_sections.text() == "3" and "3: 100% blank" in widget.status.text()
+    assert widget.regions.currentText() == "none"  # whole sections only: no labels layer of local damage
     widget.run_button.click()
     qtbot.waitUntil(lambda: "sstem_isotropic" in viewer.layers and widget.worker is None, timeout=60_000)
     iso = viewer.layers["sstem_isotropic"]
@@ -572,3 +573,15 @@ def test_bad_sections_from_a_script_follow_the_typed_lists_rules(tiny_isotropic,
         drive(isotropic(volume, tiny_isotropic, factor=2, bad=[0]))
     with pytest.raises(InputError, match="outside the stack"):
         drive(isotropic(volume, tiny_isotropic, factor=2, bad=[7]))
+
+    # local damage the detector finds goes into a labels layer chosen as the damaged regions, to look at first
+    from napari_emdiffuse.core.sections import Suspect
+
+    fold = np.zeros((64, 64), bool)
+    fold[5:15, 5:50] = True
+    monkeypatch.setattr("napari_emdiffuse.core.sections.suspect_sections",
+                        lambda v: [Suspect(2, "fold or crack: dark streak", 2.0, fold)])
+    widget.find_button.click()
+    assert widget.regions.currentText() == "sstem_suspect_damage" and widget.bad_sections.text() == ""
+    assert np.array_equal(viewer.layers["sstem_suspect_damage"].data[2] != 0, fold)
+    assert "2: fold or crack: dark streak" in widget.status.text()

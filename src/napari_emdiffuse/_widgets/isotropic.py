@@ -119,7 +119,8 @@ class IsotropicWidget(RestoreWidget):
         self.regions.setCurrentIndex(max(0, self.regions.findText(current)))
 
     def find_suspects(self) -> None:
-        """Run the detector on the layer and put what it proposes in the bad sections' box, with its reasons."""
+        """Run the detector on the layer: whole damaged sections go into the bad sections' box, local damage into a
+        labels layer chosen as the damaged regions (to look at, paint over or erase), with the reasons."""
         from napari.utils.notifications import show_error, show_info
 
         from ..core.sections import format_sections, suspect_sections
@@ -128,15 +129,28 @@ class IsotropicWidget(RestoreWidget):
         if layer is None or layer.ndim != 3:
             show_error("Choose a volume (z, y, x) to look for damaged sections in.")
             return
+        data = np.asarray(full_resolution(layer))
         try:
-            found = suspect_sections(np.asarray(full_resolution(layer)))
+            found = suspect_sections(data)
         except ValueError as err:
             show_error(str(err))
             return
         if not found:
             self.status.setText("No section looks damaged.")
             return
-        self.bad_sections.setText(format_sections(s.index for s in found))
+        local = [s for s in found if s.region is not None and not s.region.all()]
+        self.bad_sections.setText(format_sections(s.index for s in found if s not in local))
+        if local:
+            damage = np.zeros(data.shape, np.uint8)
+            for suspect in local:
+                damage[suspect.index][suspect.region] = 1
+            name = f"{layer.name}_suspect_damage"
+            if name in self.viewer.layers:
+                self.viewer.layers[name].data = damage
+            else:
+                self.viewer.add_labels(damage, name=name, scale=layer.scale, translate=layer.translate)
+            self._refresh_regions()
+            self.regions.setCurrentText(name)
         reasons = "; ".join(f"{s.index}: {s.reason}" for s in found)
         self.status.setText(f"Suspect sections (check each before you run): {reasons}.")
         show_info(f"Suspect sections: {format_sections(s.index for s in found)}")
