@@ -566,14 +566,6 @@ def test_widget_marks_bad_sections_and_damaged_regions_at_a_factor_from_the_laye
     assert (repaired[2, 10:30, 20:40] != volume[2, 10:30, 20:40]).mean() > 0.5
 
 
-def test_bad_sections_from_a_script_follow_the_typed_lists_rules(tiny_isotropic, volume):
-    with pytest.raises(InputError, match="whole numbers counted from 0"):
-        drive(isotropic(volume, tiny_isotropic, factor=2, bad=[1.5]))
-    with pytest.raises(InputError, match="Section 0 cannot be regenerated"):
-        drive(isotropic(volume, tiny_isotropic, factor=2, bad=[0]))
-    with pytest.raises(InputError, match="outside the stack"):
-        drive(isotropic(volume, tiny_isotropic, factor=2, bad=[7]))
-
     # local damage the detector finds goes into a labels layer chosen as the damaged regions, to look at first
     from napari_emdiffuse.core.sections import Suspect
 
@@ -585,3 +577,11 @@ def test_bad_sections_from_a_script_follow_the_typed_lists_rules(tiny_isotropic,
     assert widget.regions.currentText() == "sstem_suspect_damage" and widget.bad_sections.text() == ""
     assert np.array_equal(viewer.layers["sstem_suspect_damage"].data[2] != 0, fold)
     assert "2: fold or crack: dark streak" in widget.status.text()
+
+def test_bad_sections_from_a_script_follow_the_typed_lists_rules(tiny_isotropic, volume):
+    with pytest.raises(InputError, match="whole numbers counted from 0"):
+        drive(isotropic(volume, tiny_isotropic, factor=2, bad=[1.5]))
+    with pytest.raises(InputError, match="Section 0 cannot be regenerated"):
+        drive(isotropic(volume, tiny_isotropic, factor=2, bad=[0]))
+    with pytest.raises(InputError, match="outside the stack"):
+        drive(isotropic(volume, tiny_isotropic, factor=2, bad=[7]))
