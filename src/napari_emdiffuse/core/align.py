@@ -165,49 +165,70 @@ def pair_motion(a: np.ndarray, b: np.ndarray, refine: int = 2) -> np.ndarray:
     return params
 
 
-def solve_sections(n: int, pairs: list[tuple[int, int]], motions: np.ndarray, shape) -> np.ndarray:
-    """Per-section rigid corrections ``c`` (n, 3) with ``c[j] - c[i] ~ motions[k]`` for each pair ``(i, j)``,
-    robustly (IRLS, Tukey weights on the pairs' disagreement in px), their mean fixed at zero."""
-    design = np.zeros((len(pairs) + 1, n))
+def pair_agreement(a: np.ndarray, b: np.ndarray, params: np.ndarray) -> float:
+    """Pearson correlation of two smoothed sections once ``b`` is moved by ``params`` (on the middle half)."""
+    moved = warp_image(b, _affine_field(_displacement(_matrix(params)), a.shape), order=1)
+    h, w = a.shape
+    inner = (slice(h // 4, h - h // 4), slice(w // 4, w - w // 4))
+    return float(np.corrcoef(a[inner].ravel(), moved[inner].ravel())[0, 1])
+
+
+def solve_sections(n: int, pairs: list[tuple[int, int]], motions: np.ndarray, shape,
+                   trust: np.ndarray | None = None) -> np.ndarray:
+    """Per-section rigid corrections (n, 3) from the pairs' motions ``motions[k]`` from section ``i`` to ``j``.
+
+    The position of section ``i`` along the stack is ``X[i] + s[i]``: ``X`` the course of the structures, which
+    run obliquely through the volume and so move between aligned sections too, but steadily (a smooth function of
+    z: its second differences small); ``s`` the section's own misplacement, independent from one section to the
+    next. The sections are corrected by ``s`` only (else the stack would be sheared along its structures).
+    Both are solved jointly by least squares (a straight course is free), with the scales of the three terms
+    measured on the stack: how much the pairs disagree (Tukey weights on it, so a pair the content change misled
+    does not pull), and how much more the positions jump than that.
+    """
+    lever = np.array([_lever(shape), 1.0, 1.0])  # rotations as the px they move the section's pixels by
+    d = motions * lever
+    incidence = np.zeros((len(pairs), n))
     for k, (i, j) in enumerate(pairs):
-        design[k, i], design[k, j] = -1.0, 1.0
-    design[-1] = 1.0  # the mean: the only direction the pairs do not decide
-    rhs = np.vstack([motions, np.zeros((1, 3))])
-    weights = np.ones(len(pairs))
+        incidence[k, i], incidence[k, j] = -1.0, 1.0
+    mean = np.ones((1, n)) / n
+    # first the positions the pairs alone give (robustly), and how much the pairs disagree
+    trust = np.ones(len(pairs)) if trust is None else trust
+    weights = trust.copy()
+    design = np.vstack([incidence, mean])
     for _ in range(10):
         sw = np.sqrt(np.append(weights, 1.0))[:, None]
-        solution = np.linalg.lstsq(design * sw, rhs * sw, rcond=None)[0]
-        error = _distance(design[:-1] @ solution - motions, shape)
-        scale = max(1.4826 * np.median(error[weights > 0]), 0.1)
-        new = np.clip(1 - (error / (4.685 * scale)) ** 2, 0, None) ** 2
+        positions = np.linalg.lstsq(design * sw, np.vstack([d, np.zeros((1, 3))]) * sw, rcond=None)[0]
+        error = np.sqrt(((incidence @ positions - d) ** 2).sum(axis=1))
+        noise = max(1.4826 * np.median(error[weights > 0]), 0.05)
+        new = trust * np.clip(1 - (error / (4.685 * noise)) ** 2, 0, None) ** 2
         if _connected(n, pairs, new > 0):
             weights = new
-    return solution
+    if n < 3:
+        return positions / lever
+    # the sections' own jumps: the second differences of the positions beyond what the pairs' noise explains
+    jumps = np.sqrt((np.diff(positions, 2, axis=0) ** 2).sum(axis=1))
+    misplaced = math.sqrt(max((1.4826 * np.median(jumps)) ** 2 / 6 - noise ** 2, 0.0)) / math.sqrt(3)
+    if misplaced < 0.01:
+        return np.zeros((n, 3))
+    curvature = np.diff(np.eye(n), 2, axis=0)
+    sw = np.sqrt(weights)[:, None] / noise
+    design = np.block([[incidence * sw, incidence * sw],
+                       [curvature / noise, np.zeros_like(curvature)],
+                       [np.zeros((n, n)), np.eye(n) / misplaced],
+                       [mean, np.zeros((1, n))]])
+    rhs = np.vstack([d * sw, np.zeros((len(curvature) + n + 1, 3))])
+    solution = np.linalg.lstsq(design, rhs, rcond=None)[0]
+    return solution[n:] / lever
 
 
-def _trend(values: np.ndarray) -> np.ndarray:
-    """The smooth part of a sequence along z: a Whittaker smoother (penalised second differences, so a straight
-    line is free), its strength chosen by generalised cross-validation (what is left is taken as independent
-    per-section noise).
-
-    Structures running obliquely through the volume move between sections as if the sections were shifted, but
-    smoothly along z (often all the same way: on 10 nm FIB-SEM kept every 5th slice, about 2 px a section); shifts
-    and turns of separately cut and imaged sections are independent from one section to the next. The sections
-    are moved by what departs from the trend only: otherwise the stack would be sheared along its structures.
-    """
-    n = len(values)
-    if n < 4:
-        return np.full(n, values.mean())
-    d2 = np.diff(np.eye(n), 2, axis=0)
-    penalty = d2.T @ d2
-    best, trend = np.inf, values
-    for lam in 10.0 ** np.arange(-2, 9, 0.25):
-        hat = np.linalg.inv(np.eye(n) + lam * penalty)
-        fit = hat @ values
-        score = n * ((values - fit) ** 2).sum() / max(n - np.trace(hat), 1e-9) ** 2
-        if score < best:
-            best, trend = score, fit
-    return trend
+def _trust(pairs, agreement: np.ndarray) -> np.ndarray:
+    """How far to trust each pair's motion: sections further apart share less structure, and a pair whose
+    agreement after alignment falls below half the typical neighbours' is left out (its motion is a guess)."""
+    near = np.median([c for (i, j), c in zip(pairs, agreement) if j - i == 1])
+    trust = np.clip(agreement, 0, None) ** 2 * (agreement > near / 2)
+    chain = np.array([j - i == 1 for i, j in pairs])
+    trust[chain] = np.maximum(trust[chain], 1e-3)  # every section stays linked to the next
+    return trust
 
 
 def _connected(n: int, pairs, keep) -> bool:
@@ -245,13 +266,13 @@ def align_sections(volume, elastic: bool = False) -> Generator[Progress, None, A
     for round_ in range(ROUNDS):
         moved = smooth if round_ == 0 else np.stack(
             [warp_image(s, _affine_field(_displacement(m), shape)) for s, m in zip(smooth, transforms)])
-        motions = []
+        motions, agreement = [], []
         for i, j in pairs:
             motions.append(pair_motion(moved[i], moved[j]))
+            agreement.append(pair_agreement(moved[i], moved[j], motions[-1]))
             done += 1
             yield Progress(done, total, f"measuring sections {i} and {j}")
-        positions = solve_sections(n, pairs, np.array(motions), shape)
-        corrections = positions - np.stack([_trend(positions[:, k]) for k in range(3)], axis=1)
+        corrections = solve_sections(n, pairs, np.array(motions), shape, _trust(pairs, np.array(agreement)))
         transforms = np.array([m @ _matrix(c) for m, c in zip(transforms, corrections)])
     mean = _matrix(np.mean([_params(m) for m in transforms], axis=0))  # the stack as a whole does not move
     transforms = np.array([m @ np.linalg.inv(mean) for m in transforms])
@@ -296,3 +317,68 @@ def _section_move(matrix: np.ndarray) -> tuple[float, float, float]:
     theta, _, _ = _params(matrix)
     centre = -matrix[:2, :2].T @ matrix[:2, 2]
     return float(centre[0]), float(centre[1]), -math.degrees(theta)
+
+
+# --- how misaligned a stack looks -------------------------------------------------------------------------------
+
+WARN_JUMP = 1.0  # px: median jump of a section off its neighbours' course above which a stack looks misaligned (set below)
+
+
+@dataclass
+class Misalignment:
+    motions: np.ndarray  # (z - 1, 3): rigid motion from each section to the next, (dy, dx) px and rotation degrees
+    jumps: np.ndarray  # (z,): how far each section lies off the course of its two neighbours, px (RMS over pixels)
+
+    @property
+    def typical(self) -> float:
+        return float(np.median(self.jumps))
+
+    @property
+    def warning(self) -> str | None:
+        """A sentence when the stack looks misaligned, else None."""
+        if self.typical <= WARN_JUMP:
+            return None
+        worst = int(np.argmax(self.jumps))
+        return (f"The stack looks misaligned: its sections jump off their neighbours' course by "
+                f"{self.typical:.1f} px (median; {self.jumps[worst]:.1f} px at section {worst}); align the sections "
+                "first.")
+
+    def summary(self) -> dict:
+        return {"jump_median_px": round(self.typical, 3), "jump_max_px": round(float(self.jumps.max()), 3),
+                "jump_max_section": int(np.argmax(self.jumps)), "warning": self.warning}
+
+
+def misalignment(volume) -> Misalignment:
+    """How misaligned a stack looks, quickly: the rigid motion between neighbouring sections (on sections halved
+    in size when they are large), and how far each section jumps off the course of its two neighbours.
+
+    Structures running obliquely through the volume move between aligned sections too, but steadily: what a
+    section's neighbours agree on is taken as the structures' course, the jump off it as misalignment (the second
+    difference of the sections' positions; for independent shifts of standard deviation s per axis, about
+    1.2 s along each axis).
+    """
+    volume = check_stack(volume)
+    shape = volume.shape[1:]
+    factor = 2 if min(shape) >= 4 * MIN_SIDE else 1
+    h, w = shape[0] // factor * factor, shape[1] // factor * factor
+
+    def section(i):
+        s = volume[i, :h, :w].astype(np.float64).reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
+        return _smooth(s, SMOOTH / factor)
+
+    below = section(0)
+    motions = []
+    for i in range(1, len(volume)):
+        above = section(i)
+        motions.append(pair_motion(below, above, refine=1) * [1.0, factor, factor])
+        below = above
+    motions = np.array(motions)
+    positions = np.vstack([np.zeros(3), np.cumsum(motions, axis=0)])
+    if len(volume) < 3:
+        jumps = np.full(len(volume), float(_distance(motions[0], shape)))
+    else:
+        off = positions[1:-1] - (positions[:-2] + positions[2:]) / 2
+        inner = _distance(off, shape)
+        jumps = np.concatenate([[inner[0]], inner, [inner[-1]]])  # an end section: the next one's course
+    degrees = np.column_stack([motions[:, 1], motions[:, 2], np.degrees(motions[:, 0])])
+    return Misalignment(degrees, jumps)
