@@ -15,6 +15,8 @@ measurement on the stack can tell the smooth part of the random shifts from it: 
 the method could have corrected. Two truths: "given", the stack as it comes (the ssTEM stack's own sections jump by
 up to ~20 px in places: from its alignment or the structures themselves, unknown), and "own", the alignment the
 method gives the unshaken stack (how well a shake is undone, whatever the stack's own state).
+Times: wall-clock seconds and the process's CPU seconds (one thread: OMP_NUM_THREADS=1; the CPU seconds are what
+an otherwise idle core would take when the machine is shared).
 ``--reconstruct``: isotropic reconstruction (bundled model, R = 5, one sample) of a 160 x 160 crop of the first
 12 sections of FIB-SEM b, after alignment vs of the unshifted stack, PSNR of the generated slices against the truth.
 """
@@ -66,10 +68,10 @@ def residuals(truth, found, shape, trend=False):
 
 def align_case(name, volume) -> dict:
     moved, truth = shake(volume)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     result = drive(align_sections(moved))
-    seconds = time.perf_counter() - started
-    out = {"stack": name, "shape": list(moved.shape), "seconds": round(seconds, 1), "report": result.report()}
+    out = {"stack": name, "shape": list(moved.shape), "seconds": round(time.perf_counter() - started, 1),
+           "cpu_seconds": round(time.process_time() - cpu, 1), "report": result.report()}
     # the stack as given is the truth; and the alignment the method gives the unshaken stack is (see the docstring)
     own = drive(align_sections(volume[:, MARGIN:-MARGIN, MARGIN:-MARGIN]))
     for label, reference in (("given", truth), ("own", np.linalg.inv(own.transforms) @ truth)):
@@ -86,9 +88,9 @@ def align_case(name, volume) -> dict:
 def warning_case(name, volume) -> dict:
     """The misalignment measure on the stack as acquired and on copies shaken by up to ``a`` px and a / 10 degrees."""
     inner = volume[:, MARGIN:-MARGIN, MARGIN:-MARGIN]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     out = {"stack": name, "shape": list(inner.shape), "as_acquired": misalignment(inner).summary(),
-           "seconds": round(time.perf_counter() - started, 2)}
+           "seconds": round(time.perf_counter() - started, 2), "cpu_seconds": round(time.process_time() - cpu, 2)}
     for amplitude in WARN_AMPLITUDES:
         out[f"shaken_{amplitude}px"] = misalignment(shake(volume, 2, amplitude, amplitude / 10)[0]).summary()
     print(json.dumps(out), flush=True)

@@ -12,8 +12,9 @@ neighbouring sections and an isotropic reconstruction interpolates the jumps. Th
    pair the content change misled does not pull), the stack's mean transform fixed: measuring against several
    neighbours keeps one section's error from carrying on to all after it (drift), and the stack as a whole does
    not move;
-3. measured again on the aligned stack and solved again (the first measurements are large, the second small, so
-   what is left of the linearisation's error goes);
+3. the first round on sections halved in size (large motions, found quickly); then measured again at full
+   resolution on the stack so aligned (gradient-based block shifts only: the motions are small now) and solved
+   again, so what is left of the first round's coarseness and linearisation goes;
 4. (optional) each section's smooth displacement field towards its neighbours at distances 1 and 2 (the median of
    the four fields: one badly distorted neighbour does not pull), by :mod:`.register`'s distortion field;
 5. each section moved by cubic interpolation, edges repeated; :attr:`Alignment.valid` is the region every section
