@@ -129,15 +129,17 @@ def main():
                "sstem": lambda: tifffile.imread(args.data / "sstem_aniso_50x4x4nm_30x512x512.tif"),
                "synthetic": lambda: np.rint(sections(n=50, side=250 + 2 * MARGIN) * 255).astype(np.uint8)}
     results = {"alignment": [], "warning": []}
+    save = lambda: (RESULTS / args.out).write_text(json.dumps(results, indent=1) + "\n")  # noqa: E731
+    if args.reconstruct:  # first: the longest, and every case is saved as soon as it is measured
+        results["reconstruction_psnr_db"] = reconstruct_case(tifffile.imread(args.data / "fibsem_iso10nm_b_250.tif"))
+        save()
     for name in args.stacks.split(","):
         volume = loaders[name]()
         results["alignment"].append(align_case(name, volume))
+        save()
         if name != "synthetic":
             results["warning"].append(warning_case(name, volume))
-    if args.reconstruct:
-        results["reconstruction_psnr_db"] = reconstruct_case(tifffile.imread(args.data / "fibsem_iso10nm_b_250.tif"))
-    (RESULTS / args.out).write_text(json.dumps(results, indent=1) + "\n")
-
+            save()
 
 if __name__ == "__main__":
     main()

@@ -210,20 +210,22 @@ def solve_sections(n: int, pairs: list[tuple[int, int]], motions: np.ndarray, sh
             weights = new
     if n < 3:
         return positions / lever
-    # the sections' own jumps: the second differences of the positions beyond what the pairs' noise explains
-    jumps = np.sqrt((np.diff(positions, 2, axis=0) ** 2).sum(axis=1))
-    misplaced = math.sqrt(max((1.4826 * np.median(jumps)) ** 2 / 6 - noise ** 2, 0.0)) / math.sqrt(3)
-    if misplaced < 0.01:
-        return np.zeros((n, 3))
+    # the sections' own jumps: the second differences of the positions beyond what the pairs' noise explains, per
+    # parameter (a section is typically shifted by many pixels but rotated by a degree: one scale for both would let
+    # the rotation's course leak into its correction)
+    jumps = 1.4826 * np.median(np.abs(np.diff(positions, 2, axis=0)), axis=0)
+    misplaced = np.sqrt(np.clip(jumps ** 2 / 6 - noise ** 2 / 3, 0.0, None))
     curvature = np.diff(np.eye(n), 2, axis=0)
     sw = np.sqrt(weights)[:, None] / noise
-    design = np.block([[incidence * sw, incidence * sw],
-                       [curvature / (noise * COURSE_BEND), np.zeros_like(curvature)],
-                       [np.zeros((n, n)), np.eye(n) / misplaced],
-                       [mean, np.zeros((1, n))]])
-    rhs = np.vstack([d * sw, np.zeros((len(curvature) + n + 1, 3))])
-    solution = np.linalg.lstsq(design, rhs, rcond=None)[0]
-    return solution[n:] / lever
+    corrections = np.zeros((n, 3))
+    for k in np.flatnonzero(misplaced >= 0.01):
+        design = np.block([[incidence * sw, incidence * sw],
+                           [curvature / (noise * COURSE_BEND), np.zeros_like(curvature)],
+                           [np.zeros((n, n)), np.eye(n) / misplaced[k]],
+                           [mean, np.zeros((1, n))]])
+        rhs = np.concatenate([d[:, k] * sw[:, 0], np.zeros(len(curvature) + n + 1)])
+        corrections[:, k] = np.linalg.lstsq(design, rhs, rcond=None)[0][n:]
+    return corrections / lever
 
 
 def _trust(pairs, agreement: np.ndarray) -> np.ndarray:
