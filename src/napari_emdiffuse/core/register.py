@@ -155,6 +155,23 @@ def _fit_affine(centres: np.ndarray, displacements: np.ndarray, weights: np.ndar
     return affine
 
 
+def global_affine(a: np.ndarray, b: np.ndarray, sizes: tuple[int, ...] = (128, 128, 96)) -> np.ndarray:
+    """The affine displacement ``d`` (2, 3) with ``b(p + d(p)) ~ a(p)`` of two smoothed images: a translation by
+    cross-correlation of the whole images, then, for each block size in ``sizes``, local shifts of blocks by
+    cross-correlation (robust to displacements of many pixels) fitted robustly on the pair aligned so far."""
+    dy, dx = cross_correlation_shift(a, b)
+    affine = np.array([[0.0, 0.0, -dy], [0.0, 0.0, -dx]])
+    for size in sizes:
+        field = _affine_field(affine, a.shape)
+        centres, r, peak = block_displacements(a, warp_image(b, field, order=1), size, size // 2)
+        at = np.round(centres).astype(int)
+        weights = np.clip(peak, 0, None) ** 2 * (np.hypot(*r.T) < size / 4)
+        if (weights > 0).sum() < 6:
+            break
+        affine = _fit_affine(centres, field[:, at[:, 0], at[:, 1]].T + r, weights, a.shape)
+    return affine
+
+
 def warp_image(image: np.ndarray, field: np.ndarray, order: int = 3) -> np.ndarray:
     """``image`` sampled at ``p + field(p)`` (float64; cubic spline; edges repeated)."""
     from scipy.ndimage import map_coordinates
@@ -271,16 +288,7 @@ def register_pair(moving_ref: np.ndarray, target: np.ndarray, min_correlation: f
                          f"along each side, not {moving_ref.shape[0]} x {moving_ref.shape[1]}).")
     a, b = _smooth(moving_ref), _smooth(target)
     shape = a.shape
-    dy, dx = cross_correlation_shift(a, b)
-    affine = np.array([[0.0, 0.0, -dy], [0.0, 0.0, -dx]])
-    for size in (128, 128, 96):  # blocks by cross-correlation: robust to displacements of many pixels
-        field = _affine_field(affine, shape)
-        centres, r, peak = block_displacements(a, warp_image(b, field, order=1), size, size // 2)
-        at = np.round(centres).astype(int)
-        weights = np.clip(peak, 0, None) ** 2 * (np.hypot(*r.T) < size / 4)
-        if (weights > 0).sum() < 6:
-            break
-        affine = _fit_affine(centres, field[:, at[:, 0], at[:, 1]].T + r, weights, shape)
+    affine = global_affine(a, b)
     field = _affine_field(affine, shape)
     # unsmoothed: the gradients come from both images' structure and the noise averages out over each block
     # (smoothed even by 1 px, the errors on 30- and 8-electron pairs grew by a third)
