@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sections to regenerate from their good neighbours (lost, folded, cracked), counted "
                           "from 0 as napari's slider counts them, e.g. 12,40-41; with --factor 1 only they are "
                           "made")
+    iso.add_argument("--align", nargs="?", const="rigid", choices=["rigid", "elastic"], default=None,
+                     help="align each section to its neighbours first (shift and rotation; elastic: then a smooth "
+                          "correction); without it a stack that looks misaligned gets a note")
     iso.add_argument("--self-supervised", action="store_true",
                      help="no isotropic model: learn from the input volume itself first (vEMDiffuse-a)")
     iso.add_argument("--train-minutes", type=float, default=10.0, help="training budget with --self-supervised")
@@ -267,9 +270,9 @@ def _restore_chunked(args, factor: int) -> dict:
     if getattr(args, "self_supervised", False):
         raise CLIError("Self-supervised training needs the volume in memory: learn on a TIFF crop of it with "
                        "--self-supervised --save-model NAME, then process the Zarr volume with --model NAME.")
-    if getattr(args, "bad", None):
-        raise CLIError("Bad sections are regenerated in a volume held in memory: give a TIFF of the part around "
-                       "them, or leave out --bad-sections.")
+    if getattr(args, "bad", None) or getattr(args, "align", None):
+        raise CLIError("Bad sections are regenerated, and sections aligned, in a volume held in memory: give a TIFF "
+                       "(of the part concerned), or leave out --bad-sections and --align.")
     task = ChunkedTask(args.command, factor, getattr(args, "gap", None))
     job = restore_volume(args.input, args.output, task, args.model, _settings(args),
                          chunk=args.chunk, halo=args.halo, scheduler=args.scheduler, workers=args.workers,
@@ -524,8 +527,8 @@ def main(argv: list[str] | None = None) -> int:
             def job(image, a):
                 if a.self_supervised:
                     return isotropic_self_supervised(image, a.factor, a.train_minutes, _settings(a),
-                                                     save_as=a.save_model, gap=a.gap, bad=a.bad)
-                return isotropic(image, a.model, _settings(a), factor=a.factor, gap=a.gap, bad=a.bad)
+                                                     save_as=a.save_model, gap=a.gap, bad=a.bad, align=a.align)
+                return isotropic(image, a.model, _settings(a), factor=a.factor, gap=a.gap, bad=a.bad, align=a.align)
 
             return _restore_each(args, job)
         elif args.command == "superres":

@@ -179,3 +179,20 @@ def test_isotropic_any_z_spacing_reports_the_factor_and_keeps_sections_in_place(
                  "--bad-sections", "1-2", *fast]) == 2
     assert "not a slice 0.33 of the way between sections 37.5 pixels apart" in capsys.readouterr().err
     assert not (tmp_path / "f2.tif").exists()
+
+
+def test_isotropic_aligns_sections_on_request_and_otherwise_says_the_stack_looks_misaligned(tmp_path, tiny_isotropic,
+                                                                                             capsys):
+    from napari_emdiffuse._tests.test_align import sections, shaken
+
+    stack, _ = shaken(sections(n=6, side=96))
+    tifffile.imwrite(tmp_path / "shaken.tif", (stack * 200 + 20).astype(np.uint8), imagej=True,
+                     resolution=(1 / 10, 1 / 10), metadata={"unit": "nm", "spacing": 30.0, "axes": "ZYX"})
+    fast = ["--model", tiny_isotropic, "--steps", "1", "--samples", "2"]
+    assert main(["isotropic", str(tmp_path / "shaken.tif"), "-o", str(tmp_path / "as_is.tif"), *fast]) == 0
+    assert "note: The stack looks misaligned" in capsys.readouterr().err
+    assert main(["isotropic", str(tmp_path / "shaken.tif"), "-o", str(tmp_path / "aligned.tif"), "--align", *fast,
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "note: sections aligned first (rigid): moved" in captured.err and "looks misaligned" not in captured.err
+    assert read_tiff(tmp_path / "aligned.tif").data.shape == (16, 96, 96)

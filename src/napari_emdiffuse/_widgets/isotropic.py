@@ -65,6 +65,13 @@ class IsotropicWidget(RestoreWidget):
         row.addWidget(self.bad_sections)
         row.addWidget(self.find_button)
         form.addRow("Bad sections", row)
+        self.align = QComboBox(objectName="align")
+        self.align.addItem("no (already aligned)", None)
+        self.align.addItem("shift and rotation", "rigid")
+        self.align.addItem("shift, rotation, elastic", "elastic")
+        self.align.setToolTip("Align each section to its neighbours before reconstructing; the status says what "
+                              "moved. Without it, a stack that looks misaligned gets a note after the run.")
+        form.addRow("Align sections", self.align)
         self.regions = QComboBox(objectName="damaged_regions")
         self.regions.setToolTip("A labels layer of the image's shape, painted where sections are damaged: only those "
                                 "regions are regenerated, the rest of each section is kept.")
@@ -181,17 +188,20 @@ class IsotropicWidget(RestoreWidget):
             raise ValueError("Isotropic reconstruction needs a volume (z, y, x); this layer is 2D.")
         layer = self.layer_picker.layer()
         factor, gap, bad = self.factor.value(), self.section_gap(layer), self._bad(layer, data.shape)
+        align = self.align.currentData()
         if self.mode.currentData() == SELF_SUPERVISED:
             return isotropic_self_supervised(data, factor, self.minutes.value(), settings,
-                                             save_as=dated_name(f"self-supervised-R{factor:g}"), gap=gap, bad=bad)
-        return isotropic(data, model, settings, factor=factor, gap=gap, bad=bad)
+                                             save_as=dated_name(f"self-supervised-R{factor:g}"), gap=gap, bad=bad,
+                                             align=align)
+        return isotropic(data, model, settings, factor=factor, gap=gap, bad=bad, align=align)
 
     def chunked_task(self, layer):
         from ..core.chunked import ChunkedTask
 
-        if self.bad_sections.text().strip() or self.regions.currentText() not in (NO_REGIONS, ""):
-            raise ValueError("Bad sections are regenerated in a volume held in memory: process the layer (or the "
-                             "current view) instead of a Zarr file.")
+        if self.bad_sections.text().strip() or self.regions.currentText() not in (NO_REGIONS, "") or \
+                self.align.currentData():
+            raise ValueError("Bad sections are regenerated, and sections aligned, in a volume held in memory: "
+                             "process the layer (or the current view) instead of a Zarr file.")
         return ChunkedTask(self.task, self.factor.value(), self.section_gap(layer))
 
     def output_grid(self, layer):

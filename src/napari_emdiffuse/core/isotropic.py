@@ -300,9 +300,33 @@ def region_weight(mask: np.ndarray) -> np.ndarray:
     return np.clip(2 - distance / REGION_MARGIN, 0, 1).astype(np.float32)
 
 
+ALIGNMENTS = ("rigid", "elastic")
+
+
+def aligned_stack(volume: np.ndarray, align: str | None, bad=None) -> Generator[Progress, None, tuple]:
+    """The stack to reconstruct and a note: with ``align`` (``"rigid"``, or ``"elastic"`` for a smooth correction
+    after it) its sections aligned first and what moved; without, the stack as it is and, when it looks misaligned
+    (:func:`~.align.misalignment`, for sections large enough to measure), a warning."""
+    from .align import MIN_SIDE, align_sections, misalignment
+    from .limits import check_choice
+    from .tasks import relayed
+
+    if align is None:
+        if min(volume.shape[1:]) < MIN_SIDE or len(volume) < 3:
+            return volume, None
+        return volume, misalignment(volume).warning
+    check_choice("alignment", align, ALIGNMENTS)
+    if isinstance(bad, np.ndarray) and bad.ndim == 3:
+        raise InputError("Damaged regions are marked on the sections as acquired; align the stack first (and save "
+                         "it), then mark them on the aligned one.")
+    alignment = yield from relayed(align_sections(volume, elastic=align == "elastic"),
+                                   lambda p: Progress(p.done, p.total, f"aligning the sections: {p.message}"))
+    return alignment.volume, f"sections aligned first ({align}): {alignment.report()}"
+
+
 def isotropic(volume, model=None, settings: Settings | None = None, factor: float = 4,
               norm: Normalizer | None = None, *, gap: float | None = None, bad=None,
-              offset: float = 0.0) -> Generator[Progress, None, Restoration]:
+              offset: float = 0.0, align: str | None = None) -> Generator[Progress, None, Restoration]:
     """Generate the planes of ``volume`` (z, y, x) on a z grid ``factor`` times finer than its sections.
 
     ``gap`` is the sections' spacing in lateral pixels (what the model is told; default ``factor``: the output is
@@ -310,6 +334,8 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: floa
     from their nearest good neighbours; with ``factor`` 1 that is all that is done. ``offset`` is where the first
     output plane lies, in sections (a chunk of a larger volume). The uncertainty (``tasks.predictive_spread``) is
     zero where the acquisition is kept; the score and verdict are computed on the generated planes (regions) only.
+    ``align`` (see :func:`aligned_stack`) aligns the sections first; without it, a stack that looks misaligned is
+    reconstructed as it is, with a note saying so.
     """
     settings = settings or Settings()
     factor = check_factor(factor)
@@ -320,6 +346,7 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: floa
     from .limits import check_number
 
     gap = factor if gap is None else check_number("gap", gap)
+    marked = bad
     bad, regions = bad_sections(bad, volume.shape)
     planes = plan_planes(len(volume), factor, bad, offset)
     made = [p for p in planes if not p.acquired]
@@ -331,6 +358,7 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: floa
     with_start = sees_start(model.net)
 
     results = new_results(model, settings, (len(planes),) + volume.shape[1:], norm)
+    volume, stack_note = yield from aligned_stack(volume, align, marked)
     for p in planes:
         if p.acquired:
             results.image[p.index] = volume[p.below]  # exactly the acquisition; its maps stay zero: certain
@@ -344,6 +372,7 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: floa
                                f" sections {below}-{above} ({n + 1}/{len(groups)}), {p.fraction:.2f} of the way")
 
     tile, notes = yield from sample_planes(model, jobs(), len(made), results, settings, device, "isotropic")
+    notes = [stack_note, *notes] if stack_note else notes
     between_sections = [p.index for p in made if p.section is None]
     scored = [] if results.uncertainty is None else [results.uncertainty[between_sections].ravel()]
     for p in made:
@@ -679,10 +708,11 @@ def motion_reconstruction(volume: np.ndarray, factor: float, norm: Normalizer, b
 
 def isotropic_self_supervised(volume, factor: float = 4, minutes: float = 10.0, settings: Settings | None = None,
                               norm: Normalizer | None = None, save_as: str | None = None, *,
-                              gap: float | None = None, bad=None) -> Generator[Progress, None, Restoration]:
+                              gap: float | None = None, bad=None,
+                              align: str | None = None) -> Generator[Progress, None, Restoration]:
     """vEMDiffuse-a end to end: learn from ``volume`` for ``minutes``, judge, then reconstruct; one progress stream.
 
-    ``factor``, ``gap`` and ``bad`` as for :func:`isotropic`. The budget, the volume's size, the sections and
+    ``factor``, ``gap``, ``bad`` and ``align`` as for :func:`isotropic` (an aligned stack is also what is learnt from). The budget, the volume's size, the sections and
     ``save_as`` are checked when this is called, before any work (a budget below
     :data:`SELF_SUPERVISED_MIN_MINUTES` is refused). The model learns every gap the reconstruction needs (across
     regenerated sections too). The last x columns (:func:`split_aside`) are kept aside from
@@ -712,21 +742,23 @@ def isotropic_self_supervised(volume, factor: float = 4, minutes: float = 10.0, 
     if not gaps:
         raise InputError("There is nothing to generate: give a z factor above 1 or mark sections to regenerate.")
     judged = min(max(2, round(gap)), learnt_factors(gaps)[-1])
-    learn, aside = split_aside(volume, learnt_factors(gaps)[-1])
+    split_aside(volume, learnt_factors(gaps)[-1])  # large enough: checked now, split once aligned
     if save_as:
         free_name(save_as)  # before the training, not after it
-    return _learn_judge_reconstruct(volume, learn, aside, (factor, gap, bad, gaps, judged), minutes, settings, norm,
+    return _learn_judge_reconstruct(volume, (factor, gap, bad, gaps, judged, align), minutes, settings, norm,
                                     save_as)
 
 
-def _learn_judge_reconstruct(volume, learn, aside, grid: tuple, minutes: float, settings: Settings,
+def _learn_judge_reconstruct(volume, grid: tuple, minutes: float, settings: Settings,
                              norm: Normalizer | None, save_as: str | None) -> Generator[Progress, None, Restoration]:
     from .finetune import VALIDATION_SEEDS
     from .models import install_model
     from .tasks import pick_device, summarise
 
-    factor, gap, bad, gaps, judged = grid
+    factor, gap, bad, gaps, judged, align = grid
     started = time.perf_counter()
+    volume, stack_note = yield from aligned_stack(volume, align, bad)
+    learn, aside = split_aside(volume, learnt_factors(gaps)[-1])
     training = self_supervised(learn, gaps, minutes, seed=settings.seed, device=settings.device, name=save_as)
     steps = 0
     while True:
@@ -746,7 +778,7 @@ def _learn_judge_reconstruct(volume, learn, aside, grid: tuple, minutes: float, 
                   "columns_aside": aside.shape[2], "steps": steps}
     if not verdict.improved:
         image = yield from motion_reconstruction(volume, factor, norm, bad)
-        info = summarise("isotropic", model, settings, pick_device(settings.device), None, 0, [
+        info = summarise("isotropic", model, settings, pick_device(settings.device), None, 0, [*filter(None, [stack_note]),
             f"the model learnt in {minutes:g} minutes ({steps} steps) did not beat {MOTION_INTERPOLATION} on planes "
             f"kept aside ({figures}), so it was {'neither used nor saved' if save_as else 'not used'} and the volume "
             f"is reconstructed by {MOTION_INTERPOLATION}, without uncertainty"], started, factor=factor,
@@ -758,6 +790,8 @@ def _learn_judge_reconstruct(volume, learn, aside, grid: tuple, minutes: float, 
     if save_as:
         install_model(model.net, model.meta, save_as)
     result = yield from isotropic(volume, model, settings, factor, norm, gap=gap, bad=bad)
+    if stack_note:
+        result.info["notes"] = [stack_note, *result.info["notes"]]
     result.info.update(mode="self-supervised", train_minutes=minutes, validation=validation,
                        seconds=round(time.perf_counter() - started, 3))
     result.info["notes"] = [*result.info.get("notes", []),
