@@ -208,7 +208,7 @@ def _z_grid(args, image) -> None:
                            "pixel size; give the z factor with --factor R.")
         args.factor = check_voxel_factor(image.scale)
     args.gap = ratio if ratio is not None else args.factor
-    args.bad = parse_sections(args.bad_sections or "", len(image.data))
+    args.bad = parse_sections(args.bad_sections or "", image.data.shape[0])
     if not (args.quiet or args.json):
         unit = "nm" if image.unit == "nm" else "(the input's z spacing)"
         print(f"emdiffuse: z factor R = {args.factor:g}: output z spacing {image.scale[-3] / args.factor:.4g} {unit}"
