@@ -200,7 +200,7 @@ def test_an_isotropic_model_is_finetuned_on_one_isotropic_volume(learnt_isotropi
 
 
 @pytest.mark.parametrize("volume, kwargs, message", [
-    (np.zeros((40, 48, 48), np.uint8), {"factor": 6}, "does not generate slices for R = 6"),
+    (np.zeros((40, 48, 48), np.uint8), {"factor": 6}, "makes slices between sections 4 pixels apart, not a slice 0.17 of the way between sections 6"),
     (np.zeros((16, 48, 48), np.uint8), {}, "at least 18 slices"),
     (np.zeros((48, 48), np.uint8), {}, "2 dimensions"),
     (np.zeros((40, 48, 48), np.uint8), {"target": np.zeros((40, 48, 48))}, "takes no target"),

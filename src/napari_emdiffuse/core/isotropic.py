@@ -101,7 +101,7 @@ def positions_text(model) -> str:
     """What positions ``model`` can generate, for refusals: "sections 2 to 16 pixels apart" or whole factors."""
     if uses_positions(model):
         low, high = model.meta.get("gaps", GAPS)
-        return f"slices between sections {low:g} to {high:g} pixels apart"
+        return f"slices between sections {low:g}{'' if low == high else f' to {high:g}'} pixels apart"
     factors = sorted({int(name.split(":")[0]) for name in model.meta.get("labels") or {}})
     listed = (f"{factors[0]} to {factors[-1]}" if len(factors) > 2 and factors == list(range(factors[0], factors[-1] + 1))
               else ", ".join(map(str, factors)))
