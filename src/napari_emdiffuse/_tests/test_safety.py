@@ -631,7 +631,7 @@ def test_any_numbers_give_a_finite_result_or_one_refusal(tmp_path_factory, tiny_
         folder = tmp_path_factory.mktemp("prop")
         source = folder / "in.tif"
         data = (np.random.default_rng(0).random(shape) * 200).astype(dtype)
-        tifffile.imwrite(source, data)
+        tifffile.imwrite(source, data, photometric="minisblack")  # a stack of 3 planes, not an RGB image
         out = folder / ("out.tif" if route == "tif" else "out.zarr")
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
