@@ -73,7 +73,8 @@ class ChunkedTask:
             return tasks.superres(window, model, settings, scale=self.factor, norm=norm)
         from .isotropic import isotropic
 
-        return isotropic(window, model, settings, factor=self.factor, norm=norm, gap=self.gap, offset=offset)
+        return isotropic(window, model, settings, factor=self.factor, norm=norm, gap=self.gap, offset=offset,
+                         check_alignment=False)  # a chunk's few sections say little; every chunk would say it
 
     def plane_offset(self, block: Block) -> float:
         """Where a block's first output plane lies in its window, in sections (planes lie at k / R sections)."""

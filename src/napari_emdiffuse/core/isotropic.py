@@ -326,7 +326,8 @@ def aligned_stack(volume: np.ndarray, align: str | None, bad=None) -> Generator[
 
 def isotropic(volume, model=None, settings: Settings | None = None, factor: float = 4,
               norm: Normalizer | None = None, *, gap: float | None = None, bad=None,
-              offset: float = 0.0, align: str | None = None) -> Generator[Progress, None, Restoration]:
+              offset: float = 0.0, align: str | None = None,
+              check_alignment: bool = True) -> Generator[Progress, None, Restoration]:
     """Generate the planes of ``volume`` (z, y, x) on a z grid ``factor`` times finer than its sections.
 
     ``gap`` is the sections' spacing in lateral pixels (what the model is told; default ``factor``: the output is
@@ -335,7 +336,7 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: floa
     output plane lies, in sections (a chunk of a larger volume). The uncertainty (``tasks.predictive_spread``) is
     zero where the acquisition is kept; the score and verdict are computed on the generated planes (regions) only.
     ``align`` (see :func:`aligned_stack`) aligns the sections first; without it, a stack that looks misaligned is
-    reconstructed as it is, with a note saying so.
+    reconstructed as it is, with a note saying so (unless ``check_alignment`` is off: a chunk of a larger volume).
     """
     settings = settings or Settings()
     factor = check_factor(factor)
@@ -358,7 +359,8 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: floa
     with_start = sees_start(model.net)
 
     results = new_results(model, settings, (len(planes),) + volume.shape[1:], norm)
-    volume, stack_note = yield from aligned_stack(volume, align, marked)
+    volume, stack_note = (yield from aligned_stack(volume, align, marked)) if align or check_alignment else \
+        (volume, None)
     for p in planes:
         if p.acquired:
             results.image[p.index] = volume[p.below]  # exactly the acquisition; its maps stay zero: certain
