@@ -773,11 +773,12 @@ def _learn_judge_reconstruct(volume, grid: tuple, minutes: float, settings: Sett
         yield Progress(int(1000 * p.fraction), 1000, f"learning from this volume: step {p.step}, loss {p.loss:.3f}")
     norm = norm or Normalizer.fit(volume)
     verdict = yield from judge_learnt(model, lateral_truth(aside, judged), judged, norm, settings)
-    figures = (f"{verdict.after:.2f} dB against {verdict.before:.2f} dB on {aside.shape[2]} x columns kept aside, "
-               f"seed-to-seed spread {verdict.spread:.2f} dB")
     validation = {"psnr_model": round(verdict.after, 3), "psnr_motion_interpolation": round(verdict.before, 3),
                   "gain": round(verdict.gain, 3), "spread": round(verdict.spread, 3), "seeds": VALIDATION_SEEDS,
                   "columns_aside": aside.shape[2], "steps": steps}
+    # from the recorded figures, so that the note and the record agree to the last digit shown
+    figures = (f"{validation['psnr_model']:.2f} dB against {validation['psnr_motion_interpolation']:.2f} dB on "
+               f"{aside.shape[2]} x columns kept aside, seed-to-seed spread {validation['spread']:.2f} dB")
     if not verdict.improved:
         image = yield from motion_reconstruction(volume, factor, norm, bad)
         info = summarise("isotropic", model, settings, pick_device(settings.device), None, 0, [*filter(None, [stack_note]),
