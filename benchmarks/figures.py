@@ -43,6 +43,9 @@ def screenshot(path: Path) -> None:
 
     from napari_emdiffuse._sample_data import noisy_sem
 
+    from napari.settings import get_settings
+
+    get_settings().application.first_time = True  # the window at the size napari gives a new user
     viewer = napari.Viewer(show=True)
     data, kwargs, _ = noisy_sem()[0]
     viewer.add_image(data, **kwargs)
@@ -50,9 +53,10 @@ def screenshot(path: Path) -> None:
     widget.run_button.click()
     while widget.worker is not None:
         napari.qt.get_qapp().processEvents()
-    viewer.layers["noisy_sem"].visible = False
-    viewer.window._qt_window.resize(1400, 800)
-    napari.qt.get_qapp().processEvents()
+    for _ in range(20):
+        napari.qt.get_qapp().processEvents()
+    canvas, window = viewer.window._qt_viewer.canvas.native.width(), viewer.window._qt_window.width()
+    print(f"canvas {canvas} of {window} px")
     viewer.screenshot(path, canvas_only=False)
     print("wrote", path)
     viewer.close()

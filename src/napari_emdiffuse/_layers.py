@@ -22,7 +22,8 @@ def uncertainty_colormap(name: str = "emdiffuse_uncertainty"):
     from napari.utils.colormaps import Colormap
 
     colors = [[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0]]
-    return Colormap(colors=colors, controls=[0.0, 0.4999, 0.5, 1.0], name=name)
+    # a short display name: napari's layer controls widen to fit it, narrowing the canvas
+    return Colormap(colors=colors, controls=[0.0, 0.4999, 0.5, 1.0], name=name, display_name="flagged")
 
 
 def full_uncertainty_colormap(name: str = "emdiffuse_uncertainty_full"):
@@ -30,7 +31,7 @@ def full_uncertainty_colormap(name: str = "emdiffuse_uncertainty_full"):
     from napari.utils.colormaps import Colormap
 
     colors = [[0.0, 0.0, 0.15, 1.0], [0.3, 0.6, 1.0, 1.0], [1.0, 0.45, 0.0, 1.0], [1.0, 1.0, 0.3, 1.0]]
-    return Colormap(colors=colors, controls=[0.0, 0.4999, 0.5, 1.0], name=name)
+    return Colormap(colors=colors, controls=[0.0, 0.4999, 0.5, 1.0], name=name, display_name="whole map")
 
 
 FLAGGED_OPACITY = 0.6  # the result stays readable under the red

@@ -437,7 +437,7 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     assert viewer.layers["sections_isotropic_uncertainty"].metadata["reliable"] is not None
 
     widget.mode.setCurrentIndex(widget.mode.findData(SELF_SUPERVISED))  # vEMDiffuse-a needs no model
-    assert not widget.model_picker.isEnabled() and widget.minutes.isEnabled()
+    assert not widget.model_picker.isEnabled() and widget.minutes.isVisibleTo(widget)  # its row shows
     assert not widget.model_picker.menu_button.isEnabled()
     wide = viewer.add_image(np.tile(volume, (2, 1, 3)), name="wide", scale=(20.0, 4.0, 4.0))  # 48 columns aside
     qtbot.waitUntil(lambda: widget.layer_picker.currentText() == "wide", timeout=2_000)

@@ -180,3 +180,28 @@ def test_rarely_changed_settings_are_folded_away(make_napari_viewer, qtbot):
     assert widget.more_settings.content().height() == 0  # and take no room
     widget.more_settings.expand(animate=False)
     qtbot.waitUntil(lambda: widget.more_settings.content().height() > 0, timeout=2_000)  # one click away
+
+
+@pytest.mark.parametrize("name", ["Denoise", "Super-resolution", "Isotropic reconstruction", "Fine-tune"])
+def test_at_napari_first_window_size_the_dock_leaves_the_canvas_room_and_squeezes_no_row(make_napari_viewer, qtbot,
+                                                                                         name):
+    from napari.settings import get_settings
+    from napari_emdiffuse._layers import style_uncertainty
+    from napari_emdiffuse._sample_data import noisy_sem
+
+    get_settings().application.first_time = True  # napari sizes a new user's window to its contents
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(noisy_sem()[0][0], name="noisy_sem")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-emdiffuse", name)
+    qtbot.wait(300)
+    for full in (False, True):  # a result's map selected: napari's layer controls fit its colormap's name
+        style_uncertainty(viewer.add_image(np.zeros((8, 8)), name="noisy_sem_denoised_uncertainty"), full)
+        qtbot.wait(100)
+        window, canvas = viewer.window._qt_window.width(), viewer.window._qt_viewer.canvas.native.width()
+        # Fine-tune is wider by its loss plot's axis labels
+        assert canvas >= (0.48 if name == "Fine-tune" else 0.5) * window, (canvas, window)
+        viewer.layers.pop()
+    # a window too short for every row scrolls the dock instead of squeezing rows on top of each other
+    assert widget.content.height() >= widget.content.minimumSizeHint().height() > widget.scroll.viewport().height() \
+        or widget.content.height() == widget.scroll.viewport().height()
+    assert widget.run_button.height() >= widget.run_button.minimumSizeHint().height()

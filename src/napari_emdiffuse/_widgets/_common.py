@@ -21,6 +21,8 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
+    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -36,8 +38,8 @@ if TYPE_CHECKING:
 SCOPES = (("Whole layer", "layer"), ("Current slice", "slice"), ("Current view", "view"),
           ("Whole layer to a Zarr file (chunk by chunk)", "zarr"))
 LARGE_LAYER_BYTES = 512 * 2**20
-DOCK_WIDTH = 172  # pixels the task docks ask for (their rows need 171); napari's main window still gives the dock
-# 208 (measured under Xvfb, window 1089, layer list 320, canvas 535): see issue 33
+DOCK_WIDTH = 172  # pixels the task docks ask for (their rows need 171): at napari's first-run window size (1089
+# wide under Xvfb, layer controls 320) the canvas keeps 571 px
 MODEL_FILES = "napari-emdiffuse models (*.npz);;BioImage.io model packages (*.zip)"  # .zip: export_model's package
 MODEL_FILES_TO_ADD = ("Model files (*.npz *.zip *.pth *.pt);;" + MODEL_FILES
                       + ";;EMDiffuse authors' checkpoints (*.pth *.pt)")
@@ -77,11 +79,12 @@ def software_opengl() -> bool:
     return _software_opengl
 
 
-def compact(widget: QWidget, *forms: QFormLayout) -> None:
+def compact(widget: QWidget) -> None:
     """Narrow enough for napari's default window to keep most of its width for the canvas: labels go above their
-    fields when a row does not fit, and drop-down lists are as wide as the dock, not as their longest entry."""
-    for form in forms:
-        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+    fields (fields get the whole width, and the rows' height does not depend on it: a short window scrolls the dock
+    rather than squeezing rows), and drop-down lists are as wide as the dock, not as their longest entry."""
+    for form in widget.findChildren(QFormLayout):
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapAllRows)
     for box in widget.findChildren(QComboBox):
         box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         box.setMinimumContentsLength(6)
@@ -302,6 +305,32 @@ class ModelPicker(QComboBox):
             show_error(f"The model was not removed: {err}")
 
 
+class DockRows(QWidget):
+    """A dock's rows, asking for at most ``width`` pixels (its forms wrap long rows when narrow), so that the canvas
+    keeps most of the window. The minimum is capped too: Qt fixes a dock's minimum width from it once, when the dock
+    is added and napari's smaller font is not yet applied (the task docks' rows then measure 208 px; styled, 171)."""
+
+    def __init__(self, width: int | None):
+        super().__init__(objectName="content")
+        self.width_limit = width
+
+    def _capped(self, hint):
+        if self.width_limit is not None:
+            hint.setWidth(min(hint.width(), self.width_limit))
+        return hint
+
+    def sizeHint(self):
+        return self._capped(super().sizeHint())
+
+    def minimumSizeHint(self):
+        return self._capped(super().minimumSizeHint())
+
+    def heightForWidth(self, width: int) -> int:
+        """What the scroll area gives the rows: never less than their minimum (the layouts' preferred height for a
+        width, the status line's wrapping, can be less, and the rows would be squeezed)."""
+        return max(super().heightForWidth(width), self.minimumSizeHint().height())
+
+
 class JobWidget(QWidget):
     """Run/Cancel buttons, a progress bar and a status line around one job generator at a time.
 
@@ -311,6 +340,7 @@ class JobWidget(QWidget):
     """
 
     cancelled_text = "Cancelled; nothing was added."
+    dock_width = None  # at most this many pixels wide (None: as wide as the rows ask)
 
     def __init__(self, viewer: napari.viewer.Viewer, parent=None):
         super().__init__(parent)
@@ -332,13 +362,29 @@ class JobWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
-        layout = QVBoxLayout(self)
+        self.content = DockRows(self.dock_width)
+        layout = QVBoxLayout(self.content)
         layout.addLayout(self.form)
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
         layout.addLayout(self.extra)
         layout.addWidget(self.status)
         layout.addStretch(1)
+        # a window too short for every row scrolls the dock instead of squeezing its rows on top of each other
+        scroll = QScrollArea(widgetResizable=True, frameShape=QScrollArea.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setWidget(self.content)
+        self.scroll = scroll
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)  # the scroll area fills the dock
+
+    def sizeHint(self):
+        """The rows' width and room for the scroll bar, which a short window shows."""
+        hint = super().sizeHint()
+        hint.setWidth(self.content.sizeHint().width() + self.scroll.verticalScrollBar().sizeHint().width())
+        return hint
 
     def run(self) -> None:
         raise NotImplementedError
@@ -406,6 +452,7 @@ class JobWidget(QWidget):
 
 
 class RestoreWidget(JobWidget):
+    dock_width = DOCK_WIDTH
     task = ""  # set by subclasses: "denoise", ...
     suffix = ""  # output layer name suffix, e.g. "denoised"
     doing = ""  # what the running job is, for the status line
@@ -428,8 +475,8 @@ class RestoreWidget(JobWidget):
                                   "Number of samples K; their mean is the result, their spread (with the spread the "
                                   "model predicts for each) the uncertainty.")
         self.steps = self._spin(form, "Steps", 0, 200, 0, "steps",
-                                "Sampling steps per sample (network evaluations); 0 uses the model's default.")
-        self.steps.setSpecialValueText("model default")
+                                "Sampling steps per sample (network evaluations); 0 (auto) uses the model's default.")
+        self.steps.setSpecialValueText("auto")  # short: the dock is narrow
         self.seed = self._spin(form, "Seed", 0, 2**31 - 1, 0, "seed", "Same seed, same result.")
         self.scope = QComboBox(objectName="scope")
         for text, scope in SCOPES:
@@ -442,11 +489,13 @@ class RestoreWidget(JobWidget):
                              "tile by tile from the centre, into one result layer over the image. Tiles seen before "
                              "come from memory. Zoomed far out it waits until the view shows at most 4 million "
                              "full-resolution pixels.")
-        form.addRow("", self.live)
+        if self.supports_live:
+            form.addRow("", self.live)
 
         # rarely changed: folded away, so that the dock leaves the canvas most of the window
         more = QCollapsible("More settings")
         more.setObjectName("more_settings")
+        more.layout().setContentsMargins(0, 0, 0, 0)  # aligned with the rows above
         advanced_widget = QWidget()
         advanced = QFormLayout(advanced_widget)
         advanced.setContentsMargins(0, 0, 0, 0)
@@ -488,7 +537,7 @@ class RestoreWidget(JobWidget):
         self.live_tile.setSingleStep(64)
 
         self.show_buttons = ShowButtons(self)
-        self.layout().insertWidget(self.layout().indexOf(self.status), self.show_buttons)
+        self.content.layout().insertWidget(self.content.layout().indexOf(self.status), self.show_buttons)
         self.live_mode = LiveMode(self, self.cache_mb.value())
         self.cache_mb.valueChanged.connect(self.live_mode.set_cache_mb)
         self.live.toggled.connect(self._toggle_live)
@@ -500,13 +549,7 @@ class RestoreWidget(JobWidget):
         self.scope.currentIndexChanged.connect(lambda: self.zarr_path.setEnabled(self.scope.currentData() == "zarr"))
         self.layer_picker.currentTextChanged.connect(self._default_scope)
         self._default_scope()
-        compact(self, form, advanced)
-
-    def sizeHint(self):
-        """Ask the dock for little width (the rows wrap when narrow), so that the canvas keeps most of the window."""
-        hint = super().sizeHint()
-        hint.setWidth(min(hint.width(), DOCK_WIDTH))
-        return hint
+        compact(self)
 
     def _toggle_live(self, on: bool) -> None:
         from napari.utils.notifications import show_error

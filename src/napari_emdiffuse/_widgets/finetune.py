@@ -12,7 +12,7 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLineEdit, QSpi
 
 from ..core.isotropic import GAPS
 from ..core.tasks import SUPERRES_SCALES
-from ._common import JobWidget, LayerPicker, ModelPicker, full_resolution, noisiness
+from ._common import JobWidget, LayerPicker, ModelPicker, compact, full_resolution, noisiness
 
 if TYPE_CHECKING:
     import napari
@@ -53,7 +53,7 @@ class LossPlot(QWidget):
         text = self.palette().text().color()
         painter.setPen(text)
         if len(self.points) < 2:
-            painter.drawText(self.rect(), Qt.AlignCenter, "training loss and validation PSNR")
+            painter.drawText(self.rect(), Qt.AlignCenter | Qt.TextWordWrap, "training loss and validation PSNR")
             return
         steps, losses = map(np.asarray, zip(*self.points))
         # the first steps' loss is far above the rest: scaled to the bulk, the trend after them stays readable; a
@@ -140,10 +140,10 @@ class FinetuneWidget(JobWidget):
         form.addRow("Time budget", self.minutes)
         self.name = QLineEdit(objectName="name", placeholderText="automatic")
         form.addRow("Save as", self.name)
-        self.residual_map = QCheckBox("Show the registration's residual map", objectName="residual_map")
-        self.residual_map.setToolTip("A layer with the misalignment left after registration, per 64-pixel block")
+        self.residual_map = QCheckBox("Show misalignment", objectName="residual_map")
+        self.residual_map.setToolTip("Add a layer with the misalignment left after registration, per 64-pixel block")
         form.addRow(self.residual_map)
-        self.target_brightness = QCheckBox("Adopt the slow acquisition's brightness", objectName="target_brightness")
+        self.target_brightness = QCheckBox("Target's brightness", objectName="target_brightness")
         self.target_brightness.setToolTip("Off: results keep their input's brightness and contrast (for measuring "
                                           "intensities). On: the tuned model gives the target acquisition's.")
         form.addRow(self.target_brightness)
@@ -153,6 +153,7 @@ class FinetuneWidget(JobWidget):
         self.task.currentIndexChanged.connect(self._task_changed)
         viewer.layers.selection.events.changed.connect(self.prefill)
         self._task_changed()
+        compact(self)
 
     def _task_changed(self, *_) -> None:
         task = self.task.currentData()

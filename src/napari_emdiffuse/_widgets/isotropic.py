@@ -4,7 +4,17 @@ factor, bad sections and damaged regions regenerated from their good neighbours.
 from __future__ import annotations
 
 import numpy as np
-from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QHBoxLayout, QLabel, QLineEdit, QPushButton
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QWidget,
+)
+from superqt import QCollapsible
 
 from ..core.isotropic import (
     SELF_SUPERVISED_MIN_MINUTES,
@@ -61,21 +71,32 @@ class IsotropicWidget(RestoreWidget):
         self.find_button.setToolTip("Propose sections that look damaged (poor correlation with both neighbours, "
                                     "blank or saturated areas, folds): look at each before you run.")
         self.find_button.clicked.connect(self.find_suspects)
+        # for stacks with damaged or misaligned sections: folded away, so that the dock fits napari's default window
+        self.sections = QCollapsible("Sections")
+        self.sections.setObjectName("sections")
+        self.sections.layout().setContentsMargins(0, 0, 0, 0)
+        sections_widget = QWidget()
+        sections = QFormLayout(sections_widget)
+        sections.setContentsMargins(0, 0, 0, 0)
+        self.sections.addWidget(sections_widget)
         row = QHBoxLayout()
         row.addWidget(self.bad_sections)
         row.addWidget(self.find_button)
-        form.addRow("Bad sections", row)
+        sections.addRow("Bad sections", row)
         self.align = QComboBox(objectName="align")
         self.align.addItem("no (already aligned)", None)
         self.align.addItem("shift and rotation", "rigid")
         self.align.addItem("shift, rotation, elastic", "elastic")
         self.align.setToolTip("Align each section to its neighbours before reconstructing; the status says what "
                               "moved. Without it, a stack that looks misaligned gets a note after the run.")
-        form.addRow("Align sections", self.align)
+        sections.addRow("Align", self.align)
         self.regions = QComboBox(objectName="damaged_regions")
         self.regions.setToolTip("A labels layer of the image's shape, painted where sections are damaged: only those "
                                 "regions are regenerated, the rest of each section is kept.")
-        form.addRow("Damaged regions", self.regions)
+        sections.addRow("Damaged regions", self.regions)
+        form.addRow(self.sections)
+        for change in (self.bad_sections.textChanged, self.align.currentIndexChanged, self.regions.currentIndexChanged):
+            change.connect(self._sections_title)
         self.mode.currentIndexChanged.connect(self._mode_changed)
         self._mode_changed()
         self.factor_chosen = False  # once the user sets R, picking layers no longer changes it
@@ -87,6 +108,12 @@ class IsotropicWidget(RestoreWidget):
             event.connect(self._refresh_regions)
         self._factor_from_layer()
         self._refresh_regions()
+
+    def _sections_title(self, *_) -> None:
+        """The folded section says when it holds settings, so that none is forgotten there."""
+        chosen = [what for what, on in (("bad", self.bad_sections.text().strip()), ("align", self.align.currentData()),
+                                        ("regions", self.regions.currentText() not in ("", NO_REGIONS))) if on]
+        self.sections.setText("Sections" + (f": {', '.join(chosen)}" if chosen else ""))
 
     def _factor_from_layer(self, *_) -> None:
         layer = self.layer_picker.layer()
@@ -177,7 +204,8 @@ class IsotropicWidget(RestoreWidget):
         learning = self.mode.currentData() == SELF_SUPERVISED
         self.model_picker.setEnabled(not learning)
         self.model_picker.menu_button.setEnabled(not learning)
-        self.minutes.setEnabled(learning)
+        for field in (self.minutes, self.form.labelForField(self.minutes)):
+            field.setVisible(learning)  # a row only for the self-supervised mode
 
     @property
     def needs_model(self) -> bool:
