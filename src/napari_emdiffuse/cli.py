@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "authors' checkpoint (.pth, with --task) to your models")
     models.add_argument("--format", choices=["npz", "bioimageio"], default=None,
                         help="of --export: our .npz, or a BioImage.io model package (.zip; the default for FILE.zip)")
+    models.add_argument("--factor", type=float, default=None,
+                        help="with --export of an isotropic model to a BioImage.io package: the whole z factor it "
+                             "reconstructs (default 4)")
     models.add_argument("--task", choices=["denoise", "superres", "isotropic"], default=None,
                         help="with --import: the task of an authors' .pth checkpoint (the file does not say it)")
     models.add_argument("--name", default=None, help="with --import: the name to give it (default: the file's)")
@@ -321,7 +324,9 @@ def _models(args) -> None:
         suffix = {"bioimageio": ".zip", "npz": ".npz"}.get(args.format)
         if suffix and Path(file).suffix != suffix:  # a file is written exactly where asked
             raise CLIError(f"--format {args.format} writes a {suffix} file; name it so ({Path(file).stem}{suffix}).")
-        print(f"exported to {export_model(name, file)}")
+        if args.factor is not None and Path(file).suffix != ".zip":
+            raise CLIError("--factor goes with --export of an isotropic model to a BioImage.io package (.zip).")
+        print(f"exported to {export_model(name, file, factor=4 if args.factor is None else args.factor)}")
         return
     if args.import_file:
         print(f"imported as {import_model(args.import_file, args.name, args.task).stem}")

@@ -184,8 +184,9 @@ def test_packages_are_checked_as_strictly_as_model_files(tmp_path, user_models, 
     with pytest.raises(ModelFileError):
         import_model(tmp_path / "broken.zip")
     assert not list(user_models.glob("*")) if user_models.exists() else True  # nothing was added
-    with pytest.raises(BioImageIOError, match="isotropic models cannot"):
-        export_package("isotropic-fibsem", tmp_path / "iso.zip")
+    with pytest.raises(BioImageIOError, match="whole z factor"):  # a package's output size is a whole multiple
+        export_package("isotropic-fibsem", tmp_path / "iso.zip", factor=12.5)
+    assert not (tmp_path / "iso.zip").exists()
 
 
 def test_the_model_menu_saves_and_adds_a_package(make_napari_viewer, tmp_path, user_models, offline, tiny_model,
@@ -201,3 +202,43 @@ def test_the_model_menu_saves_and_adds_a_package(make_napari_viewer, tmp_path, u
     assert said[-1].startswith("Saved") and zipfile.is_zipfile(tmp_path / "tiny-package.zip")
     picker.add_file(str(tmp_path / "tiny-package.zip"))
     assert picker.currentText() == "tiny-package" and "Added" in said[-1]
+
+    _, isotropic = viewer.window.add_plugin_dock_widget("napari-emdiffuse", "Isotropic reconstruction")
+    isotropic.factor.setValue(12.5)  # a package is made for the widget's factor: a whole one
+    isotropic.model_picker.save_current(str(tmp_path / "iso.zip"))
+    assert "whole z factor" in said[-1] and not (tmp_path / "iso.zip").exists()
+    isotropic.factor.setValue(6)
+    isotropic.model_picker.save_current(str(tmp_path / "iso.zip"))
+    assert said[-1].startswith("Saved") and read_package(tmp_path / "iso.zip")[0]["factor"] == 6
+
+
+def test_an_isotropic_model_is_packaged_for_a_whole_factor_and_comes_back(tmp_path, user_models, offline):
+    """The package's forward is the plugin's pipeline (motion estimation, then sampling) at the factor fixed at
+    export: `bioimageio test` passes offline, the sections are kept, and the model added back gives the same."""
+    import io
+
+    from napari_emdiffuse.cli import main
+    from napari_emdiffuse.core.isotropic import isotropic
+
+    package = tmp_path / "iso.zip"
+    for factor in ("2.5", "20"):  # not whole; beyond the gaps the model serves: refused, nothing written
+        assert main(["models", "--export", "isotropic-fibsem", str(package), "--factor", factor]) == 2
+    assert main(["models", "--export", "isotropic-fibsem", str(tmp_path / "iso.npz"), "--factor", "3"]) == 2
+    assert not package.exists()
+    assert main(["models", "--export", "isotropic-fibsem", str(package), "--factor", "3"]) == 0
+    run_bioimageio_test(package)
+    with zipfile.ZipFile(package) as z:
+        raw, restored, spread = (np.load(io.BytesIO(z.read(f"test_{t}.npy"))) for t in ("input", "restored",
+                                                                                         "uncertainty"))
+        docs = z.read("README.md").decode()
+    assert "stochastic" in docs and "law of total" in docs and "z factor 3" in docs
+    assert raw.shape == (1, 1, 4, 64, 64) and restored.shape == spread.shape == (1, 1, 10, 64, 64)
+    np.testing.assert_array_equal(restored[0, 0, ::3], raw[0, 0])  # the acquired sections, exactly
+    assert (spread[0, 0, ::3] == 0).all() and (spread[0, 0, 1::3] > 0).all()
+    assert read_package(package)[0]["factor"] == 3
+
+    assert main(["models", "--import", str(package), "--name", "iso_back"]) == 0
+    settings = Settings(samples=2, seed=0, device="cpu", precision="float32")
+    again = drive(isotropic(raw[0, 0], load_model("iso_back"), settings, 3, check_alignment=False))
+    np.testing.assert_allclose(again.image, restored[0, 0], rtol=2e-5, atol=5e-4)
+    np.testing.assert_allclose(again.uncertainty, spread[0, 0], rtol=2e-5, atol=1.2e-6)

@@ -175,6 +175,7 @@ class ModelPicker(QComboBox):
         super().__init__(parent, objectName="model_picker")
         self.task = task
         self.menu_button = None  # see with_menu
+        self.export_options = dict  # what a BioImage.io package is made for: the isotropic widget gives its factor
         self.models_updated.connect(self.refresh)
         on_models_changed(self._registry_changed)
         self.refresh()
@@ -277,7 +278,7 @@ class ModelPicker(QComboBox):
         from ..core.models import ModelFileError, export_model
 
         try:  # the file dialog has already asked before replacing a file
-            saved = export_model(self.currentData(), path, overwrite=True)
+            saved = export_model(self.currentData(), path, overwrite=True, **self.export_options())
         except (ModelFileError, OSError) as err:
             show_error(f"The model was not saved: {err}")
             return

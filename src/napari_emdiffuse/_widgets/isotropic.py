@@ -60,6 +60,7 @@ class IsotropicWidget(RestoreWidget):
                                "Follows the layer's scale when it tells, until you set it; 1 only regenerates the "
                                "bad sections.")
         form.addRow("z factor R", self.factor)
+        self.model_picker.export_options = lambda: {"factor": self.factor.value()}  # a package's fixed factor
         self.grid = QLabel(objectName="grid")
         self.grid.setToolTip("The output's z spacing, and the sections' spacing in pixels (what the model is told: "
                              "from the layer's scale, or R when the scale does not tell).")

@@ -12,6 +12,11 @@ denoised estimates and the noise, so running it once on basis vectors (:func:`li
 of each step, which the TorchScript forward applies to images. The noise is a hash of (seed, step, sample pair,
 pixel position): reproducible on any machine and device without a random-number generator.
 
+Isotropic reconstruction is exported differently: its sections' motion is estimated and interpolated before
+sampling, so its package holds the network's state dict and names :func:`isotropic_restorer` (this module) as the
+architecture; its forward is the plugin's own pipeline (:func:`isotropic.isotropic`) at a z factor fixed at export,
+and the package lists napari-emdiffuse as its dependency.
+
 The package also carries the model's own ``.npz`` file. Adding a package back reads that file, with every check an
 ``.npz`` gets (plain arrays only, weights matching the network): nothing in a package is executed on import.
 """
@@ -30,7 +35,7 @@ import numpy as np
 from .models import SAMPLING_DEFAULTS, ModelFileError, read_metadata, resolve
 
 FORMAT = "bioimageio"
-EXPORTABLE_TASKS = ("denoise", "superres")
+EXPORTABLE_TASKS = ("denoise", "superres", "isotropic")
 MODEL_FILE = "napari-emdiffuse-model.npz"  # the package's attachment that the plugin adds back
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 MAX_MODEL_BYTES = 256 * 2**20  # a model file in a package larger than this is refused (ours are a few MB)
@@ -43,6 +48,10 @@ TEST_SIZE = 64  # pixels across the synthetic test image
 # restored image, 1.1e-7 (relative 9.8e-7) in the uncertainty. The tolerances are ten times that.
 TOLERANCES = {"restored": {"relative_tolerance": 1e-5, "absolute_tolerance": 3e-4},
               "uncertainty": {"relative_tolerance": 1e-5, "absolute_tolerance": 1e-6}}
+# the isotropic package (the pipeline's own forward, motion estimation included) on its 4 test sections: at most
+# 4.6e-5 grey levels (relative 1.6e-6) in the reconstruction, 1.1e-7 (relative 2e-6) in the uncertainty
+ISOTROPIC_TOLERANCES = {"restored": {"relative_tolerance": 2e-5, "absolute_tolerance": 5e-4},
+                        "uncertainty": {"relative_tolerance": 2e-5, "absolute_tolerance": 1.2e-6}}
 MISMATCHED_PER_MILLION = 100  # pixels allowed beyond them (bioimageio's default)
 
 
@@ -267,6 +276,43 @@ def restorer(model, samples: int, seed: int, scale: int = 1):
         return torch.jit.script(module.eval())
 
 
+def isotropic_restorer(meta: dict, factor: int, samples: int, seed: int):
+    """The architecture of an exported isotropic model (BioImage.io ``pytorch_state_dict`` weights): a module whose
+    forward takes sections (batch, 1, z, y, x) in any intensity range and returns the reconstruction (batch, 1,
+    (z - 1) factor + 1, y, x) in the input's intensities and its uncertainty (normalised units), by the plugin's own
+    pipeline with ``samples`` samples and ``seed``, in float32 on the device the weights are on."""
+    import torch
+
+    from .models import check_meta
+
+    check_meta(meta, str(meta.get("name", "the package's model")))  # as strictly as a model file's metadata
+
+    class IsotropicRestorer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            from .models import build_network
+
+            self.net = build_network(meta)
+
+        def forward(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            from .isotropic import isotropic
+            from .models import _ready
+            from .tasks import Settings, drive
+
+            device = next(self.net.parameters()).device
+            model = _ready(self.net, meta, Path(str(meta.get("name", "model"))), str(device))
+            settings = Settings(samples=samples, seed=seed, device=device.type, precision="float32")
+            images, spreads = [], []
+            with torch.no_grad():
+                for volume in raw[:, 0].detach().float().cpu().numpy():
+                    made = drive(isotropic(volume, model, settings, factor, check_alignment=False))
+                    images.append(torch.from_numpy(np.asarray(made.image, np.float32)))
+                    spreads.append(torch.from_numpy(np.asarray(made.uncertainty, np.float32)))
+            return torch.stack(images)[:, None].to(raw.device), torch.stack(spreads)[:, None].to(raw.device)
+
+    return IsotropicRestorer()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Export
 
@@ -280,9 +326,75 @@ def _need_spec() -> None:
                               "'napari-emdiffuse[bioimageio]'.") from err
 
 
-def _documentation(model, samples: int, seed: int, scale: int, sampling: dict) -> str:
+def _environment() -> str:
+    """The conda environment an isotropic package runs in: its forward is napari-emdiffuse's pipeline."""
+    return ("name: napari-emdiffuse\nchannels:\n  - conda-forge\ndependencies:\n  - python>=3.10\n  - pip\n"
+            "  - pytorch\n  - pip:\n      - napari-emdiffuse\n")
+
+
+def _isotropic_documentation(model, samples: int, seed: int, sampling: dict, factor: int) -> str:
     from .tasks import UNCERTAINTY_THRESHOLD
 
+    return f"""# {model.name}: vEMDiffuse isotropic reconstruction (z factor {factor}) with uncertainty
+
+Exported from napari-emdiffuse, an implementation of EMDiffuse and vEMDiffuse (Lu et al., Nat. Commun. 15, 4677,
+2024, doi:{DOI}) for napari: model `{model.name}`. {model.meta.get('description', '')}
+
+## What it does
+
+The input is a stack of serial sections (or every {factor}th slice of a volume) whose z spacing is {factor} times
+its pixel size. The output has {factor} times as many planes along z, (z - 1) x {factor} + 1 for z sections: the
+acquired sections are kept exactly (planes 0, {factor}, {2 * factor}, ...) and the {factor - 1} planes between each
+pair are generated. Each generated plane starts from a motion-compensated interpolation of its two sections (the
+structures' motion between them estimated by Lucas-Kanade optical flow) and the network, told where the plane
+lies between its sections, corrects it.
+
+## A stochastic model
+
+vEMDiffuse is a conditional diffusion model: it *samples* plausible planes given the sections. This package runs
+the model's sampler ({sampling['sampler']}, {sampling['steps']} step(s), from noise level {sampling['sigma_max']})
+{samples} times with a **fixed seed ({seed})**: the same input gives the same output; another seed would give
+(slightly) different detail wherever the sections do not determine it.
+
+## Input and outputs
+
+- **input** `raw`: sections (batch, channel 1, z, y, x), at least 2, any intensity range. They are normalised as a
+  whole (0.5 and 99.5 percentiles to 0 and 1).
+- **output** `restored`: the reconstruction, the mean of the {samples} samples, in the input's intensities
+  (float32), (z - 1) x {factor} + 1 planes.
+- **output** `uncertainty`: the per-pixel standard deviation of the prediction in normalised units: the variance
+  between the samples plus the mean of phi², the error the network's difficulty head predicts (the law of total
+  variance). It is 0 on the acquired sections. A reconstruction is called reliable when the 99th percentile over
+  the generated planes is at most {UNCERTAINTY_THRESHOLD}.
+
+## Running it
+
+The weights are a PyTorch state dict; the architecture is `napari_emdiffuse.core.bioimageio.isotropic_restorer`,
+whose forward is napari-emdiffuse's own pipeline (tiling with one noise field, motion estimation, sampling), so the
+package needs napari-emdiffuse installed (`environment.yaml`). In napari, add the package (*Add a model file…* in
+a task widget's model menu, or `emdiffuse models --import FILE.zip`) to reconstruct at any z factor the model
+serves, with bad sections, alignment and Zarr/Dask processing.
+
+## Validation
+
+The package passes `bioimageio test` (bioimageio.core), offline. Its test input is 4 synthetic sections
+({TEST_SIZE} x {TEST_SIZE} pixels, 8-bit values, every {factor}th slice of a synthetic volume); the test outputs
+are this package's own outputs for it. Tolerances: relative {ISOTROPIC_TOLERANCES['restored']['relative_tolerance']},
+absolute {ISOTROPIC_TOLERANCES['restored']['absolute_tolerance']} (restored) and
+{ISOTROPIC_TOLERANCES['uncertainty']['absolute_tolerance']} (uncertainty), ten times the largest difference measured
+between runs with other thread counts (`benchmarks/bioimageio_reproducibility.py`).
+
+## Citation
+
+{CITATION} https://doi.org/{DOI}
+"""
+
+
+def _documentation(model, samples: int, seed: int, scale: int, sampling: dict, factor: int = 1) -> str:
+    from .tasks import UNCERTAINTY_THRESHOLD
+
+    if model.task == "isotropic":
+        return _isotropic_documentation(model, samples, seed, sampling, factor)
     task = {"denoise": "denoising", "superres": f"joint denoising and x{scale} super-resolution"}[model.task]
     return f"""# {model.name}: EMDiffuse {task} with uncertainty
 
@@ -361,9 +473,38 @@ def synthetic_input(scale: int = 1) -> np.ndarray:
     return np.clip(noisy * 180 + 40, 0, 255).round().astype(np.float32)
 
 
+def synthetic_sections(factor: int) -> np.ndarray:
+    """The synthetic sections an isotropic package is tested on: every ``factor``-th slice of a small synthetic
+    volume, float32 values of an 8-bit acquisition (4 sections)."""
+    from .isotropic import decimate
+    from .simulate import SEMNoise, synthetic_volume
+
+    rng = np.random.default_rng(7)
+    clean = decimate(synthetic_volume((3 * factor + 1, TEST_SIZE, TEST_SIZE), seed=7), factor)
+    return np.stack([np.clip(SEMNoise(electrons=400, read=0.01)(plane, rng) * 200 + 30, 0, 255).round()
+                     for plane in clean]).astype(np.float32)
+
+
+def _isotropic_factor(model, factor) -> int:
+    """The whole z factor an isotropic package is made for: one the model serves (its output is isotropic, so the
+    sections are ``factor`` pixels apart)."""
+    from .isotropic import check_positions
+    from .normalize import InputError
+
+    if factor is None or float(factor) != int(factor) or int(factor) < 2:
+        raise BioImageIOError(f"An isotropic package is made for one whole z factor of 2 or more, not {factor}: a "
+                              "package's output size must be a whole multiple of its input's.")
+    try:
+        check_positions(model, 2, int(factor))
+    except InputError as err:
+        raise BioImageIOError(str(err)) from err
+    return int(factor)
+
+
 def export_package(name_or_path: str | os.PathLike, destination: str | os.PathLike, samples: int | None = None,
-                   seed: int = 0, scale: int = 2, overwrite: bool = False) -> Path:
-    """Write ``name_or_path`` (a model name or ``.npz`` file) as a BioImage.io model package (a ``.zip``)."""
+                   seed: int = 0, scale: int = 2, overwrite: bool = False, factor: int = 4) -> Path:
+    """Write ``name_or_path`` (a model name or ``.npz`` file) as a BioImage.io model package (a ``.zip``); a
+    super-resolution model for ``scale``, an isotropic one for the z ``factor``."""
     import torch
 
     from .files import atomic_path
@@ -376,8 +517,7 @@ def export_package(name_or_path: str | os.PathLike, destination: str | os.PathLi
     source = resolve(name_or_path)
     meta = read_metadata(source)
     if meta["task"] not in EXPORTABLE_TASKS:
-        raise BioImageIOError(f"{meta['task']} models cannot be exported to BioImage.io: they estimate the motion "
-                              "between sections before sampling, which a package's single forward does not express.")
+        raise BioImageIOError(f"{meta['task']} models cannot be exported to BioImage.io.")
     destination = Path(destination)
     if destination.suffix != ".zip":  # written exactly where asked, or refused
         raise BioImageIOError(f"BioImage.io packages end in .zip; {destination.name} does not.")
@@ -390,40 +530,59 @@ def export_package(name_or_path: str | os.PathLike, destination: str | os.PathLi
     if samples < 2 and not model.net.config.difficulty_head:
         raise BioImageIOError("One sample of a model without a difficulty head gives no uncertainty; use two or more.")
     scale = scale if model.task == "superres" else 1
-    module = restorer(model, samples, seed, scale)
+    isotropic = model.task == "isotropic"
+    factor = _isotropic_factor(model, factor) if isotropic else 1
+    meta = {k: v for k, v in meta.items() if k != "training"}  # the architecture's arguments: how it was made stays
+    # in the attached model file
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        weights = folder / "restorer.pt"
-        module.save(str(weights))
-        raw = synthetic_input(scale)[None, None]
-        loaded = torch.jit.load(str(weights))  # the outputs of the file, as a consumer loads it
+        weights = folder / ("weights.pt" if isotropic else "restorer.pt")
+        if isotropic:
+            torch.save({f"net.{k}": v.contiguous() for k, v in model.net.state_dict().items()}, weights)
+            loaded = isotropic_restorer(meta, factor, samples, seed)  # the outputs of the file, as a consumer's
+            loaded.load_state_dict(torch.load(weights, weights_only=True))
+            raw = synthetic_sections(factor)[None, None]
+        else:
+            restorer(model, samples, seed, scale).save(str(weights))
+            loaded = torch.jit.load(str(weights))  # the outputs of the file, as a consumer loads it
+            raw = synthetic_input(scale)[None, None]
         restored, spread = (t.numpy() for t in loaded(torch.from_numpy(raw)))
         for tensor_id, values in (("input", raw), ("restored", restored), ("uncertainty", spread)):
             np.save(folder / f"test_{tensor_id}.npy", values)
             write_tiff(folder / f"sample_{tensor_id}.tif", values[0, 0], unit="pixel")  # the same, for viewers
-        _cover(folder / "cover.png", raw[0, 0], restored[0, 0])
-        _cover(folder / "cover_uncertainty.png", restored[0, 0], spread[0, 0])
+        # isotropic: the section below and a generated plane halfway to the next
+        shown = (raw[0, 0, 1], restored[0, 0, factor + factor // 2], spread[0, 0, factor + factor // 2]) \
+            if isotropic else (raw[0, 0], restored[0, 0], spread[0, 0])
+        _cover(folder / "cover.png", shown[0], shown[1])
+        _cover(folder / "cover_uncertainty.png", shown[1], shown[2])
         (folder / "README.md").write_text(_documentation(model, samples, seed, scale, {**SAMPLING_DEFAULTS,
-                                                                                         **model.sampling}))
+                                                                                         **model.sampling}, factor))
         (folder / MODEL_FILE).write_bytes(source.read_bytes())
-        descr = _describe(model, folder, samples, seed, scale)
+        if isotropic:
+            (folder / "environment.yaml").write_text(_environment())
+        descr = _describe(model, folder, samples, seed, scale, factor, meta)
         with atomic_path(destination) as out:
             _save(descr, out)
     return destination
 
 
-def _describe(model, folder: Path, samples: int, seed: int, scale: int):
+def _describe(model, folder: Path, samples: int, seed: int, scale: int, factor: int = 1, meta: dict | None = None):
     import torch
 
     _need_spec()
     from bioimageio.spec.model import v0_5
 
+    isotropic = model.task == "isotropic"
     multiple = model.net.config.multiple
-    size = v0_5.ParameterizedSize(min=multiple, step=multiple)
+    size = v0_5.ParameterizedSize(min=max(multiple, 32 if isotropic else 0), step=multiple)
     unit = 1.0 / scale
+    raw = v0_5.TensorId("raw")
+    sections = [v0_5.SpaceInputAxis(id=v0_5.AxisId("z"), size=v0_5.ParameterizedSize(min=2, step=1))] \
+        if isotropic else []
     inputs = [v0_5.InputTensorDescr(
-        id=v0_5.TensorId("raw"), description="a greyscale EM image, any intensity range",
-        axes=[v0_5.BatchAxis(), v0_5.ChannelAxis(channel_names=[v0_5.Identifier("raw")]),
+        id=raw, description="sections (z) of EM, any intensity range" if isotropic else
+        "a greyscale EM image, any intensity range",
+        axes=[v0_5.BatchAxis(), v0_5.ChannelAxis(channel_names=[v0_5.Identifier("raw")]), *sections,
               v0_5.SpaceInputAxis(id=v0_5.AxisId("y"), size=size), v0_5.SpaceInputAxis(id=v0_5.AxisId("x"), size=size)],
         test_tensor=v0_5.FileDescr(source=folder / "test_input.npy"),
         sample_tensor=v0_5.FileDescr(source=folder / "sample_input.tif"),
@@ -431,15 +590,31 @@ def _describe(model, folder: Path, samples: int, seed: int, scale: int):
 
     def output(tensor_id: str, description: str):
         axes = [v0_5.BatchAxis(), v0_5.ChannelAxis(channel_names=[v0_5.Identifier(tensor_id)])]
+        if isotropic:  # (z - 1) factor + 1 planes: z * 1 / (1 / factor) + 1 - factor
+            axes.append(v0_5.SpaceOutputAxis(id=v0_5.AxisId("z"), scale=1.0 / factor, size=v0_5.SizeReference(
+                tensor_id=raw, axis_id=v0_5.AxisId("z"), offset=1 - factor)))
         axes += [v0_5.SpaceOutputAxis(id=v0_5.AxisId(a), scale=unit,
-                                      size=v0_5.SizeReference(tensor_id=v0_5.TensorId("raw"), axis_id=v0_5.AxisId(a)))
+                                      size=v0_5.SizeReference(tensor_id=raw, axis_id=v0_5.AxisId(a)))
                  for a in "yx"]
         return v0_5.OutputTensorDescr(id=v0_5.TensorId(tensor_id), description=description, axes=axes,
                                       test_tensor=v0_5.FileDescr(source=folder / f"test_{tensor_id}.npy"),
                                       sample_tensor=v0_5.FileDescr(source=folder / f"sample_{tensor_id}.tif"),
                                       data=v0_5.IntervalOrRatioDataDescr(type="float32"))
 
-    task = {"denoise": "denoising", "superres": f"x{scale} super-resolution"}[model.task]
+    task = {"denoise": "denoising", "superres": f"x{scale} super-resolution",
+            "isotropic": f"isotropic reconstruction (z factor {factor})"}[model.task]
+    version = v0_5.Version(torch.__version__.split("+")[0])
+    if isotropic:
+        weights = v0_5.WeightsDescr(pytorch_state_dict=v0_5.PytorchStateDictWeightsDescr(
+            source=folder / "weights.pt", pytorch_version=version,
+            architecture=v0_5.ArchitectureFromLibraryDescr(
+                callable=v0_5.Identifier("isotropic_restorer"), import_from="napari_emdiffuse.core.bioimageio",
+                kwargs={"meta": meta, "factor": factor, "samples": samples, "seed": seed}),
+            dependencies=v0_5.FileDescr(source=folder / "environment.yaml")))
+    else:
+        weights = v0_5.WeightsDescr(torchscript=v0_5.TorchscriptWeightsDescr(source=folder / "restorer.pt",
+                                                                            pytorch_version=version))
+    tolerances = ISOTROPIC_TOLERANCES if isotropic else TOLERANCES
     return v0_5.ModelDescr(
         name=f"EMDiffuse {task} {model.name}"[:128],
         description=(f"EMDiffuse (Lu et al. 2024) {task} of electron-microscopy images with a per-pixel uncertainty "
@@ -448,7 +623,8 @@ def _describe(model, folder: Path, samples: int, seed: int, scale: int):
         authors=[v0_5.Author(name="napari-emdiffuse developers")],
         cite=[v0_5.CiteEntry(text=CITATION, doi=v0_5.Doi(DOI))],
         license="MIT",
-        tags=["electron-microscopy", "denoising", "diffusion", "uncertainty", "2d", "pytorch", "emdiffuse"]
+        tags=["electron-microscopy", "diffusion", "uncertainty", "pytorch", "emdiffuse"]
+        + (["isotropic-reconstruction", "volume-em", "3d"] if isotropic else ["denoising", "2d"])
         + (["super-resolution"] if scale > 1 else []),
         documentation=v0_5.FileDescr(source=folder / "README.md"),
         covers=[v0_5.FileDescr(source=folder / name) for name in ("cover.png", "cover_uncertainty.png")],
@@ -456,15 +632,14 @@ def _describe(model, folder: Path, samples: int, seed: int, scale: int):
         inputs=inputs,
         outputs=[output("restored", "the restored image (mean of the samples), in the input's intensities"),
                  output("uncertainty", "per-pixel std of the prediction, normalised units (threshold 0.12)")],
-        weights=v0_5.WeightsDescr(torchscript=v0_5.TorchscriptWeightsDescr(
-            source=folder / "restorer.pt", pytorch_version=v0_5.Version(torch.__version__.split("+")[0]))),
+        weights=weights,
         config=v0_5.Config(
             bioimageio=v0_5.BioimageioConfig(reproducibility_tolerance=[
                 v0_5.ReproducibilityTolerance(output_ids=[v0_5.TensorId(tensor_id)], **tolerance,
                                               mismatched_elements_per_million=MISMATCHED_PER_MILLION)
-                for tensor_id, tolerance in TOLERANCES.items()]),
+                for tensor_id, tolerance in tolerances.items()]),
             **{"napari-emdiffuse": {"model": model.name, "task": model.task, "samples": samples, "seed": seed,
-                                    "scale": scale, "model_file": MODEL_FILE}}),
+                                    "scale": scale, "factor": factor, "model_file": MODEL_FILE}}),
     )
 
 

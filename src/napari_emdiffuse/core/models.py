@@ -454,16 +454,16 @@ def remove_model(name: str) -> Path:
     return path
 
 
-def export_model(name_or_path: str, destination: str | os.PathLike, overwrite: bool = False) -> Path:
+def export_model(name_or_path: str, destination: str | os.PathLike, overwrite: bool = False, factor: int = 4) -> Path:
     """Copy a model to a file of the user's choice (atomically; never over an existing file unless asked); to a
-    ``.zip``: as a BioImage.io model package."""
+    ``.zip``: as a BioImage.io model package (an isotropic model's for the whole z ``factor``)."""
     from .normalize import InputError
     from .safety import check_output
 
     if Path(destination).suffix == ".zip":
         from .bioimageio import export_package
 
-        return export_package(name_or_path, destination, overwrite=overwrite)
+        return export_package(name_or_path, destination, overwrite=overwrite, factor=factor)
     source = resolve(name_or_path)
     read_metadata(source)  # refuse to export something that is not a model
     destination = Path(destination)
