@@ -40,10 +40,9 @@ def heat(uncertainty: np.ndarray, threshold: float = 0.12) -> np.ndarray:
 
 def screenshot(path: Path) -> None:
     import napari
+    from napari.settings import get_settings
 
     from napari_emdiffuse._sample_data import noisy_sem
-
-    from napari.settings import get_settings
 
     get_settings().application.first_time = True  # the window at the size napari gives a new user
     viewer = napari.Viewer(show=True)

@@ -14,6 +14,7 @@ from napari_emdiffuse.core.live import (
     TileCache,
     View,
     ViewDone,
+    blocks,
     data_token,
     live_halo,
     plan_view,
@@ -21,6 +22,23 @@ from napari_emdiffuse.core.live import (
     view_tiles,
 )
 from napari_emdiffuse.core.tasks import BRIGHTNESS_SIGMA, Settings, denoise, drive, superres
+
+
+@pytest.mark.parametrize("block", [2, 3])
+def test_missing_tiles_are_restored_first_alone_then_in_rectangles_of_aligned_blocks(block):
+    positions = view_tiles((0, 0, 6 * 256, 6 * 256), 256)
+    groups = blocks(positions, block)
+    assert groups[0] == [positions[0]]  # the centre, on screen soonest
+    assert sorted(p for g in groups for p in g) == sorted(positions)  # each once
+    for group in groups:
+        ys, xs = {p[0] for p in group}, {p[1] for p in group}
+        assert len(group) == len(ys) * len(xs)  # a rectangle: one window
+        assert len({(y // block, x // block) for y, x in group}) == 1  # inside one aligned block
+        assert group == sorted(group)  # first and last are the rectangle's corners
+    assert sum(len(g) == block * block for g in groups) >= 3  # most in whole blocks
+    # two diagonal tiles of a block missing (the others cached): two windows; two adjacent ones: one
+    assert blocks([(5, 5), (0, 0), (1, 1)], block) == [[(5, 5)], [(0, 0)], [(1, 1)]]
+    assert blocks([(5, 5), (0, 1), (0, 0), (1, 1)], block) == [[(5, 5)], [(0, 0), (0, 1)], [(1, 1)]]
 
 
 def test_view_tiles_nearest_the_centre_first():
@@ -121,10 +139,12 @@ def test_live_tiles_join_without_seams_and_match_a_whole_slice_run(task, em_pair
         whole_across, _ = border_steps(whole, 64, axis)
         # no seam: steps across tile borders are those anywhere else (within 15 %, or half a grey level)
         assert across - max(inside, whole_across) < max(0.15 * inside, 0.5)
-    # centre first, each tile once
+    # centre first and alone, then blocks of tiles; each tile once
     tiles = [e for e in events if isinstance(e, Tile)]
-    assert len(tiles) == len(view_tiles((0, 0, h, w), 64)) == restorer.restored_tiles
-    assert events[-1].restored == len(tiles)
+    first = view_tiles((0, 0, h, w), 64)[0]
+    assert tiles[0].box == (first[0] * 64, first[1] * 64, (first[0] + 1) * 64, (first[1] + 1) * 64)
+    assert sum((b[2] - b[0]) * (b[3] - b[1]) for b in (t.box for t in tiles)) == h * w
+    assert restorer.restored_tiles == len(view_tiles((0, 0, h, w), 64)) == events[-1].restored > len(tiles)
 
 
 def test_coming_back_costs_no_network_evaluation_and_a_pan_restores_only_new_tiles(em_pair, tiny_model):

@@ -186,6 +186,7 @@ def test_rarely_changed_settings_are_folded_away(make_napari_viewer, qtbot):
 def test_at_napari_first_window_size_the_dock_leaves_the_canvas_room_and_squeezes_no_row(make_napari_viewer, qtbot,
                                                                                          name):
     from napari.settings import get_settings
+
     from napari_emdiffuse._layers import style_uncertainty
     from napari_emdiffuse._sample_data import noisy_sem
 

@@ -196,7 +196,11 @@ class LiveMode(QObject):
             self.layer.refresh()
             if self.map is not None and event.uncertainty is not None:
                 self.map.data[at] = event.uncertainty
-                self.map.refresh()
+                # shown as flagged areas only, a map of none looks as the zeros it replaces: no redraw (each costs
+                # the GUI thread 15-30 ms with software OpenGL)
+                if self.widget.show_buttons.mode == "Map" or (event.uncertainty > self.restorer_threshold()).any():
+                    self.map.visible = self.widget.show_buttons.mode != "Input"
+                    self.map.refresh()
         elif isinstance(event, ViewDone):
             restored = f"{event.restored} new tiles" if event.restored else "all tiles from the cache"
             text = f"Live: view restored ({restored})."
@@ -232,6 +236,8 @@ class LiveMode(QObject):
             self.map.contrast_limits = (0.0, 2 * threshold)
         self.box, self.plane = canvas.box, canvas.view.plane
         w.show_layers(layer, self.layer, self.map)
+        if w.show_buttons.mode == "Result" and not (canvas.uncertainty > threshold).any():
+            self.map.visible = False  # nothing flagged yet: an invisible layer costs every redraw (software OpenGL)
 
     def _failed(self, err: Exception) -> None:
         from napari.utils.notifications import show_error
