@@ -221,7 +221,7 @@ def test_an_isotropic_model_is_packaged_for_a_whole_factor_and_comes_back(tmp_pa
     from napari_emdiffuse.core.isotropic import isotropic
 
     package = tmp_path / "iso.zip"
-    for factor in ("2.5", "20"):  # not whole; beyond the gaps the model serves: refused, nothing written
+    for factor in ("2.5", "20", "nan", "inf", "1"):  # not whole; beyond the gaps served; no number: refused
         assert main(["models", "--export", "isotropic-fibsem", str(package), "--factor", factor]) == 2
     assert main(["models", "--export", "isotropic-fibsem", str(tmp_path / "iso.npz"), "--factor", "3"]) == 2
     assert not package.exists()

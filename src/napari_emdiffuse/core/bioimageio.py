@@ -491,7 +491,7 @@ def _isotropic_factor(model, factor) -> int:
     from .isotropic import check_positions
     from .normalize import InputError
 
-    if factor is None or float(factor) != int(factor) or int(factor) < 2:
+    if factor is None or not math.isfinite(float(factor)) or float(factor) != int(factor) or int(factor) < 2:
         raise BioImageIOError(f"An isotropic package is made for one whole z factor of 2 or more, not {factor}: a "
                               "package's output size must be a whole multiple of its input's.")
     try:
