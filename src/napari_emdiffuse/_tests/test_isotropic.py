@@ -536,6 +536,7 @@ def test_widget_marks_bad_sections_and_damaged_regions_at_a_factor_from_the_laye
     widget.find_button.click()  # the detector proposes the blank section, for the user to confirm
     assert widget.bad_sections.text() == "3" and "3: 100% blank" in widget.status.text()
     assert widget.regions.currentText() == "none"  # whole sections only: no labels layer of local damage
+    assert widget.sections.text() == "Sections: bad"  # folded, the section says it holds a setting
     widget.run_button.click()
     qtbot.waitUntil(lambda: "sstem_isotropic" in viewer.layers and widget.worker is None, timeout=60_000)
     iso = viewer.layers["sstem_isotropic"]
@@ -555,6 +556,7 @@ def test_widget_marks_bad_sections_and_damaged_regions_at_a_factor_from_the_laye
     viewer.layers.selection.active = sections
     qtbot.waitUntil(lambda: widget.regions.findText("damage") >= 0, timeout=2_000)
     widget.regions.setCurrentText("damage")
+    assert widget.sections.text() == "Sections: regions"
     widget.factor.setValue(1)
     widget.run_button.click()
     qtbot.waitUntil(lambda: widget.worker is None and viewer.layers["sstem_isotropic"].data.shape == volume.shape

@@ -90,6 +90,20 @@ def compact(widget: QWidget) -> None:
         box.setMinimumContentsLength(6)
 
 
+def folded_form(title: str, name: str):
+    """A collapsible section, folded, holding a form (returned too) aligned with the rows above it."""
+    from superqt import QCollapsible
+
+    section = QCollapsible(title)
+    section.setObjectName(name)
+    section.layout().setContentsMargins(0, 0, 0, 0)
+    content = QWidget()
+    form = QFormLayout(content)
+    form.setContentsMargins(0, 0, 0, 0)
+    section.addWidget(content)
+    return section, form
+
+
 def full_resolution(layer):
     """The layer's data at full resolution (level 0 of a multiscale layer), as it is: numpy, dask or zarr."""
     return layer.data[0] if layer.multiscale else layer.data
@@ -459,8 +473,6 @@ class RestoreWidget(JobWidget):
     doing = ""  # what the running job is, for the status line
 
     def __init__(self, viewer: napari.viewer.Viewer, parent=None):
-        from superqt import QCollapsible
-
         from ..core.live import CACHE_MB, LIVE_TILE
         from ._live import LiveMode
 
@@ -494,15 +506,8 @@ class RestoreWidget(JobWidget):
             form.addRow("", self.live)
 
         # rarely changed: folded away, so that the dock leaves the canvas most of the window
-        more = QCollapsible("More settings")
-        more.setObjectName("more_settings")
-        more.layout().setContentsMargins(0, 0, 0, 0)  # aligned with the rows above
-        advanced_widget = QWidget()
-        advanced = QFormLayout(advanced_widget)
-        advanced.setContentsMargins(0, 0, 0, 0)
-        more.addWidget(advanced_widget)
-        form.addRow(more)
-        self.more_settings = more
+        self.more_settings, advanced = folded_form("More settings", "more_settings")
+        form.addRow(self.more_settings)
         self.tile = self._spin(advanced, "Tile size", 64, 2048, 256, "tile",
                                "Tiles are fused at every step, so they leave no seams; smaller tiles use less memory.")
         self.tile.setSingleStep(64)

@@ -4,17 +4,7 @@ factor, bad sections and damaged regions regenerated from their good neighbours.
 from __future__ import annotations
 
 import numpy as np
-from qtpy.QtWidgets import (
-    QComboBox,
-    QDoubleSpinBox,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QPushButton,
-    QWidget,
-)
-from superqt import QCollapsible
+from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QHBoxLayout, QLabel, QLineEdit, QPushButton
 
 from ..core.isotropic import (
     SELF_SUPERVISED_MIN_MINUTES,
@@ -24,7 +14,7 @@ from ..core.isotropic import (
 )
 from ..core.limits import LIMITS
 from ..core.models import dated_name
-from ._common import RestoreWidget, full_resolution
+from ._common import RestoreWidget, folded_form, full_resolution
 
 WITH_MODEL, SELF_SUPERVISED = "model", "self-supervised"
 NO_REGIONS = "none"
@@ -73,13 +63,7 @@ class IsotropicWidget(RestoreWidget):
                                     "blank or saturated areas, folds): look at each before you run.")
         self.find_button.clicked.connect(self.find_suspects)
         # for stacks with damaged or misaligned sections: folded away, so that the dock fits napari's default window
-        self.sections = QCollapsible("Sections")
-        self.sections.setObjectName("sections")
-        self.sections.layout().setContentsMargins(0, 0, 0, 0)
-        sections_widget = QWidget()
-        sections = QFormLayout(sections_widget)
-        sections.setContentsMargins(0, 0, 0, 0)
-        self.sections.addWidget(sections_widget)
+        self.sections, sections = folded_form("Sections", "sections")
         row = QHBoxLayout()
         row.addWidget(self.bad_sections)
         row.addWidget(self.find_button)
