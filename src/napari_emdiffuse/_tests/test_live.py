@@ -59,7 +59,7 @@ def test_plan_view_clips_to_the_plane_and_waits_when_zoomed_far_out():
 def test_the_live_halo_covers_the_context_and_the_brightness_correction():
     for scale in (1, 2, 4):
         halo = live_halo(scale)
-        assert halo >= LIVE_CONTEXT + 4 * BRIGHTNESS_SIGMA * scale and halo % 4 == 0
+        assert halo >= LIVE_CONTEXT + 2 * BRIGHTNESS_SIGMA * scale and halo % 4 == 0
 
 
 def test_tile_windows_reach_the_halo_and_start_on_input_pixels():

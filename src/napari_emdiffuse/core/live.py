@@ -35,12 +35,13 @@ LIVE_CONTEXT = 16  # output pixels each side that the network sees beyond a tile
 
 
 def live_halo(scale: int) -> int:
-    """Output pixels restored beyond a tile on each side: the network's context plus four brightness sigmas (the
+    """Output pixels restored beyond a tile on each side: the network's context plus two brightness sigmas (the
     result keeps the input's local brightness, a Gaussian average of BRIGHTNESS_SIGMA input pixels, see
     :func:`~.tasks.keep_brightness`; computed on the window alone it differs from the whole plane's near the
-    window's edges, but no more than a 4-sigma Gaussian tail once the edge is that far from the tile). A multiple
-    of 4, so that x2 and x4 windows start on input pixels."""
-    halo = LIVE_CONTEXT + int(np.ceil(4 * BRIGHTNESS_SIGMA * scale))
+    window's edges). Two sigmas matched a whole-slice run as well as four (bundled denoiser, 512 x 512, K = 2: mean
+    difference 0.40 against 0.41 grey levels, 99th percentile 2 against 3) and cut a fresh view's time by a tenth
+    (2.9 to 2.7 s). A multiple of 4, so that x2 and x4 windows start on input pixels."""
+    halo = LIVE_CONTEXT + int(np.ceil(2 * BRIGHTNESS_SIGMA * scale))
     return -(-halo // 4) * 4
 
 
@@ -85,8 +86,8 @@ def blocks(positions: list[tuple[int, int]], block: int = BLOCK) -> list[list[tu
     """``positions`` (nearest the centre first) grouped for restoration: the first alone (on screen soonest), the
     rest in aligned ``block`` x ``block`` blocks, each cut into the rectangles its missing tiles fill (a whole
     block, else its rows where their tiles are adjacent, else single tiles), in the order of their nearest tile.
-    One window per rectangle restores fewer halo pixels than one per tile (3 x 3 tiles of 256 with a halo of 48:
-    0.67 of the pixels) and redraws the canvas once."""
+    One window per rectangle restores fewer halo pixels than one per tile (3 x 3 tiles of 256 with a halo of 32:
+    0.75 of the pixels) and redraws the canvas once."""
     if not positions:
         return []
     groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
