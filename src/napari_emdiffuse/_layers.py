@@ -38,9 +38,14 @@ FLAGGED_OPACITY = 0.6  # the result stays readable under the red
 
 
 def style_uncertainty(layer, full: bool) -> None:
-    """Show an uncertainty map layer as flagged areas over the result, or whole (the Map button)."""
-    layer.colormap = full_uncertainty_colormap() if full else uncertainty_colormap()
-    layer.opacity = 1.0 if full else FLAGGED_OPACITY
+    """Show an uncertainty map layer as flagged areas over the result, or whole (the Map button). Only what changes
+    is set: every change redraws the canvas, which costs tens of milliseconds with software OpenGL."""
+    colormap = full_uncertainty_colormap() if full else uncertainty_colormap()
+    if layer.colormap.name != colormap.name:
+        layer.colormap = colormap
+    opacity = 1.0 if full else FLAGGED_OPACITY
+    if layer.opacity != opacity:
+        layer.opacity = opacity
 
 
 def result_layers(name: str, maps_name: str, image, uncertainty, difficulty, meta: dict, threshold: float,

@@ -832,10 +832,8 @@ class ShowButtons(QWidget):
 
         image, result, uncertainty = self.layers
         mode = self.mode
-        if image is not None:
-            image.visible = True
-        if result is not None:
-            result.visible = mode == "Result"
+        for layer, visible in ((image, True), (result, mode == "Result"), (uncertainty, mode != "Input")):
+            if layer is not None and layer.visible != visible:  # each change redraws the canvas
+                layer.visible = visible
         if uncertainty is not None:
-            uncertainty.visible = mode != "Input"
             style_uncertainty(uncertainty, full=mode == "Map")

@@ -199,8 +199,10 @@ class LiveMode(QObject):
                 # shown as flagged areas only, a map of none looks as the zeros it replaces: no redraw (each costs
                 # the GUI thread 15-30 ms with software OpenGL)
                 if self.widget.show_buttons.mode == "Map" or (event.uncertainty > self.restorer_threshold()).any():
-                    self.map.visible = self.widget.show_buttons.mode != "Input"
-                    self.map.refresh()
+                    if self.map.visible != (self.widget.show_buttons.mode != "Input"):
+                        self.map.visible = not self.map.visible  # a first flag: the map shows (and is drawn)
+                    else:
+                        self.map.refresh()
         elif isinstance(event, ViewDone):
             restored = f"{event.restored} new tiles" if event.restored else "all tiles from the cache"
             text = f"Live: view restored ({restored})."
@@ -218,32 +220,47 @@ class LiveMode(QObject):
         translate = tuple(t + s * b for t, s, b in zip(translate, scale, canvas.box[:2]))
         name = f"{layer.name}_{w.suffix} (live)"
         meta = {"source": layer.name, "task": w.task, "live": True}
+        threshold = w.threshold.value()
+        added = False
+        # only what changes is set: each change redraws the canvas (tens of milliseconds with software OpenGL)
         if self.layer is None or self.layer not in self.viewer.layers:
             self.layer = self.viewer.add_image(canvas.image, name=name, scale=scale, translate=translate,
                                                contrast_limits=layer.contrast_limits, metadata=meta)
+            added = True
         else:
-            self.layer.translate = translate
+            _move(self.layer, translate)
             self.layer.data = canvas.image
-        self.layer.name = name
-        threshold = w.threshold.value()
+        if self.layer.name != name:
+            self.layer.name = name
         if self.map is None or self.map not in self.viewer.layers:
             data, kwargs, _ = map_layer(canvas.uncertainty, "uncertainty", f"{name}_uncertainty", meta, threshold,
                                         scale=scale, translate=translate)
             self.map = self.viewer.add_image(data, **kwargs)
+            added = True
         else:
-            self.map.translate = translate
+            _move(self.map, translate)
             self.map.data = canvas.uncertainty
-            self.map.contrast_limits = (0.0, 2 * threshold)
+            if tuple(self.map.contrast_limits) != (0.0, 2 * threshold):
+                self.map.contrast_limits = (0.0, 2 * threshold)
         self.box, self.plane = canvas.box, canvas.view.plane
-        w.show_layers(layer, self.layer, self.map)
-        if w.show_buttons.mode == "Result" and not (canvas.uncertainty > threshold).any():
-            self.map.visible = False  # nothing flagged yet: an invisible layer costs every redraw (software OpenGL)
+        if added:
+            w.show_layers(layer, self.layer, self.map)
+        mode = w.show_buttons.mode
+        # nothing flagged yet: an invisible layer costs every redraw
+        shown = mode == "Map" or mode == "Result" and bool((canvas.uncertainty > threshold).any())
+        if self.map.visible != shown:
+            self.map.visible = shown
 
     def _failed(self, err: Exception) -> None:
         from napari.utils.notifications import show_error
 
         self.widget.live.setChecked(False)
         show_error(f"Live {self.widget.task} stopped: {err}")
+
+
+def _move(layer, translate) -> None:
+    if not np.allclose(layer.translate, translate):
+        layer.translate = translate
 
 
 def camera(viewer):
