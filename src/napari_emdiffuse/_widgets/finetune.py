@@ -23,7 +23,7 @@ class LossPlot(QWidget):
     validation PSNR of each checkpoint on a second axis, against the base model's (dashed); no plotting library
     needed. Axis labels sit in margins of their own, never on the curves."""
 
-    LEFT, RIGHT, TOP, BOTTOM = 46, 46, 18, 16
+    LEFT, RIGHT, TOP, BOTTOM = 38, 30, 32, 16  # the title takes two lines: the dock is narrow
 
     def __init__(self, parent=None):
         super().__init__(parent, objectName="loss_plot")
@@ -77,7 +77,7 @@ class LossPlot(QWidget):
         painter.drawText(x0, y1, x1 - x0, self.BOTTOM, Qt.AlignRight | Qt.AlignBottom, f"step {steps[-1]}")
         painter.drawText(x0, y1, x1 - x0, self.BOTTOM, Qt.AlignLeft | Qt.AlignBottom, "0")
         painter.setPen(QPen(Qt.cyan, 1.5))
-        painter.drawText(x0, 0, x1 - x0, self.TOP, Qt.AlignLeft | Qt.AlignVCenter,
+        painter.drawText(0, 0, self.width(), self.TOP // 2, Qt.AlignLeft | Qt.AlignVCenter,
                          f"loss {losses[-1]:.4f}{' (log)' if log else ''}")
         painter.drawPolyline(QPolygonF([QPointF(to_x(s), to_y(v, lo, hi)) for s, v in zip(steps, logs)]))
         if not self.validation:
@@ -94,7 +94,7 @@ class LossPlot(QWidget):
         left_aligned = Qt.AlignLeft | Qt.AlignVCenter
         for v in (p_lo + 0.1, p_hi - 0.1):
             painter.drawText(x1 + 3, int(to_y(v, p_lo, p_hi)) - 8, self.RIGHT - 3, 16, left_aligned, f"{v:.2f}")
-        painter.drawText(x0, 0, x1 - x0, self.TOP, Qt.AlignRight | Qt.AlignVCenter,
+        painter.drawText(0, self.TOP // 2, self.width(), self.TOP // 2, Qt.AlignRight | Qt.AlignVCenter,
                          f"validation {self.validation[-1][1]:.2f} dB, base - -")
 
 
@@ -110,6 +110,7 @@ LEARNS_FROM = {
 
 class FinetuneWidget(JobWidget):
     cancelled_text = "Cancelled; nothing was saved (a model is saved only once judged better than the base)."
+    dock_width = 184  # the canvas keeps half of napari's first-run window; the loss plot keeps 100 px of curve
 
     def __init__(self, viewer: napari.viewer.Viewer, parent=None):
         super().__init__(viewer, parent)
