@@ -261,7 +261,8 @@ def _restore(args, job_factory) -> dict:
 
 def _restore_chunked(args, factor: int) -> dict:
     """A Zarr input or output: restore chunk by chunk into an OME-Zarr store (see core/chunked.py)."""
-    from .core.chunked import ChunkedTask, restore_volume
+    from .core.chunked import ChunkedTask, check_chunkable, restore_volume
+    from .core.normalize import InputError
     from .core.tasks import drive
     from .core.zarr_io import is_zarr
 
@@ -273,9 +274,10 @@ def _restore_chunked(args, factor: int) -> dict:
     if getattr(args, "self_supervised", False):
         raise CLIError("Self-supervised training needs the volume in memory: learn on a TIFF crop of it with "
                        "--self-supervised --save-model NAME, then process the Zarr volume with --model NAME.")
-    if getattr(args, "bad", None) or getattr(args, "align", None):
-        raise CLIError("Bad sections are regenerated, and sections aligned, in a volume held in memory: give a TIFF "
-                       "(of the part concerned), or leave out --bad-sections and --align.")
+    try:
+        check_chunkable(getattr(args, "bad", None), getattr(args, "align", None))
+    except InputError as err:
+        raise CLIError(f"{err} Give a TIFF (of the part concerned), or leave out --bad-sections and --align.") from err
     task = ChunkedTask(args.command, factor, getattr(args, "gap", None))
     job = restore_volume(args.input, args.output, task, args.model, _settings(args),
                          chunk=args.chunk, halo=args.halo, scheduler=args.scheduler, workers=args.workers,
@@ -324,9 +326,14 @@ def _models(args) -> None:
         suffix = {"bioimageio": ".zip", "npz": ".npz"}.get(args.format)
         if suffix and Path(file).suffix != suffix:  # a file is written exactly where asked
             raise CLIError(f"--format {args.format} writes a {suffix} file; name it so ({Path(file).stem}{suffix}).")
-        if args.factor is not None and Path(file).suffix != ".zip":
-            raise CLIError("--factor goes with --export of an isotropic model to a BioImage.io package (.zip).")
-        print(f"exported to {export_model(name, file, factor=4 if args.factor is None else args.factor)}")
+        options = {}
+        if args.factor is not None:
+            from .core.models import read_metadata, resolve
+
+            if Path(file).suffix != ".zip" or read_metadata(resolve(name))["task"] != "isotropic":
+                raise CLIError("--factor goes with --export of an isotropic model to a BioImage.io package (.zip).")
+            options["factor"] = args.factor
+        print(f"exported to {export_model(name, file, **options)}")
         return
     if args.import_file:
         print(f"imported as {import_model(args.import_file, args.name, args.task).stem}")

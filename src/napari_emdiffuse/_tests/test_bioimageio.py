@@ -224,6 +224,8 @@ def test_an_isotropic_model_is_packaged_for_a_whole_factor_and_comes_back(tmp_pa
     for factor in ("2.5", "20", "nan", "inf", "1"):  # not whole; beyond the gaps served; no number: refused
         assert main(["models", "--export", "isotropic-fibsem", str(package), "--factor", factor]) == 2
     assert main(["models", "--export", "isotropic-fibsem", str(tmp_path / "iso.npz"), "--factor", "3"]) == 2
+    assert main(["models", "--export", "denoise-sem", str(tmp_path / "d.zip"), "--factor", "3"]) == 2  # not isotropic
+    assert not (tmp_path / "d.zip").exists()
     assert not package.exists()
     assert main(["models", "--export", "isotropic-fibsem", str(package), "--factor", "3"]) == 0
     run_bioimageio_test(package)

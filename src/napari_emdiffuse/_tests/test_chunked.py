@@ -225,6 +225,9 @@ def test_command_line_switches_to_chunks_for_zarr_and_refuses_mixed_outputs(tmp_
     assert main(["isotropic", source, "-o", str(tmp_path / "iso.tif"), *common]) == 2
     assert main(["isotropic", source, "-o", str(tmp_path / "b.zarr"), "--uncertainty", "u.tif", *common]) == 2
     assert "Zarr output" in capsys.readouterr().err
+    for repair in (["--bad-sections", "1"], ["--align"]):  # need the stack in memory: refused before any work
+        assert main(["isotropic", source, "-o", str(tmp_path / "c.zarr"), *repair, *common]) == 2
+        assert "not chunk by chunk" in capsys.readouterr().err and not (tmp_path / "c.zarr").exists()
 
 
 def test_the_reader_opens_a_result_store_as_a_widget_adds_it(tmp_path, tiny_model, volume):

@@ -409,7 +409,7 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
                                                               monkeypatch, tmp_path):
     import shutil
 
-    from napari_emdiffuse._widgets.isotropic import SELF_SUPERVISED, IsotropicWidget
+    from napari_emdiffuse._widgets.isotropic import SELF_SUPERVISED, WITH_MODEL, IsotropicWidget
     from napari_emdiffuse.core.finetune import Verdict
 
     shutil.copy(tiny_isotropic, tmp_path)  # a models folder of this test's own: the learnt model goes there too
@@ -482,6 +482,10 @@ def test_widget_reconstructs_a_volume_that_overlays_the_input(make_napari_viewer
     widget.zarr_path.setText(str(tmp_path / "out.zarr"))
     widget.run_button.click()
     assert widget.worker is None and "in memory" in shown[0] and not (tmp_path / "out.zarr").exists()
+    widget.mode.setCurrentIndex(widget.mode.findData(WITH_MODEL))  # bad sections need it too: refused
+    widget.bad_sections.setText("2")
+    widget.run_button.click()
+    assert widget.worker is None and "not chunk by chunk" in shown[-1] and not (tmp_path / "out.zarr").exists()
 
 
 @pytest.mark.slow

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 SCOPES = (("Whole layer", "layer"), ("Current slice", "slice"), ("Current view", "view"),
           ("Whole layer to a Zarr file (chunk by chunk)", "zarr"))
 LARGE_LAYER_BYTES = 512 * 2**20
-DOCK_WIDTH = 172  # pixels the task docks ask for (their rows need 171): at napari's first-run window size (1089
-# wide under Xvfb, layer controls 320) the canvas keeps 571 px
+DOCK_WIDTH = 172  # pixels of rows the task docks ask for (they need 171), plus the scroll bar's: at napari's
+# first-run window size (1089 wide under Xvfb, layer controls 320) the canvas keeps 558 px
 MODEL_FILES = "napari-emdiffuse models (*.npz);;BioImage.io model packages (*.zip)"  # .zip: export_model's package
 MODEL_FILES_TO_ADD = ("Model files (*.npz *.zip *.pth *.pt);;" + MODEL_FILES
                       + ";;EMDiffuse authors' checkpoints (*.pth *.pt)")
@@ -321,9 +321,10 @@ class ModelPicker(QComboBox):
 
 
 class DockRows(QWidget):
-    """A dock's rows, asking for at most ``width`` pixels (its forms wrap long rows when narrow), so that the canvas
-    keeps most of the window. The minimum is capped too: Qt fixes a dock's minimum width from it once, when the dock
-    is added and napari's smaller font is not yet applied (the task docks' rows then measure 208 px; styled, 171)."""
+    """A dock's rows, asking for at most ``width`` pixels (labels sit above their fields: see :func:`compact`), so
+    that the canvas keeps most of the window. The minimum is capped too: Qt fixes a dock's minimum width from it
+    once, when the dock is added and napari's smaller font is not yet applied (the task docks' rows then measure
+    208 px; styled, 171)."""
 
     def __init__(self, width: int | None):
         super().__init__(objectName="content")

@@ -198,11 +198,9 @@ class LiveMode(QObject):
                 self.map.data[at] = event.uncertainty
                 # shown as flagged areas only, a map of none looks as the zeros it replaces: no redraw (each costs
                 # the GUI thread 15-30 ms with software OpenGL)
-                if self.widget.show_buttons.mode == "Map" or (event.uncertainty > self.restorer_threshold()).any():
-                    if self.map.visible != (self.widget.show_buttons.mode != "Input"):
-                        self.map.visible = not self.map.visible  # a first flag: the map shows (and is drawn)
-                    else:
-                        self.map.refresh()
+                flagged = bool((event.uncertainty > self.restorer_threshold()).any())
+                if (flagged or self.widget.show_buttons.mode == "Map") and not self._show_map(flagged):
+                    self.map.refresh()
         elif isinstance(event, ViewDone):
             restored = f"{event.restored} new tiles" if event.restored else "all tiles from the cache"
             text = f"Live: view restored ({restored})."
@@ -245,11 +243,17 @@ class LiveMode(QObject):
         self.box, self.plane = canvas.box, canvas.view.plane
         if added:
             w.show_layers(layer, self.layer, self.map)
-        mode = w.show_buttons.mode
-        # nothing flagged yet: an invisible layer costs every redraw
-        shown = mode == "Map" or mode == "Result" and bool((canvas.uncertainty > threshold).any())
-        if self.map.visible != shown:
-            self.map.visible = shown
+        self._show_map(bool((canvas.uncertainty > threshold).any()))
+
+    def _show_map(self, flagged: bool) -> bool:
+        """The live map is on screen only when it shows something: whole (Map), or ``flagged`` areas over the result
+        (an invisible layer still costs every redraw). Returns whether that changed (and so redrew it)."""
+        mode = self.widget.show_buttons.mode
+        shown = mode == "Map" or mode == "Result" and flagged
+        if self.map.visible == shown:
+            return False
+        self.map.visible = shown
+        return True
 
     def _failed(self, err: Exception) -> None:
         from napari.utils.notifications import show_error

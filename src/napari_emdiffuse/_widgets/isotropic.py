@@ -94,10 +94,15 @@ class IsotropicWidget(RestoreWidget):
         self._factor_from_layer()
         self._refresh_regions()
 
+    def regions_layer(self) -> str | None:
+        """The labels layer chosen as damaged regions, if any."""
+        name = self.regions.currentText()
+        return name if name not in (NO_REGIONS, "") and name in self.viewer.layers else None
+
     def _sections_title(self, *_) -> None:
         """The folded section says when it holds settings, so that none is forgotten there."""
         chosen = [what for what, on in (("bad", self.bad_sections.text().strip()), ("align", self.align.currentData()),
-                                        ("regions", self.regions.currentText() not in ("", NO_REGIONS))) if on]
+                                        ("regions", self.regions_layer())) if on]
         self.sections.setText("Sections" + (f": {', '.join(chosen)}" if chosen else ""))
 
     def _factor_from_layer(self, *_) -> None:
@@ -179,9 +184,9 @@ class IsotropicWidget(RestoreWidget):
         from ..core.sections import parse_sections
 
         sections = parse_sections(self.bad_sections.text(), data_shape[0])
-        if self.regions.currentText() in (NO_REGIONS, "") or self.regions.currentText() not in self.viewer.layers:
+        if self.regions_layer() is None:
             return list(sections) or None
-        mask = np.asarray(self.viewer.layers[self.regions.currentText()].data)[self.region(layer)] != 0
+        mask = np.asarray(self.viewer.layers[self.regions_layer()].data)[self.region(layer)] != 0
         mask[list(sections)] = True
         return mask
 
@@ -209,12 +214,13 @@ class IsotropicWidget(RestoreWidget):
         return isotropic(data, model, settings, factor=factor, gap=gap, bad=bad, align=align)
 
     def chunked_task(self, layer):
-        from ..core.chunked import ChunkedTask
+        from ..core.chunked import ChunkedTask, check_chunkable
+        from ..core.normalize import InputError
 
-        if self.bad_sections.text().strip() or self.regions.currentText() not in (NO_REGIONS, "") or \
-                self.align.currentData():
-            raise ValueError("Bad sections are regenerated, and sections aligned, in a volume held in memory: "
-                             "process the layer (or the current view) instead of a Zarr file.")
+        try:
+            check_chunkable(self.bad_sections.text().strip() or self.regions_layer(), self.align.currentData())
+        except InputError as err:
+            raise InputError(f"{err} Process the layer (or the current view) instead of a Zarr file.") from err
         return ChunkedTask(self.task, self.factor.value(), self.section_gap(layer))
 
     def output_grid(self, layer):

@@ -284,7 +284,8 @@ def align_sections(volume, elastic: bool = False) -> Generator[Progress, None, A
         if round_ == 0:
             moved = np.stack([_halved(s, factor) for s in smooth])
         else:
-            moved = np.stack([warp_image(s, _affine_field(_displacement(m), shape)) for s, m in zip(smooth, transforms)])
+            moved = np.stack([warp_image(s, _affine_field(_displacement(m), shape))
+                              for s, m in zip(smooth, transforms)])
         scale = np.array([1.0, factor, factor]) if round_ == 0 else np.ones(3)
         motions, agreement = [], []
         for i, j in pairs:

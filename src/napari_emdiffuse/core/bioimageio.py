@@ -35,7 +35,6 @@ import numpy as np
 from .models import SAMPLING_DEFAULTS, ModelFileError, read_metadata, resolve
 
 FORMAT = "bioimageio"
-EXPORTABLE_TASKS = ("denoise", "superres", "isotropic")
 MODEL_FILE = "napari-emdiffuse-model.npz"  # the package's attachment that the plugin adds back
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 MAX_MODEL_BYTES = 256 * 2**20  # a model file in a package larger than this is refused (ours are a few MB)
@@ -516,8 +515,6 @@ def export_package(name_or_path: str | os.PathLike, destination: str | os.PathLi
 
     source = resolve(name_or_path)
     meta = read_metadata(source)
-    if meta["task"] not in EXPORTABLE_TASKS:
-        raise BioImageIOError(f"{meta['task']} models cannot be exported to BioImage.io.")
     destination = Path(destination)
     if destination.suffix != ".zip":  # written exactly where asked, or refused
         raise BioImageIOError(f"BioImage.io packages end in .zip; {destination.name} does not.")

@@ -41,6 +41,14 @@ LOOPBACK = "127.0.0.1"  # a local cluster listens here only
 RUN_GROUP = "run"  # bookkeeping inside the output store: which chunks are done, their histograms
 
 
+def check_chunkable(bad, align) -> None:
+    """Refuse, before any work, what a run chunk by chunk cannot do: regenerating ``bad`` sections and aligning
+    sections (``align``) need the whole stack in memory."""
+    if bad or align:
+        raise InputError("Bad sections are regenerated, and sections aligned, in a volume held in memory, not chunk "
+                         "by chunk.")
+
+
 @dataclass(frozen=True)
 class ChunkedTask:
     """A task and how its output grid relates to the input: ``factor`` in y, x (superres) or along z (isotropic)."""

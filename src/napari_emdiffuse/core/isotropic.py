@@ -44,6 +44,7 @@ from .tasks import (
 FACTORS = tuple(range(2, 11))  # the whole factors of models with labels "R:j" (the earlier bundled ones, the authors')
 LABELS = {f"{r}:{j}": i for i, (r, j) in enumerate((r, j) for r in FACTORS for j in range(1, r))}
 GAPS = (2.0, 16.0)  # lateral pixels between sections the bundled model was trained for (see condition_of)
+NOTHING_TO_GENERATE = "There is nothing to generate: give a z factor above 1 or mark sections to regenerate."
 ON_SECTION = 1e-6  # an output plane this close to a section (in sections) is that section
 
 
@@ -92,19 +93,14 @@ def check_voxel_factor(voxel: Sequence[float]) -> float:
                          "z factor R.") from err
 
 
-def output_spacing(z_spacing: float, factor: float) -> float:
-    """The output's z spacing: the sections' spacing over R."""
-    return z_spacing / factor
-
-
 def positions_text(model) -> str:
     """What positions ``model`` can generate, for refusals: "sections 2 to 16 pixels apart" or whole factors."""
     if uses_positions(model):
         low, high = model.meta.get("gaps", GAPS)
         return f"slices between sections {low:g}{'' if low == high else f' to {high:g}'} pixels apart"
     factors = sorted({int(name.split(":")[0]) for name in model.meta.get("labels") or {}})
-    listed = (f"{factors[0]} to {factors[-1]}" if len(factors) > 2 and factors == list(range(factors[0], factors[-1] + 1))
-              else ", ".join(map(str, factors)))
+    consecutive = len(factors) > 2 and factors == list(range(factors[0], factors[-1] + 1))
+    listed = f"{factors[0]} to {factors[-1]}" if consecutive else ", ".join(map(str, factors))
     return f"slices at whole z factors only ({listed})"
 
 
@@ -352,7 +348,7 @@ def isotropic(volume, model=None, settings: Settings | None = None, factor: floa
     planes = plan_planes(len(volume), factor, bad, offset)
     made = [p for p in planes if not p.acquired]
     if not made:
-        raise InputError("There is nothing to generate: give a z factor above 1 or mark sections to regenerate.")
+        raise InputError(NOTHING_TO_GENERATE)
     groups = pairs(made)
     conditions = plane_conditions(model, groups, gap)  # every position checked before any work
     start = model.meta.get("start", "linear")
@@ -714,18 +710,17 @@ def isotropic_self_supervised(volume, factor: float = 4, minutes: float = 10.0, 
                               align: str | None = None) -> Generator[Progress, None, Restoration]:
     """vEMDiffuse-a end to end: learn from ``volume`` for ``minutes``, judge, then reconstruct; one progress stream.
 
-    ``factor``, ``gap``, ``bad`` and ``align`` as for :func:`isotropic` (an aligned stack is also what is learnt from). The budget, the volume's size, the sections and
-    ``save_as`` are checked when this is called, before any work (a budget below
-    :data:`SELF_SUPERVISED_MIN_MINUTES` is refused). The model learns every gap the reconstruction needs (across
-    regenerated sections too). The last x columns (:func:`split_aside`) are kept aside from
-    learning; the learnt model is then judged on them, on the task it learnt (planes between planes along y, at
-    the whole distance nearest the sections' gap),
-    against the motion-compensated interpolation it starts from, by the rule fine-tuning keeps (better with every
-    sampling seed by more than the seed-to-seed spread, :func:`~.finetune.judge`, and by at least
-    :data:`SELF_SUPERVISED_MIN_GAIN`). A model that beats it
-    reconstructs the volume and, with ``save_as``, goes into the user's models under that name before the
-    reconstruction (a cancelled reconstruction keeps it): it then reconstructs more of the same acquisition without
-    learning again, e.g. a whole volume chunk by chunk. A model that does not is neither used nor saved: the volume
+    ``factor``, ``gap``, ``bad`` and ``align`` as for :func:`isotropic` (an aligned stack is also what is learnt
+    from). The budget, the volume's size, the sections and ``save_as`` are checked when this is called, before any
+    work (a budget below :data:`SELF_SUPERVISED_MIN_MINUTES` is refused). The model learns every gap the
+    reconstruction needs (across regenerated sections too). The last x columns (:func:`split_aside`) are kept aside
+    from learning; the learnt model is then judged on them, on the task it learnt (planes between planes along y, at
+    the whole distance nearest the sections' gap), against the motion-compensated interpolation it starts from, by
+    the rule fine-tuning keeps (better with every sampling seed by more than the seed-to-seed spread,
+    :func:`~.finetune.judge`, and by at least :data:`SELF_SUPERVISED_MIN_GAIN`). A model that beats it reconstructs
+    the volume and, with ``save_as``, goes into the user's models under that name before the reconstruction (a
+    cancelled reconstruction keeps it): it then reconstructs more of the same acquisition without learning again,
+    e.g. a whole volume chunk by chunk. A model that does not is neither used nor saved: the volume
     is reconstructed by motion-compensated interpolation (no uncertainty map), and a note says why. Training
     progress is reported per mille of the time budget, then the check's and the reconstruction's own.
     """
@@ -742,7 +737,7 @@ def isotropic_self_supervised(volume, factor: float = 4, minutes: float = 10.0, 
     sections, _ = bad_sections(bad, volume.shape)
     gaps = sorted({(p.above - p.below) * gap for p in plan_planes(len(volume), factor, sections) if not p.acquired})
     if not gaps:
-        raise InputError("There is nothing to generate: give a z factor above 1 or mark sections to regenerate.")
+        raise InputError(NOTHING_TO_GENERATE)
     judged = min(max(2, round(gap)), learnt_factors(gaps)[-1])
     split_aside(volume, learnt_factors(gaps)[-1])  # large enough: checked now, split once aligned
     if save_as:
@@ -781,11 +776,11 @@ def _learn_judge_reconstruct(volume, grid: tuple, minutes: float, settings: Sett
                f"{aside.shape[2]} x columns kept aside, seed-to-seed spread {validation['spread']:.2f} dB")
     if not verdict.improved:
         image = yield from motion_reconstruction(volume, factor, norm, bad)
-        info = summarise("isotropic", model, settings, pick_device(settings.device), None, 0, [*filter(None, [stack_note]),
-            f"the model learnt in {minutes:g} minutes ({steps} steps) did not beat {MOTION_INTERPOLATION} on planes "
-            f"kept aside ({figures}), so it was {'neither used nor saved' if save_as else 'not used'} and the volume "
-            f"is reconstructed by {MOTION_INTERPOLATION}, without uncertainty"], started, factor=factor,
-                         section_gap=gap)
+        why = (f"the model learnt in {minutes:g} minutes ({steps} steps) did not beat {MOTION_INTERPOLATION} on "
+               f"planes kept aside ({figures}), so it was {'neither used nor saved' if save_as else 'not used'} and "
+               f"the volume is reconstructed by {MOTION_INTERPOLATION}, without uncertainty")
+        info = summarise("isotropic", model, settings, pick_device(settings.device), None, 0,
+                         [*filter(None, [stack_note]), why], started, factor=factor, section_gap=gap)
         info.update(model=MOTION_INTERPOLATION, samples=0, steps=0, sampler=None, eta=None,
                     mode="self-supervised", train_minutes=minutes, validation=validation)
         return Restoration(image, None, None, info)
